@@ -1,0 +1,2 @@
+"""hotcold: activation-sparsity LLM serving."""
+__version__ = "0.1.0"
