@@ -1,0 +1,64 @@
+"""`hotcold generate`: stream one completion to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hotcold.engine.errors import HotcoldError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that load a model."""
+    parser.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default' (SmolLM2-135M)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--activation", default=None,
+                        choices=["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"],
+                        help="override the FFN activation the config declares (e.g. drelu for TurboSparse)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def load_from_args(args: argparse.Namespace):
+    import torch
+    from hotcold.engine.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, dtype=args.dtype, device=args.device, activation=args.activation)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hotcold.engine.llm import LLMEngine
+    from hotcold.engine.sampling import SamplingParams
+
+    if not args.prompt:
+        raise HotcoldError("the prompt is empty")
+    loaded = load_from_args(args)
+    tok = loaded.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+    engine = LLMEngine(loaded, max_num_seqs=1, max_model_len=min(loaded.config.max_position_embeddings,
+                                                                  len(ids) + args.max_tokens))
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for out in engine.stream(ids, params):
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,32 @@
+"""`hotcold perplexity`: the model's perplexity over a text file — how the cost of sparsity is judged."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hotcold.engine.commands_generate import add_model_arguments, load_from_args
+from hotcold.engine.errors import HotcoldError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--text", required=True, type=Path, help="a UTF-8 text file")
+    parser.add_argument("--context", type=int, default=1024, help="window length in tokens")
+    parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hotcold.engine.perplexity import perplexity
+
+    if not args.text.is_file():
+        raise HotcoldError(f"{args.text}: no such file")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise HotcoldError(f"{args.text}: not UTF-8 text") from None
+    loaded = load_from_args(args)
+    ids = loaded.tokenizer.encode(text)[: args.max_tokens]
+    ppl = perplexity(loaded.model, ids, args.context)
+    print(f"perplexity {ppl:.4f} over {len(ids)} tokens (context {args.context})")
+    return 0

@@ -1,0 +1,199 @@
+"""One dataclass for a model's shape and activation, read from a Hugging Face config.json or GGUF metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotcold.engine.errors import HotcoldError
+
+ACTIVATIONS = ("swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu")
+GATED = {"swiglu", "reglu", "drelu", "geglu"}
+ARCHS = ("llama", "mistral", "qwen2", "opt", "mixtral")
+
+# hidden_act -> (activation of a gated FFN, activation of a non-gated FFN)
+_HF_ACT = {
+    "silu": ("swiglu", None),
+    "swish": ("swiglu", None),
+    "relu": ("reglu", "relu"),
+    "relu2": (None, "relu2"),
+    "gelu": ("geglu", "gelu"),
+    "gelu_new": ("geglu", "gelu"),
+    "gelu_pytorch_tanh": ("geglu", "gelu"),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything the engine needs to build a model; `activation` names the whole FFN non-linearity."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    activation: str = "swiglu"
+    gelu_approximate: str = "none"  # "tanh" for gelu_new / gelu_pytorch_tanh
+    norm: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    positional: str = "rope"  # "rope" | "learned" (OPT, with an offset of 2)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    num_experts: int = 0  # 0 = dense FFN
+    num_experts_per_tok: int = 2
+    pre_norm: bool = True
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> ModelConfig:
+        if self.activation not in ACTIVATIONS:
+            raise HotcoldError(f"unknown activation {self.activation!r} (choose from {', '.join(ACTIVATIONS)})")
+        if self.num_heads % self.num_kv_heads:
+            raise HotcoldError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+def _need(cfg: dict, *keys: str) -> Any:
+    for key in keys:
+        if key in cfg and cfg[key] is not None:
+            return cfg[key]
+    raise HotcoldError(f"config.json lacks {' / '.join(keys)}")
+
+
+def _eos_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _resolve_activation(hidden_act: str, gated: bool, override: str | None) -> str:
+    if override:
+        return override
+    pair = _HF_ACT.get(hidden_act)
+    act = pair and pair[0 if gated else 1]
+    if not act:
+        raise HotcoldError(f"unsupported activation {hidden_act!r} for a {'gated' if gated else 'plain'} FFN")
+    return act
+
+
+def _rope(cfg: dict) -> tuple[float, dict | None]:
+    """transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or None
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    if rope_type in (None, "default"):
+        return theta, None
+    merged = {**params, **(scaling or {})}
+    merged["rope_type"] = rope_type
+    if rope_type not in ("llama3", "linear"):
+        raise HotcoldError(f"unsupported rope scaling {rope_type!r} (supported: llama3, linear)")
+    return theta, merged
+
+
+def from_hf_config(cfg: dict, activation: str | None = None) -> ModelConfig:
+    """Map a transformers config.json onto ModelConfig; unknown architectures are refused clearly."""
+    config = _from_hf_config(cfg, activation)
+    act_name = cfg.get("activation_function") or cfg.get("hidden_act") or ""
+    config.gelu_approximate = "tanh" if act_name in ("gelu_new", "gelu_pytorch_tanh") else "none"
+    return config
+
+
+def _from_hf_config(cfg: dict, activation: str | None) -> ModelConfig:
+    model_type = cfg.get("model_type")
+    if model_type not in ARCHS:
+        archs = cfg.get("architectures") or []
+        raise HotcoldError(
+            f"unsupported architecture {model_type or archs!r} (supported: {', '.join(ARCHS)})"
+        )
+    if model_type == "opt":
+        hidden = int(_need(cfg, "hidden_size"))
+        if int(cfg.get("word_embed_proj_dim", hidden)) != hidden:
+            raise HotcoldError("OPT with word_embed_proj_dim != hidden_size (project_in/out) is not supported")
+        heads = int(_need(cfg, "num_attention_heads"))
+        bias = bool(cfg.get("enable_bias", True))
+        return ModelConfig(
+            arch="opt", vocab_size=int(_need(cfg, "vocab_size")), hidden_size=hidden,
+            intermediate_size=int(_need(cfg, "ffn_dim")), num_layers=int(_need(cfg, "num_hidden_layers")),
+            num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+            activation=_resolve_activation(_need(cfg, "activation_function"), False, activation),
+            norm="layer", norm_eps=1e-5, max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            positional="learned", tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            qkv_bias=bias, o_bias=bias, mlp_bias=bias, pre_norm=bool(cfg.get("do_layer_norm_before", True)),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_list(cfg.get("eos_token_id")),
+        ).validate()
+
+    hidden = int(_need(cfg, "hidden_size"))
+    heads = int(_need(cfg, "num_attention_heads"))
+    theta, scaling = _rope(cfg)
+    window = cfg.get("sliding_window") if model_type in ("mistral", "mixtral") else None
+    if model_type == "qwen2" and cfg.get("use_sliding_window"):
+        window = cfg.get("sliding_window")
+    return ModelConfig(
+        arch=model_type, vocab_size=int(_need(cfg, "vocab_size")), hidden_size=hidden,
+        intermediate_size=int(_need(cfg, "intermediate_size")),
+        num_layers=int(_need(cfg, "num_hidden_layers")), num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        activation=_resolve_activation(cfg.get("hidden_act", "silu"), True, activation),
+        norm="rms", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        rope_theta=theta, rope_scaling=scaling,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        o_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
+        sliding_window=int(window) if window else None,
+        num_experts=int(cfg.get("num_local_experts", 0)) if model_type == "mixtral" else 0,
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_list(cfg.get("eos_token_id")),
+    ).validate()
+
+
+def from_gguf_metadata(meta: dict[str, Any], activation: str | None = None) -> ModelConfig:
+    """GGUF metadata (`{arch}.block_count`, ...) -> ModelConfig, for the llama and qwen2 GGUF families."""
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise HotcoldError(f"unsupported GGUF architecture {arch!r} (supported: llama, qwen2)")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise HotcoldError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    experts = int(meta.get(f"{arch}.expert_count") or 0)
+    if experts:
+        raise HotcoldError("GGUF mixture-of-experts models are not supported; use the safetensors checkpoint")
+    head_dim = int(meta.get(f"{arch}.rope.dimension_count") or hidden // heads)
+    return ModelConfig(
+        arch=arch, vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")), num_heads=heads,
+        num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads), head_dim=head_dim,
+        activation=activation or "swiglu", norm="rms",
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(get("context_length", 2048)),
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
+        qkv_bias=arch == "qwen2",
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_eos_list(meta.get("tokenizer.ggml.eos_token_id")),
+    ).validate()

@@ -1,0 +1,284 @@
+"""The transformer in plain PyTorch: one block type for every supported architecture.
+
+A step runs the flattened tokens of several sequences at once ([T, hidden]); only attention looks at
+sequence boundaries (`StepBatch`). The FFN is a replaceable module per layer: `DenseFFN` here, sparse
+versions elsewhere, all with `activations(x) -> h` and `project_down(h) -> y`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from hotcold.engine.cache import KVCache
+from hotcold.engine.config import GATED, ModelConfig
+from torch import nn
+
+
+def activate(activation: str, up: torch.Tensor, gate: torch.Tensor | None = None,
+             gelu_approximate: str = "none") -> torch.Tensor:
+    """The FFN non-linearity: gated variants combine gate and up, plain ones act on up alone."""
+    if activation == "swiglu":
+        return F.silu(gate) * up
+    if activation == "reglu":
+        return F.relu(gate) * up
+    if activation == "drelu":
+        return F.relu(gate) * F.relu(up)
+    if activation == "geglu":
+        return F.gelu(gate, approximate=gelu_approximate) * up
+    if activation == "relu":
+        return F.relu(up)
+    if activation == "relu2":
+        return F.relu(up).square()
+    if activation == "gelu":
+        return F.gelu(up, approximate=gelu_approximate)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+class DenseFFN(nn.Module):
+    """All neurons. Gate and up are rows of one [2I, H] matrix (one GEMM); down is stored transposed
+    ([I, H]) so that every neuron owns three contiguous rows — the layout the sparse paths gather from."""
+
+    def __init__(self, activation: str, up: torch.Tensor, down_t: torch.Tensor, gate: torch.Tensor | None = None,
+                 up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
+                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none"):
+        super().__init__()
+        self.activation = activation
+        self.gelu_approximate = gelu_approximate
+        self.intermediate_size = up.shape[0]
+        if activation in GATED:
+            self.gate_up = torch.cat([gate, up]).contiguous()
+            self.gate_up_bias = None if up_bias is None and gate_bias is None else torch.cat(
+                [gate_bias if gate_bias is not None else torch.zeros_like(up_bias),
+                 up_bias if up_bias is not None else torch.zeros_like(gate_bias)])
+        else:
+            self.gate_up, self.gate_up_bias = up.contiguous(), up_bias
+        self.down_t = down_t.contiguous()
+        self.down_bias = down_bias
+
+    @property
+    def gate(self) -> torch.Tensor | None:
+        return self.gate_up[: self.intermediate_size] if self.activation in GATED else None
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.gate_up[-self.intermediate_size:]
+
+    @property
+    def up_bias(self) -> torch.Tensor | None:
+        return None if self.gate_up_bias is None else self.gate_up_bias[-self.intermediate_size:]
+
+    @property
+    def gate_bias(self) -> torch.Tensor | None:
+        if self.gate_up_bias is None or self.activation not in GATED:
+            return None
+        return self.gate_up_bias[: self.intermediate_size]
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.gate_up, self.gate_up_bias)
+        if self.activation in GATED:
+            gate, up = z.split(self.intermediate_size, dim=-1)
+            return activate(self.activation, up, gate, self.gelu_approximate)
+        return activate(self.activation, z, None, self.gelu_approximate)
+
+    def project_down(self, h: torch.Tensor) -> torch.Tensor:
+        y = h @ self.down_t
+        return y if self.down_bias is None else y + self.down_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project_down(self.activations(x))
+
+
+class MoEFFN(nn.Module):
+    """Mixtral's sparse mixture of experts: softmax router, top-k experts, weights renormalised."""
+
+    def __init__(self, router: torch.Tensor, experts: list[DenseFFN], top_k: int):
+        super().__init__()
+        self.router = router
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tokens, slot = (chosen == e).nonzero(as_tuple=True)
+            if tokens.numel():
+                out.index_add_(0, tokens, expert(x[tokens]) * weights[tokens, slot, None])
+        return out
+
+
+class Norm(nn.Module):
+    """RMSNorm (computed in float32, as transformers does) or LayerNorm."""
+
+    def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+        super().__init__()
+        self.kind, self.weight, self.bias, self.eps = kind, weight, bias, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies, with transformers' llama3 and linear scaling."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        return inv_freq / float(scaling["factor"])
+    if scaling.get("rope_type") == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+@dataclass
+class StepBatch:
+    """Where each sequence of a step sits: its KV-cache slot, its first new position, its token count."""
+
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+
+    def token_positions(self) -> torch.Tensor:
+        return torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, self.lengths)])
+
+    def token_slots(self) -> torch.Tensor:
+        return torch.cat([torch.full((n,), slot) for slot, n in zip(self.slots, self.lengths)])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
+                 wo: torch.Tensor, bo: torch.Tensor | None):
+        super().__init__()
+        self.cfg = cfg
+        self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: StepBatch,
+                cache: KVCache | None, layer: int, token_slots: torch.Tensor | None,
+                positions: torch.Tensor) -> torch.Tensor:
+        cfg, T = self.cfg, x.shape[0]
+        qkv = F.linear(x, self.wqkv, self.bqkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, cfg.num_heads, cfg.head_dim)
+        k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
+        if rope is not None:
+            q, k = _apply_rope(q, rope), _apply_rope(k, rope)
+        if cache is not None:
+            cache.write(layer, token_slots, positions, k, v)
+        out = torch.empty_like(q)
+        offset = 0
+        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
+            qs = q[offset: offset + n].transpose(0, 1).unsqueeze(0)
+            if cache is None:
+                ks = k[offset: offset + n].transpose(0, 1).unsqueeze(0)
+                vs = v[offset: offset + n].transpose(0, 1).unsqueeze(0)
+            else:
+                ks, vs = cache.view(layer, slot, start + n)
+            mask, causal = _mask(start, n, cfg.sliding_window, x.device)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            out[offset: offset + n] = o[0].transpose(0, 1)
+            offset += n
+        return F.linear(out.view(T, self.q_size), self.wo, self.bo)
+
+
+def _apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = rope  # [T, 1, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _mask(start: int, n: int, window: int | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """Causal (and sliding-window) mask for n queries at positions start.. over keys 0..start+n-1."""
+    total = start + n
+    if window is None or total <= window:
+        if n == 1:
+            return None, False
+        if start == 0:
+            return None, True
+    q_pos = torch.arange(start, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed, False
+
+
+class Block(nn.Module):
+    def __init__(self, attn_norm: Norm, attn: Attention, ffn_norm: Norm, ffn: nn.Module, pre_norm: bool):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+        self.pre_norm = pre_norm
+
+    def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), *attn_args)
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attn_norm(x + self.attn(x, *attn_args))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[Block], final_norm: Norm,
+                 lm_head: torch.Tensor, pos_embed: torch.Tensor | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embed, self.pos_embed, self.lm_head = embed, pos_embed, lm_head
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = final_norm
+        self.inv_freq = rope_inv_freq(cfg).to(embed.device) if cfg.positional == "rope" else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.inv_freq is None:
+            return None
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: KVCache | None = None,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the flattened tokens of one step; return float32 logits at `logits_indices` (default: all)."""
+        positions = batch.token_positions().to(self.device)
+        x = F.embedding(input_ids, self.embed)
+        if self.pos_embed is not None:
+            x = x + F.embedding(positions + 2, self.pos_embed)  # OPT's learned positions start at offset 2
+        rope = self._rope(positions)
+        token_slots = batch.token_slots().to(self.device) if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, batch, cache, i, token_slots, positions)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return F.linear(self.final_norm(x), self.lm_head).float()
+
+    def forward_sequence(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [L, V] for one sequence without a KV cache (profiling, perplexity)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).flatten()
+        return self.forward(ids, StepBatch([0], [0], [ids.numel()]))

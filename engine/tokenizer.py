@@ -1,0 +1,135 @@
+"""Tokenizers from a Hugging Face folder (tokenizer.json) or from GGUF metadata, plus chat templates."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hotcold.engine.errors import HotcoldError
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Encode/decode text and render chat prompts, the way transformers' tokenizers do."""
+
+    def __init__(self, backend: HFTokenizer, bos_token: str | None, eos_tokens: list[str],
+                 chat_template: str | None, add_bos: bool, extra_eos_ids: list[int] | None = None):
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_tokens[0] if eos_tokens else None
+        self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
+        ids = {backend.token_to_id(t) for t in eos_tokens} | set(extra_eos_ids or [])
+        self.eos_token_ids: set[int] = {i for i in ids if i is not None}
+        self.chat_template = chat_template
+        self.add_bos = add_bos
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.backend.id_to_token(int(token_id)) or ""
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """Render with the model's own jinja2 template in a sandbox, as transformers does."""
+        if not self.chat_template:
+            raise HotcoldError("this model has no chat template")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise HotcoldError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        except TemplateError as exc:
+            raise HotcoldError(f"chat template failed: {exc}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def from_hf_folder(folder: Path, generation_eos: list[int] | None = None) -> Tokenizer:
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise HotcoldError(f"{folder}: no tokenizer.json")
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception as exc:
+        raise HotcoldError(f"{path}: cannot read tokenizer ({exc})") from None
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    template = cfg.get("chat_template")
+    template_file = folder / "chat_template.jinja"
+    if template is None and template_file.exists():
+        template = template_file.read_text()
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    eos = _token_text(cfg.get("eos_token"))
+    return Tokenizer(backend, _token_text(cfg.get("bos_token")), [eos] if eos else [], template,
+                     add_bos=bool(cfg.get("add_bos_token", False)), extra_eos_ids=generation_eos)
+
+
+def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise HotcoldError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE)")
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if meta.get("tokenizer.ggml.pre") == "smollm":
+        splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(splits)  # llama.cpp's "smollm": digits split first
+    backend.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or []
+    from tokenizers import AddedToken
+
+    special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if int(t) == 3]
+    backend.add_special_tokens(special)
+
+    def token(key: str) -> str | None:
+        idx = meta.get(key)
+        return tokens[int(idx)] if idx is not None and 0 <= int(idx) < len(tokens) else None
+
+    eos = token("tokenizer.ggml.eos_token_id")
+    return Tokenizer(backend, token("tokenizer.ggml.bos_token_id"), [eos] if eos else [],
+                     meta.get("tokenizer.chat_template"), add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+
+def load_tokenizer(spec: str | Path = "default") -> Tokenizer:
+    """The tokenizer of a model (default, HF folder or .gguf file) without loading its weights."""
+    from hotcold.engine.loader import resolve_model_path
+    from hotcold.engine.weights import GGUFReader
+
+    path = resolve_model_path(spec)
+    if path.suffix == ".gguf":
+        return from_gguf_metadata(GGUFReader(path).metadata)
+    gen = path / "generation_config.json"
+    eos = []
+    if gen.exists():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        eos = value if isinstance(value, list) else ([value] if value is not None else [])
+    return from_hf_folder(path, eos)

@@ -1,0 +1,186 @@
+"""Checkpoint readers: Hugging Face safetensors (single or sharded) and GGUF, behind one name scheme.
+
+Both readers answer `get(canonical_name)` with a float tensor in transformers' layout (so GGUF q/k rows are
+un-permuted back to the rotate-half RoPE order). Tensors are read lazily from memory maps, one at a time,
+so a model is converted into hotcold's layout with at most one extra tensor in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hotcold.engine.errors import HotcoldError
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+_HF_LLAMA_GLOBAL = {"embed": "embed_tokens", "final_norm": "norm"}
+_HF_LLAMA_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+    "router": "block_sparse_moe.gate",
+}
+_MIXTRAL_EXPERT = {"gate": "w1", "down": "w2", "up": "w3"}
+_HF_OPT_GLOBAL = {"embed": "decoder.embed_tokens", "pos_embed": "decoder.embed_positions",
+                  "final_norm": "decoder.final_layer_norm"}
+_HF_OPT_LAYER = {
+    "attn_norm": "self_attn_layer_norm", "ffn_norm": "final_layer_norm",
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+    "up": "fc1", "down": "fc2",
+}
+_GGUF_GLOBAL = {"embed": "token_embd", "final_norm": "output_norm", "lm_head": "output"}
+_GGUF_LAYER = {
+    "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
+    "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down",
+}
+
+
+class SafetensorsReader:
+    """config.json + model.safetensors (or shards listed in model.safetensors.index.json), memory-mapped."""
+
+    def __init__(self, folder: Path, arch: str):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise HotcoldError(f"{index}: not a valid safetensors index ({exc})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not files:
+                raise HotcoldError(f"{folder}: no *.safetensors weights found")
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        for name in files:
+            path = folder / name
+            if not path.exists():
+                raise HotcoldError(f"{path}: shard listed in the index is missing")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise HotcoldError(f"{path}: cannot read safetensors file ({exc})") from None
+            self._handles[name] = handle
+            for key in handle.keys():
+                self._where[key] = name
+        self.arch = arch
+        prefix = "model." if any(k.startswith("model.") for k in self._where) else ""
+        self._prefix = prefix
+
+    def tensor_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        out = {}
+        for key, file in self._where.items():
+            sl = self._handles[file].get_slice(key)
+            out[key] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+        return out
+
+    def _hf_name(self, name: str) -> str | None:
+        opt = self.arch == "opt"
+        glob, layer_map = (_HF_OPT_GLOBAL, _HF_OPT_LAYER) if opt else (_HF_LLAMA_GLOBAL, _HF_LLAMA_LAYER)
+        if name.startswith("lm_head."):
+            return name
+        base, _, suffix = name.rpartition(".")
+        if base in glob:
+            return f"{self._prefix}{glob[base]}.{suffix}"
+        match = _LAYER.match(base)
+        if not match:
+            return None
+        idx, part = match.groups()
+        layers = "decoder.layers" if opt else "layers"
+        if part.startswith("experts."):
+            _, expert, which = part.split(".")
+            return f"{self._prefix}{layers}.{idx}.block_sparse_moe.experts.{expert}.{_MIXTRAL_EXPERT[which]}.{suffix}"
+        return f"{self._prefix}{layers}.{idx}.{layer_map[part]}.{suffix}"
+
+    def get(self, name: str) -> torch.Tensor | None:
+        key = self._hf_name(name)
+        if key is not None and key.endswith("block_sparse_moe.gate.weight") and key not in self._where:
+            key = key.replace("block_sparse_moe.gate", "mlp.gate")  # transformers 5 naming
+        if key is None or key not in self._where:
+            return self._fused_expert(name)
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def _fused_expert(self, name: str) -> torch.Tensor | None:
+        """transformers 5 may save Mixtral experts fused: experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+        match = re.match(r"^layers\.(\d+)\.experts\.(\d+)\.(gate|up|down)\.weight$", name)
+        if not match:
+            return None
+        idx, expert, which = match.groups()
+        stem = f"{self._prefix}layers.{idx}.mlp.experts"
+        if which == "down":
+            key = f"{stem}.down_proj"
+            if key not in self._where:
+                return None
+            return self._handles[self._where[key]].get_slice(key)[int(expert)]
+        key = f"{stem}.gate_up_proj"
+        if key not in self._where:
+            return None
+        fused = self._handles[self._where[key]].get_slice(key)[int(expert)]
+        half = fused.shape[0] // 2
+        return fused[:half] if which == "gate" else fused[half:]
+
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's convert permutation of q/k rows (interleaved RoPE -> rotate-half order)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFReader:
+    """A .gguf file through the `gguf` package; quantized tensors are dequantized on access."""
+
+    def __init__(self, path: Path):
+        import gguf
+
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except Exception as exc:
+            raise HotcoldError(f"{path}: cannot read GGUF file ({type(exc).__name__}: {exc})") from None
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.metadata = self._read_metadata()
+        self.arch = self.metadata.get("general.architecture")
+        self.n_head = self.metadata.get(f"{self.arch}.attention.head_count")
+        self.n_head_kv = self.metadata.get(f"{self.arch}.attention.head_count_kv") or self.n_head
+
+    def _read_metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                meta[key] = field.contents()
+            except Exception:  # an exotic field type: skip rather than fail the whole load
+                continue
+        return meta
+
+    def tensor_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {n: (tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name) for n, t in self._tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        import gguf
+
+        base, _, suffix = name.rpartition(".")
+        if base in _GGUF_GLOBAL:
+            key = f"{_GGUF_GLOBAL[base]}.{suffix}"
+        else:
+            match = _LAYER.match(base)
+            if not match or match.group(2) not in _GGUF_LAYER:
+                return None
+            key = f"blk.{match.group(1)}.{_GGUF_LAYER[match.group(2)]}.{suffix}"
+        tensor = self._tensors.get(key)
+        if tensor is None:
+            return None
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        out = torch.from_numpy(data if data.flags.writeable else data.copy())
+        if self.arch == "llama" and base.endswith((".q", ".k")):
+            out = _unpermute(out, self.n_head if base.endswith(".q") else self.n_head_kv)
+        return out

@@ -1,0 +1,35 @@
+"""Session fixtures shared by the whole suite: tiny transformers checkpoints and the default model."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import tiny_models` without a package
+
+from tiny_models import make_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory: ``tiny_checkpoint("llama")`` -> folder of that kind, built once per session."""
+    cache: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("tiny_models")
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = make_tiny_checkpoint(kind, root / kind)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """Path of the default model's GGUF (fetched into the cache on first use)."""
+    from hotcold.engine.default_model import ensure_default_model
+
+    return Path(ensure_default_model())
