@@ -74,7 +74,7 @@ class LLMEngine:
                 rows.append(len(ids) - 1)
         batch = StepBatch([s.slot for s, _ in plan], [s.num_computed for s, _ in plan], [n for _, n in plan])
         device = self.model.device
-        logits = self.model(torch.tensor(ids, device=device), batch, self.cache, torch.tensor(rows, device=device))
+        logits = self.model(torch.tensor(ids, device=device), batch, self.cache, torch.tensor(rows, dtype=torch.long, device=device))
         for seq, n in plan:
             seq.num_computed += n
         logits = logits.cpu()
@@ -96,7 +96,8 @@ class LLMEngine:
                 "ffn_sparsity": getattr(self.model, "last_ffn_sparsity", None),
                 "hot_share": getattr(self.model, "last_hot_share", None)}
 
-    def stream(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "0") -> Iterator[RequestOutput]:
+    def stream(self, prompt_token_ids: list[int], params: SamplingParams,
+               request_id: str = "0") -> Iterator[RequestOutput]:
         """Run one request alone and yield its deltas (the CLI's path)."""
         self.add_request(request_id, prompt_token_ids, params)
         while self.has_unfinished():

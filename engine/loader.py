@@ -138,7 +138,8 @@ def build_model(cfg: ModelConfig, reader: SafetensorsReader | GGUFReader, dtype:
         down = get(f"{prefix}.down.weight")
         return DenseFFN(cfg.activation, get(f"{prefix}.up.weight"), down.t().contiguous(),
                         gate=get(f"{prefix}.gate.weight") if cfg.gated else None,
-                        up_bias=get(f"{prefix}.up.bias", bias), gate_bias=get(f"{prefix}.gate.bias", bias and cfg.gated),
+                        up_bias=get(f"{prefix}.up.bias", bias),
+                        gate_bias=get(f"{prefix}.gate.bias", bias and cfg.gated),
                         down_bias=get(f"{prefix}.down.bias", bias), gelu_approximate=cfg.gelu_approximate)
 
     layers = []

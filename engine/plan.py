@@ -39,14 +39,13 @@ _KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def compute_fingerprint(config: Mapping[str, Any], tensors: Mapping[str, tuple[Any, Any]]) -> str:
-    """sha256 over the model's config and its tensors' names, shapes and dtypes (as stored in the
-    checkpoint, not the runtime dtype), in a canonical order: two models share a fingerprint iff they share
-    all three. `config` must be JSON-serialisable (other values are written with str())."""
-    canon_tensors = sorted((str(name), [int(d) for d in shape], _dtype_name(dtype))
-                           for name, (shape, dtype) in tensors.items())
-    payload = json.dumps({"config": config, "tensors": canon_tensors}, sort_keys=True, default=str,
-                         separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """16 hex digits of sha256 over the model's config and its tensors' names, shapes and dtypes (as stored
+    in the checkpoint, not the runtime dtype), in a canonical order: two models share a fingerprint iff
+    they share all three. The loader's `LoadedModel.fingerprint` is this function of
+    (config without its bos/eos ids, checkpoint tensors). `config` values must be JSON-serialisable."""
+    canon = sorted((str(name), [int(d) for d in shape], _dtype_name(dtype)) for name, (shape, dtype) in tensors.items())
+    blob = json.dumps({"config": dict(config), "tensors": canon}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -107,10 +106,10 @@ class Plan:
         """Refuse a plan made for another model (HotcoldError, never a silent misuse)."""
         if fingerprint != self.fingerprint:
             made_for = self.model.get("source") or self.model.get("arch") or "another model"
+            name = f"plan {where}" if where else "this plan"
             raise HotcoldError(
-                f"plan {where or ''} was made for a different model ({made_for}, fingerprint "
-                f"{self.fingerprint[:12]}) than the one loaded (fingerprint {fingerprint[:12]}); "
-                "run `hotcold profile` for this model".replace("plan  ", "plan "))
+                f"{name} was made for a different model ({made_for}, fingerprint {self.fingerprint[:12]}) "
+                f"than the one loaded (fingerprint {fingerprint[:12]}); run `hotcold profile` for this model")
 
 
 def save_plan(plan: Plan, out_dir: str | Path) -> Path:
@@ -173,10 +172,12 @@ def load_plan(plan_dir: str | Path, fingerprint: str | None = None) -> Plan:
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise HotcoldError(f"plan {root} is incomplete or damaged: {type(exc).__name__}: {exc}") from None
     if [lp.index for lp in layers] != list(range(len(layers))):
-        raise HotcoldError(f"plan {root} has layers {[lp.index for lp in layers]}, expected 0..{len(layers) - 1}")
+        found = [lp.index for lp in layers]
+        raise HotcoldError(f"plan {root} has layers {found}, expected 0..{len(layers) - 1}")
     return Plan(fingerprint=doc["fingerprint"], layers=layers, model=doc.get("model", {}),
-                corpus=doc.get("corpus", {}), targets=doc.get("targets", {}), placement=doc.get("placement", {}),
-                perplexity=doc.get("perplexity", {}), stats=doc.get("stats", {}), version=doc["version"])
+                corpus=doc.get("corpus", {}), targets=doc.get("targets", {}),
+                placement=doc.get("placement", {}), perplexity=doc.get("perplexity", {}),
+                stats=doc.get("stats", {}), version=doc["version"])
 
 
 def _by_layer(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:

@@ -97,7 +97,7 @@ class SafetensorsReader:
         if part.startswith("experts."):
             _, expert, which = part.split(".")
             return f"{self._prefix}{layers}.{idx}.block_sparse_moe.experts.{expert}.{_MIXTRAL_EXPERT[which]}.{suffix}"
-        return f"{self._prefix}{layers}.{idx}.{layer_map[part]}.{suffix}"
+        return f"{self._prefix}{layers}.{idx}.{layer_map[part]}.{suffix}" if part in layer_map else None
 
     def get(self, name: str) -> torch.Tensor | None:
         key = self._hf_name(name)

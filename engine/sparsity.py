@@ -1,0 +1,196 @@
+"""Unfused reference sparsity: run a model with a plan's neurons switched off, to measure a plan's quality.
+
+`MaskedFFN` wraps a dense FFN, computes the dense activations h, zeroes the neurons the plan calls inactive
+(oracle: magnitude <= threshold; predictor: the predictor says inactive) and projects down. It is the
+correctness reference for the hybrid executor, not a fast path. No profiler imports: the engine uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hotcold.engine.errors import HotcoldError
+from hotcold.engine.plan import LayerPlan, Plan, load_plan
+from torch import Tensor, nn
+
+MODES = ("oracle", "predictor")
+STRATEGIES = ("threshold", "topk")
+
+
+class LowRankPredictor(nn.Module):
+    """hidden -> rank -> intermediate MLP whose logits say which FFN neurons will be active (Deja Vu)."""
+
+    def __init__(self, hidden: int, rank: int, intermediate: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, rank)
+        self.fc2 = nn.Linear(rank, intermediate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    @property
+    def rank(self) -> int:
+        return self.fc1.out_features
+
+    def export(self) -> dict[str, Tensor]:
+        """Weights under the plan's names (w1, b1, w2, b2)."""
+        return {"w1": self.fc1.weight.detach().clone(), "b1": self.fc1.bias.detach().clone(),
+                "w2": self.fc2.weight.detach().clone(), "b2": self.fc2.bias.detach().clone()}
+
+    @classmethod
+    def from_weights(cls, w: dict[str, Tensor]) -> LowRankPredictor:
+        rank, hidden = w["w1"].shape
+        p = cls(hidden, rank, w["w2"].shape[0])
+        with torch.no_grad():
+            p.fc1.weight.copy_(w["w1"])
+            p.fc1.bias.copy_(w["b1"])
+            p.fc2.weight.copy_(w["w2"])
+            p.fc2.bias.copy_(w["b2"])
+        return p.eval()
+
+    @staticmethod
+    def num_params(hidden: int, rank: int, intermediate: int) -> int:
+        return rank * (hidden + 1) + intermediate * (rank + 1)
+
+
+def predicted_mask(logits: Tensor, tau: float | None = None, top_k: int | None = None) -> Tensor:
+    """Neurons a predictor calls active: sigmoid(logit) >= tau, or the top_k logits of each token."""
+    if top_k is not None:
+        k = max(0, min(int(top_k), logits.shape[-1]))
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        if k:
+            mask.scatter_(-1, logits.topk(k, dim=-1).indices, True)
+        return mask
+    if tau is None:
+        raise ValueError("predicted_mask needs tau or top_k")
+    return torch.sigmoid(logits) >= tau
+
+
+class MaskedFFN(nn.Module):
+    """A dense FFN with some neurons zeroed per token: oracle thresholds or a predictor's decisions."""
+
+    def __init__(self, ffn: nn.Module, threshold: float | None = None,
+                 predictor: LowRankPredictor | None = None, tau: float | None = None,
+                 top_k: int | None = None) -> None:
+        super().__init__()
+        if not hasattr(ffn, "activations") or not hasattr(ffn, "project_down"):
+            raise HotcoldError(f"{type(ffn).__name__} is not a dense FFN: sparsity plans need dense FFNs "
+                               "(mixture-of-experts models are not supported)")
+        if (threshold is None) == (predictor is None):
+            raise ValueError("MaskedFFN needs exactly one of threshold or predictor")
+        self.ffn = ffn
+        self.threshold = threshold
+        self.predictor = predictor
+        self.tau, self.top_k = tau, top_k
+        self.register_buffer("down_norm", ffn.down_t.detach().float().norm(dim=1), persistent=False)
+        self.active = 0.0  # running count of active (token, neuron) pairs
+        self.total = 0.0
+
+    @property
+    def sparsity(self) -> float | None:
+        return None if self.total == 0 else 1.0 - self.active / self.total
+
+    def mask(self, x: Tensor, h: Tensor) -> Tensor:
+        if self.predictor is not None:
+            logits = self.predictor(x.to(self.predictor.fc1.weight.dtype))
+            return predicted_mask(logits, self.tau, self.top_k)
+        return h.float().abs() * self.down_norm > self.threshold
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        h = self.ffn.activations(x2)
+        m = self.mask(x2, h)
+        self.active += float(m.sum())
+        self.total += m.numel()
+        out = self.ffn.project_down(h * m.to(h.dtype))
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def masked_ffn_for(ffn: nn.Module, layer: LayerPlan, mode: str, strategy: str = "threshold") -> MaskedFFN:
+    """The MaskedFFN of one plan layer."""
+    if mode not in MODES:
+        raise HotcoldError(f"unknown sparsity mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "oracle":
+        return MaskedFFN(ffn, threshold=layer.threshold)
+    if layer.predictor is None or not layer.predictor.weights:
+        raise HotcoldError(f"the plan has no predictor for layer {layer.index}; use --sparsity oracle")
+    if strategy not in STRATEGIES:
+        raise HotcoldError(f"unknown predictor strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    pred = LowRankPredictor.from_weights(layer.predictor.weights)
+    down = ffn.down_t
+    pred = pred.to(device=down.device)
+    if strategy == "topk":
+        return MaskedFFN(ffn, predictor=pred, top_k=layer.predictor.top_k)
+    return MaskedFFN(ffn, predictor=pred, tau=layer.predictor.tau)
+
+
+def apply_plan(model: nn.Module, plan: Plan, mode: str = "oracle", strategy: str = "threshold") -> list[nn.Module]:
+    """Replace every layer's `.ffn` with its MaskedFFN; returns the original modules for `restore_dense`."""
+    layers = list(model.layers)
+    if len(layers) != len(plan.layers):
+        raise HotcoldError(f"the plan has {len(plan.layers)} layers, the model {len(layers)}")
+    originals: list[nn.Module] = []
+    for block, lp in zip(layers, sorted(plan.layers, key=lambda lp: lp.index), strict=True):
+        ffn = block.ffn.ffn if isinstance(block.ffn, MaskedFFN) else block.ffn
+        if hasattr(ffn, "down_t") and ffn.down_t.shape[0] != lp.num_neurons:
+            raise HotcoldError(f"layer {lp.index}: the plan has {lp.num_neurons} neurons, the model "
+                               f"{ffn.down_t.shape[0]}")
+        originals.append(ffn)
+        block.ffn = masked_ffn_for(ffn, lp, mode, strategy)
+    return originals
+
+
+def restore_dense(model: nn.Module, originals: list[nn.Module]) -> None:
+    for block, ffn in zip(model.layers, originals, strict=True):
+        block.ffn = ffn
+
+
+def measured_sparsity(model: nn.Module) -> float | None:
+    """Fraction of inactive neurons over every MaskedFFN call since they were applied."""
+    active = total = 0.0
+    for block in model.layers:
+        if isinstance(block.ffn, MaskedFFN):
+            active += block.ffn.active
+            total += block.ffn.total
+    return None if total == 0 else 1.0 - active / total
+
+
+@contextmanager
+def sparsified(model: nn.Module, plan: Plan, mode: str = "oracle", strategy: str = "threshold") -> Iterator[None]:
+    """`with sparsified(model, plan, "predictor"): ...` runs the model with the plan, then restores it."""
+    originals = apply_plan(model, plan, mode, strategy)
+    try:
+        yield
+    finally:
+        restore_dense(model, originals)
+
+
+@dataclass
+class PlanPerplexity:
+    perplexity: float
+    sparsity: float | None  # measured fraction of inactive FFN neurons
+    mode: str
+
+
+def perplexity_with_plan(loaded, plan: Plan | str | Path, token_ids: list[int] | Tensor, mode: str = "oracle",
+                         context: int = 1024, strategy: str = "threshold") -> PlanPerplexity:
+    """Perplexity of a LoadedModel over token_ids with a plan's sparsity applied (unfused reference path).
+    A plan made for another model raises HotcoldError."""
+    from hotcold.engine.perplexity import perplexity
+
+    if getattr(loaded.config, "num_experts", 0):
+        raise HotcoldError("mixture-of-experts models are not profiled: plans cover dense FFNs only")
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan, fingerprint=loaded.fingerprint)
+    else:
+        plan.check_model(loaded.fingerprint)
+    model = loaded.model
+    with sparsified(model, plan, mode, strategy):
+        ppl = perplexity(model, token_ids, context=context)
+        sp = measured_sparsity(model)
+    return PlanPerplexity(perplexity=float(ppl), sparsity=sp, mode=mode)
