@@ -1,0 +1,101 @@
+"""The command line: perplexity against transformers, generation, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_models import reference_model
+
+from hotcold.engine.errors import HotcoldError
+from hotcold.engine.loader import load_model
+
+TEXT = ("The capital of France is Paris, and the capital of Italy is Rome. " * 6
+        + "Sparse activations let hot neurons live on the GPU while cold neurons stay on the CPU. " * 4)
+
+
+def hotcold(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("HOTCOLD_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "hotcold.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_perplexity_equals_transformers(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("llama")
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    result = hotcold("perplexity", "--model", str(path), "--text", str(text_file), "--context", "32")
+    assert result.returncode == 0, result.stderr
+    ours = float(result.stdout.split()[1])
+
+    ids = load_model(path).tokenizer.encode(TEXT)
+    ref = reference_model(path)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 32):
+            window = torch.tensor([ids[start: start + 32]])
+            if window.shape[1] < 2:
+                continue
+            logp = ref(window).logits[0, :-1].double().log_softmax(-1)
+            nll -= logp.gather(1, window[0, 1:, None]).sum().item()
+            count += window.shape[1] - 1
+    assert ours == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_generate_streams_a_completion(tiny_checkpoint):
+    result = hotcold("generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "Hello", "--max-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello")
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path):
+    good = tiny_checkpoint("llama")
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in good.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    _assert_one_line_error(hotcold("generate", "--model", str(corrupt), "--prompt", "x"), "safetensors")
+
+    missing = tmp_path / "missing_key"
+    missing.mkdir()
+    for f in good.iterdir():
+        (missing / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((good / "config.json").read_text())
+    del cfg["hidden_size"]
+    (missing / "config.json").write_text(json.dumps(cfg))
+    _assert_one_line_error(hotcold("generate", "--model", str(missing), "--prompt", "x"), "hidden_size")
+
+    unknown = tmp_path / "unknown_arch"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    _assert_one_line_error(hotcold("generate", "--model", str(unknown), "--prompt", "x"), "unsupported architecture")
+
+    bad_gguf = tmp_path / "bad.gguf"
+    bad_gguf.write_bytes(b"GGUF" + b"\x01" * 64)
+    _assert_one_line_error(hotcold("generate", "--model", str(bad_gguf), "--prompt", "x"), "GGUF")
+
+    _assert_one_line_error(hotcold("generate", "--model", str(good), "--prompt", ""), "empty")
+    _assert_one_line_error(hotcold("perplexity", "--model", str(good), "--text", str(tmp_path / "nope.txt")),
+                           "no such file")
+    _assert_one_line_error(hotcold("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"), "not found")
+
+
+def test_loader_errors_are_hotcold_errors(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(HotcoldError, match="invalid JSON"):
+        load_model(tmp_path)
