@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
 from hotcold.engine.loader import load_model
+from safetensors.torch import load_file
 
 ACT64 = {
     "swiglu": lambda g, u: F.silu(g) * u,
