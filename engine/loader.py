@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from hotcold.engine import config as configs
 from hotcold.engine.config import ModelConfig
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.model import Attention, Block, DenseFFN, MoEFFN, Norm, Transformer
+from hotcold.engine.plan import compute_fingerprint
 from hotcold.engine.tokenizer import Tokenizer, from_gguf_metadata, from_hf_folder
 from hotcold.engine.weights import GGUFReader, SafetensorsReader
 
@@ -69,9 +69,7 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 def model_fingerprint(cfg: ModelConfig, tensors: dict[str, tuple[tuple[int, ...], str]]) -> str:
     """A hash of the model's shape and its checkpoint's tensor names/shapes/dtypes: plans are bound to it."""
     shape = {k: v for k, v in cfg.to_dict().items() if k not in ("eos_token_ids", "bos_token_id")}
-    blob = json.dumps({"config": shape, "tensors": sorted((k, list(s), d) for k, (s, d) in tensors.items())},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return compute_fingerprint(shape, tensors)
 
 
 def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = None, device: str = "cpu",

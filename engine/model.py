@@ -38,8 +38,8 @@ def activate(activation: str, up: torch.Tensor, gate: torch.Tensor | None = None
 
 
 class DenseFFN(nn.Module):
-    """All neurons. Gate and up are rows of one [2I, H] matrix (one GEMM); down is stored transposed
-    ([I, H]) so that every neuron owns three contiguous rows — the layout the sparse paths gather from."""
+    """All neurons. Each neuron owns contiguous rows: gate and up interleaved as `gate_up` [I, 2, H] (one GEMM
+    for both, and one gather fetches both rows of a neuron), down stored transposed as `down_t` [I, H]."""
 
     def __init__(self, activation: str, up: torch.Tensor, down_t: torch.Tensor, gate: torch.Tensor | None = None,
                  up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
@@ -49,39 +49,43 @@ class DenseFFN(nn.Module):
         self.gelu_approximate = gelu_approximate
         self.intermediate_size = up.shape[0]
         if activation in GATED:
-            self.gate_up = torch.cat([gate, up]).contiguous()
-            self.gate_up_bias = None if up_bias is None and gate_bias is None else torch.cat(
+            self.gate_up = torch.stack([gate, up], dim=1).contiguous()
+            self.gate_up_bias = None if up_bias is None and gate_bias is None else torch.stack(
                 [gate_bias if gate_bias is not None else torch.zeros_like(up_bias),
-                 up_bias if up_bias is not None else torch.zeros_like(gate_bias)])
+                 up_bias if up_bias is not None else torch.zeros_like(gate_bias)], dim=1).contiguous()
         else:
             self.gate_up, self.gate_up_bias = up.contiguous(), up_bias
         self.down_t = down_t.contiguous()
         self.down_bias = down_bias
 
     @property
+    def gated(self) -> bool:
+        return self.activation in GATED
+
+    @property
     def gate(self) -> torch.Tensor | None:
-        return self.gate_up[: self.intermediate_size] if self.activation in GATED else None
+        return self.gate_up[:, 0] if self.gated else None
 
     @property
     def up(self) -> torch.Tensor:
-        return self.gate_up[-self.intermediate_size:]
+        return self.gate_up[:, 1] if self.gated else self.gate_up
 
     @property
     def up_bias(self) -> torch.Tensor | None:
-        return None if self.gate_up_bias is None else self.gate_up_bias[-self.intermediate_size:]
+        if self.gate_up_bias is None:
+            return None
+        return self.gate_up_bias[:, 1] if self.gated else self.gate_up_bias
 
     @property
     def gate_bias(self) -> torch.Tensor | None:
-        if self.gate_up_bias is None or self.activation not in GATED:
-            return None
-        return self.gate_up_bias[: self.intermediate_size]
+        return self.gate_up_bias[:, 0] if self.gated and self.gate_up_bias is not None else None
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.gate_up, self.gate_up_bias)
-        if self.activation in GATED:
-            gate, up = z.split(self.intermediate_size, dim=-1)
-            return activate(self.activation, up, gate, self.gelu_approximate)
-        return activate(self.activation, z, None, self.gelu_approximate)
+        if self.gated:
+            bias = None if self.gate_up_bias is None else self.gate_up_bias.view(-1)
+            z = F.linear(x, self.gate_up.view(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1, 2)
+            return activate(self.activation, z[..., 1], z[..., 0], self.gelu_approximate)
+        return activate(self.activation, F.linear(x, self.gate_up, self.gate_up_bias), None, self.gelu_approximate)
 
     def project_down(self, h: torch.Tensor) -> torch.Tensor:
         y = h @ self.down_t

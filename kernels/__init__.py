@@ -1,1 +1,77 @@
-"""hotcold.kernels"""
+"""hotcold.kernels: the gathered (sparse) FFN as pure functions over tensors; no model knowledge.
+
+`gathered_gate_up` / `gathered_down` pick a backend: Triton for CUDA tensors (when triton is installed),
+else the CPU path (plain torch, which also runs on CUDA). `backend="triton"` on CPU tensors runs the same
+kernels in Triton's interpreter and needs TRITON_INTERPRET=1 set before this process first imports
+hotcold.kernels.triton_ffn. triton is imported lazily: this package works without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from . import cpu_sparse, reference
+from .cpu_sparse import CpuConfig, dense_ffn
+from .reference import ACTIVATIONS, ActivationSpec, activation_spec
+
+__all__ = [
+    "ACTIVATIONS", "ActivationSpec", "CpuConfig", "activation_spec", "dense_ffn", "gathered_down",
+    "gathered_gate_up", "resolve_backend", "triton_available",
+]
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    """The module implementing `backend` for tensors on `device` (see the package docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "cpu"
+    if backend == "cpu":
+        return cpu_sparse
+    if backend == "reference":
+        return reference
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on non-CUDA tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    from . import triton_ffn
+
+    return triton_ffn
+
+
+def gathered_gate_up(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    w_gate: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """fp32 h [B,K] = act(gate/up rows idx at x), zero where token_mask is False (kernels.reference)."""
+    impl = resolve_backend(backend, x.device)
+    return impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask)
+
+
+def gathered_down(
+    h: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y [B,H] = sum_k h[:,k] * w_down_t[idx[k]] in out_dtype, fp32 accumulation (kernels.reference)."""
+    return resolve_backend(backend, h.device).gathered_down(h, w_down_t, idx, out_dtype)

@@ -1,0 +1,151 @@
+"""Decode and prefill speed on the CPU: hotcold vs transformers' generate, same model, same threads, one run.
+
+    python benchmarks/decode_cpu.py [--model default] [--threads 2] [--new-tokens 128] [--runs 3]
+        [--dtypes float32,bfloat16] [--plan PLAN_DIR --ppl-text FILE]
+
+Prints a table and writes benchmarks/results/decode_cpu.json. Also prints how far each run stands from the
+memory-bandwidth floor: bytes of weights read per decoded token / measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from hotcold.engine.llm import LLMEngine
+from hotcold.engine.loader import load_model, resolve_model_path
+from hotcold.engine.sampling import SamplingParams
+
+PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
+LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 60)
+
+
+def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
+    """Read+write bandwidth of a large copy (bytes read + bytes written), best of `repeats`."""
+    src = torch.rand(size_mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(loaded) -> int:
+    """Every weight is read once per decoded token (the embedding only one row; a tied head in full)."""
+    model = loaded.model
+    total = model.lm_head.numel() * model.lm_head.element_size()
+    for layer in model.layers:
+        for t in [layer.attn.wqkv, layer.attn.wo, layer.ffn.gate_up, layer.ffn.down_t]:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def time_hotcold(loaded, prompt_ids, long_ids, new_tokens, runs) -> dict:
+    engine = LLMEngine(loaded, max_num_seqs=1, max_model_len=1024)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    decode, prefill = [], []
+    list(engine.stream(prompt_ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))  # warm-up
+    for _ in range(runs):
+        engine.add_request("d", prompt_ids, params)
+        engine.step()  # prefill + first token
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        decode.append((new_tokens - 1) / (time.perf_counter() - t0))
+        engine.add_request("p", long_ids, SamplingParams(max_tokens=1, temperature=0))
+        engine.scheduler.max_num_batched_tokens = len(long_ids)
+        t0 = time.perf_counter()
+        engine.step()
+        prefill.append(len(long_ids) / (time.perf_counter() - t0))
+    return {"decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
+            "decode_runs": decode, "prefill_runs": prefill}
+
+
+def time_transformers(path: Path, prompt_ids, long_ids, new_tokens, runs) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    decode, prefill = [], []
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            decode.append((new_tokens - 1) / (time.perf_counter() - t0 - first))
+            t0 = time.perf_counter()
+            model(torch.tensor([long_ids]))
+            prefill.append(len(long_ids) / (time.perf_counter() - t0))
+    return {"decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
+            "decode_runs": decode, "prefill_runs": prefill}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/decode_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    path = resolve_model_path(args.model)
+    bandwidth = memory_bandwidth_gbs()
+    rows = []
+    for dtype in args.dtypes.split(","):
+        loaded = load_model(path, dtype=dtype)
+        prompt_ids = loaded.tokenizer.encode(PROMPT)
+        long_ids = loaded.tokenizer.encode(LONG_TEXT)[:512]
+        result = time_hotcold(loaded, prompt_ids, long_ids, args.new_tokens, args.runs)
+        nbytes = weight_bytes_per_token(loaded)
+        floor = bandwidth / 2 * 1e9 / nbytes  # reads only: half the copy's read+write traffic per second
+        rows.append({"engine": f"hotcold dense {dtype}", "bytes_per_token": nbytes,
+                     "floor_tok_s": floor, **result})
+        del loaded
+    if not args.no_transformers:
+        loaded = load_model(path, dtype="float32")
+        prompt_ids = loaded.tokenizer.encode(PROMPT)
+        long_ids = loaded.tokenizer.encode(LONG_TEXT)[:512]
+        rows.append({"engine": "transformers generate float32", **time_transformers(
+            path, prompt_ids, long_ids, args.new_tokens, args.runs)})
+
+    base = next((r["decode_tok_s"] for r in rows if r["engine"].startswith("transformers")), None)
+    print(f"\nmodel {path.name}, {args.threads} threads, prompt {len(prompt_ids)} tokens, {args.new_tokens} new, "
+          f"prefill {len(long_ids)} tokens, median of {args.runs}; copy bandwidth {bandwidth:.1f} GB/s "
+          f"(read+write)")
+    print(f"{'engine':34s} {'decode tok/s':>12s} {'vs transformers':>15s} {'prefill tok/s':>13s} "
+          f"{'bandwidth floor tok/s':>22s} {'% of floor':>10s}")
+    for r in rows:
+        ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
+        floor = f"{r['floor_tok_s']:.1f}" if "floor_tok_s" in r else "-"
+        pct = f"{100 * r['decode_tok_s'] / r['floor_tok_s']:.0f}%" if "floor_tok_s" in r else "-"
+        print(f"{r['engine']:34s} {r['decode_tok_s']:12.1f} {ratio:>15s} {r['prefill_tok_s']:13.1f} {floor:>22s} "
+              f"{pct:>10s}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(path), "threads": args.threads, "new_tokens": args.new_tokens,
+                               "copy_bandwidth_gbs": bandwidth, "machine": platform.processor() or platform.machine(),
+                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""One FFN layer on the GPU: hotcold's Triton gathered kernels against dense torch (cuBLAS).
+
+bf16 SwiGLU at the Llama-2-7B shape (4096 x 11008) and the default model's (576 x 1536), batch 1/4/16,
+density sweep. Times are triton.testing.do_bench medians (it clears the L2 before every run, so the
+weights come from HBM). The floor is the active weight bytes at the measured HBM bandwidth (a
+device-to-device copy); %HBM = that bandwidth's share achieved on the active bytes.
+
+    python benchmarks/ffn_gpu.py                      # on a CUDA machine -> results/ffn_gpu.json
+    python benchmarks/ffn_gpu.py --tune               # also sweep the kernels' block sizes
+    python benchmarks/ffn_gpu.py --device cpu --tiny  # CI smoke: Triton interpreter, tiny shapes, seconds
+                                                      #   -> results/ffn_gpu_smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {"7b": (4096, 11008), "default": (576, 1536), "tiny": (64, 192)}  # (hidden, intermediate)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def bench_fn(device: str):
+    """Median ms of fn: do_bench on CUDA; a perf_counter median in the interpreter smoke mode."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def cpu_bench(fn, n: int = 3) -> float:
+        fn()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[n // 2] * 1e3
+
+    return cpu_bench
+
+
+def measure_hbm(device: str, bench, n_bytes: int) -> float:
+    a = torch.ones(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    return 2 * n_bytes / bench(lambda: b.copy_(a)) / 1e6
+
+
+class Layer:
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: str, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        mk = lambda *s: (torch.randn(*s, generator=g) * s[-1] ** -0.5).to(dtype).to(device)  # noqa: E731
+        self.hidden, self.inter, self.dtype, self.device = hidden, inter, dtype, device
+        self.gate, self.up, self.down_t = mk(inter, hidden), mk(inter, hidden), mk(inter, hidden)
+        self.gen = g
+
+    def inputs(self, batch: int, density: float):
+        k = max(1, round(density * self.inter))
+        idx = torch.randperm(self.inter, generator=self.gen)[:k].sort().values.to(self.device)
+        x = torch.randn(batch, self.hidden, generator=self.gen).to(self.dtype).to(self.device)
+        mask = (torch.rand(batch, k, generator=self.gen) < 0.5).to(self.device) if batch > 1 else None
+        return x, idx, mask
+
+
+def run_sparse(tri, L: Layer, x, idx, mask, gate_up_kw=None, down_kw=None):
+    h = tri.gathered_gate_up(x, L.up, idx, "swiglu", L.gate, None, mask, **(gate_up_kw or {}))
+    return tri.gathered_down(h, L.down_t, idx, L.dtype, **(down_kw or {}))
+
+
+def tune(tri, L: Layer, bench, batch: int, density: float) -> dict:
+    """Sweep block sizes of both kernels at one point; report the best against the defaults."""
+    x, idx, mask = L.inputs(batch, density)
+    dot = batch >= tri._DOT_MIN_BATCH
+    gu_space = itertools.product([16, 32, 64] if dot else [4, 8, 16, 32], [32, 64, 128] if dot else
+                                 [64, 128, 256, 512], [2, 4, 8])
+    h = tri.gathered_gate_up(x, L.up, idx, "swiglu", L.gate, None, mask)
+    out = dict(batch=batch, density=density, k=idx.numel())
+    best = None
+    gu_default = bench(lambda: tri.gathered_gate_up(x, L.up, idx, "swiglu", L.gate, None, mask))
+    for bk, bh, w in gu_space:
+        kw = dict(block_k=bk, block_h=bh, num_warps=w)
+        ms = bench(lambda kw=kw: tri.gathered_gate_up(x, L.up, idx, "swiglu", L.gate, None, mask, **kw))
+        best = min(best or (ms, kw), (ms, kw), key=lambda t: t[0])
+    out["gate_up"] = dict(default_ms=gu_default, best_ms=best[0], best=best[1])
+    best = None
+    down_default = bench(lambda: tri.gathered_down(h, L.down_t, idx, L.dtype))
+    for bk, bh, s, w in itertools.product([16, 32, 64] if dot else [8, 16, 32, 64], [64, 128, 256],
+                                          [None, 1, 2, 4, 8, 16], [2, 4, 8]):
+        kw = dict(block_k=bk, block_h=bh, splits=s, num_warps=w)
+        ms = bench(lambda kw=kw: tri.gathered_down(h, L.down_t, idx, L.dtype, **kw))
+        best = min(best or (ms, kw), (ms, kw), key=lambda t: t[0])
+    out["down"] = dict(default_ms=down_default, best_ms=best[0], best=best[1])
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny shape only (the smoke mode)")
+    p.add_argument("--shapes", default="7b,default")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--densities", default="1,0.5,0.25,0.1,0.05")
+    p.add_argument("--tune", action="store_true", help="sweep block sizes at density 0.1")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.device == "cpu":
+        if not args.tiny:
+            p.error("--device cpu runs Triton's interpreter (100-700x slower): use it with --tiny")
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+    elif not torch.cuda.is_available():
+        p.error("no CUDA device: run with --device cpu --tiny for the interpreter smoke mode")
+    from hotcold.kernels import cpu_sparse
+    from hotcold.kernels import triton_ffn as tri
+
+    shapes = ["tiny"] if args.tiny else args.shapes.split(",")
+    densities = [0.5, 0.1] if args.tiny and args.device == "cpu" else [float(d) for d in args.densities.split(",")]
+    dtype = DTYPES[args.dtype]
+    bench = bench_fn(args.device)
+    hbm = measure_hbm(args.device, bench, (1 << 30) if args.device == "cuda" else (16 << 20))
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
+    print(f"{name}: device-to-device copy {hbm:.0f} GB/s")
+    result = dict(device=name, hbm_gbs=hbm, dtype=args.dtype, activation="swiglu", rows=[], tune=[])
+    print(f"{'shape':>8} {'batch':>5} {'density':>7} {'dense ms':>9} {'sparse ms':>9} {'floor ms':>8} "
+          f"{'GB/s':>6} {'%HBM':>5} {'x dense':>7} {'rel err':>8}")
+    for shape in shapes:
+        hidden, inter = SHAPES[shape]
+        L = Layer(hidden, inter, dtype, args.device)
+        for batch in (int(b) for b in args.batches.split(",")):
+            x, _, _ = L.inputs(batch, 1.0)
+            dense_ms = bench(lambda x=x, L=L: cpu_sparse.dense_ffn(x, L.up, "swiglu", L.gate, None, L.down_t))
+            for d in densities:
+                x, idx, mask = L.inputs(batch, d)
+                ms = bench(lambda x=x, idx=idx, mask=mask, L=L: run_sparse(tri, L, x, idx, mask))
+                # correctness next to the timing: the union of all neurons with no mask is the dense FFN
+                err = None
+                if d == 1.0 or args.device == "cpu":
+                    full = torch.arange(inter, device=args.device)
+                    want = cpu_sparse.dense_ffn(x.float(), L.up.float(), "swiglu", L.gate.float(), None,
+                                                L.down_t.float())
+                    got = run_sparse(tri, L, x, full, None).float()
+                    err = ((got - want).abs().max() / want.abs().max()).item()
+                gbytes = 3 * idx.numel() * hidden * dtype.itemsize / 1e9
+                row = dict(shape=shape, hidden=hidden, intermediate=inter, batch=batch, density=d, k=idx.numel(),
+                           dense_ms=dense_ms, sparse_ms=ms, floor_ms=gbytes / hbm * 1e3, gbs=gbytes / ms * 1e3,
+                           pct_hbm=100 * gbytes / ms * 1e3 / hbm, speedup=dense_ms / ms, rel_err_vs_dense=err)
+                result["rows"].append(row)
+                print(f"{shape:>8} {batch:5d} {d:7.2f} {dense_ms:9.4f} {ms:9.4f} {row['floor_ms']:8.4f} "
+                      f"{row['gbs']:6.0f} {row['pct_hbm']:5.0f} {row['speedup']:7.2f} "
+                      f"{'' if err is None else f'{err:8.1e}'}", flush=True)
+            if args.tune:
+                t = tune(tri, L, bench, batch, 0.1)
+                t.update(shape=shape)
+                result["tune"].append(t)
+                print(f"  tune {shape} batch {batch}: gate_up {t['gate_up']}, down {t['down']}", flush=True)
+    worst = max((r["rel_err_vs_dense"] or 0.0) for r in result["rows"])
+    result["max_rel_err_vs_dense"] = worst
+    default_out = "ffn_gpu_smoke.json" if args.device == "cpu" else "ffn_gpu.json"
+    out = Path(args.out or Path(__file__).parent / "results" / default_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    if worst > 3e-2:  # bf16 rounding of x and h is ~4e-3; anything far above is a broken kernel
+        print(f"error: sparse output differs from the dense FFN by {worst:.2e} (relative)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

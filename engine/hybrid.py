@@ -1,0 +1,253 @@
+"""The hybrid executor: per FFN layer, compute only the active neurons — hot ones on the GPU side with the
+Triton kernels, cold ones on CPU workers at the same time — and add the two partial outputs.
+
+    predictor(x) or oracle threshold -> active mask [T, I] -> union over the batch -> split by the plan
+      ├─ GPU side: hot ids  -> kernels.gathered_gate_up / gathered_down on the GPU device ─┐
+      └─ CPU worker: cold ids -> the same kernels' CPU path on CPU memory ──────────────────┴─> y = y_gpu + y_cpu
+
+Each token only ever sums its own active neurons (per-token masks), so a request's result does not depend
+on what else is in its batch. A side whose union is too dense, or a prefill chunk that is too long, runs
+the dense product over that side's rows (still masked per token) because the gather stops paying off
+there (benchmarks/ffn_cpu.py measures the crossover). With no CUDA device the "GPU side" runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from hotcold.engine.errors import HotcoldError
+from hotcold.engine.model import DenseFFN, Transformer, activate
+from hotcold.engine.plan import LayerPlan, Plan
+from torch import nn
+
+from hotcold import kernels
+
+MODES = ("off", "oracle", "predictor")
+PLACEMENTS = ("hybrid", "gpu", "cpu")
+
+
+@dataclass
+class HybridConfig:
+    mode: str = "predictor"  # off | oracle | predictor
+    placement: str = "hybrid"  # hybrid | gpu | cpu
+    strategy: str = "threshold"  # predictor decision: threshold (sigmoid >= tau) | topk
+    dense_above: float = 0.4  # union density of a side above which it runs dense (ffn_cpu.py crossover)
+    max_sparse_tokens: int = 32  # longer chunks (prefill) run dense on both sides
+    backend: str = "auto"  # kernels backend for the GPU side (auto: Triton on CUDA)
+
+    def validate(self) -> HybridConfig:
+        if self.mode not in MODES:
+            raise HotcoldError(f"unknown sparsity mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.placement not in PLACEMENTS:
+            raise HotcoldError(f"unknown placement {self.placement!r} (choose from {', '.join(PLACEMENTS)})")
+        if self.strategy not in ("threshold", "topk"):
+            raise HotcoldError("strategy must be threshold or topk")
+        return self
+
+
+@dataclass
+class FFNCounters:
+    """What the FFNs did since the last reset: neurons computed vs available, and the hot share."""
+
+    computed: int = 0  # token-neuron pairs actually active
+    total: int = 0  # token-neuron pairs in the layers run
+    hot: int = 0  # of `computed`, those served by the GPU side
+    per_layer_density: dict[int, float] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.computed = self.total = self.hot = 0
+        self.per_layer_density.clear()
+
+    @property
+    def sparsity(self) -> float | None:
+        return None if not self.total else 1.0 - self.computed / self.total
+
+    @property
+    def hot_share(self) -> float | None:
+        return None if not self.computed else self.hot / self.computed
+
+
+class _Side:
+    """One side's copy of a layer's neurons: weights on its device and the map global id -> local row."""
+
+    def __init__(self, dense: DenseFFN, ids: torch.Tensor, device: torch.device):
+        self.device, self.num = device, ids.numel()
+        full = ids.numel() == dense.intermediate_size and bool((ids == torch.arange(ids.numel())).all())
+        same_device = dense.down_t.device == device
+        if same_device and full:  # all neurons on this side: use the model's own tensors, no copy
+            self.gate_up, self.down_t, self.bias = dense.gate_up, dense.down_t, dense.gate_up_bias
+        else:
+            self.gate_up = dense.gate_up[ids].to(device).contiguous()
+            self.down_t = dense.down_t[ids].to(device).contiguous()
+            self.bias = None if dense.gate_up_bias is None else dense.gate_up_bias[ids].to(device)
+        self.gated = dense.gated
+        self.ids = ids.to(device)
+
+    @property
+    def gate(self) -> torch.Tensor | None:
+        return self.gate_up[:, 0] if self.gated else None
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.gate_up[:, 1] if self.gated else self.gate_up
+
+    @property
+    def up_bias(self) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias[:, 1] if self.gated else self.bias
+
+
+class HybridFFN(nn.Module):
+    """A drop-in for DenseFFN driven by one layer of a plan."""
+
+    def __init__(self, dense: DenseFFN, layer: LayerPlan, cfg: HybridConfig, gpu: torch.device,
+                 pool: ThreadPoolExecutor | None, counters: FFNCounters):
+        super().__init__()
+        self.dense, self.layer, self.cfg, self.pool, self.counters = dense, layer, cfg, pool, counters
+        self.activation, self.index = dense.activation, layer.index
+        if dense.gelu_approximate != "none":
+            raise HotcoldError("the sparse kernels implement exact-erf GELU only (model uses tanh GELU)")
+        num = dense.intermediate_size
+        hot = layer.hot_ids.long().cpu()
+        if cfg.placement == "gpu":
+            hot = torch.arange(num)
+        elif cfg.placement == "cpu":
+            hot = hot[:0]
+        is_hot = torch.zeros(num, dtype=torch.bool)
+        is_hot[hot] = True
+        cold = (~is_hot).nonzero().flatten()
+        self.gpu_device, self.cpu_device = gpu, torch.device("cpu")
+        self.hot = _Side(dense, hot, gpu)
+        self.cold = _Side(dense, cold, self.cpu_device)
+        # global neuron id -> (side, local row): local index tables on each side's device
+        local = torch.empty(num, dtype=torch.long)
+        local[hot], local[cold] = torch.arange(hot.numel()), torch.arange(cold.numel())
+        self.is_hot = is_hot.to(gpu)
+        self.local = local.to(gpu)
+        self.down_bias = None if dense.down_bias is None else dense.down_bias.to(gpu)
+        self.norms = dense.down_t.float().norm(dim=1).to(gpu)  # ||down_t[i]||: oracle magnitudes
+        self.predictor = None
+        if cfg.mode == "predictor":
+            if layer.predictor is None:
+                raise HotcoldError(f"the plan has no predictor for layer {layer.index}: use --sparsity oracle")
+            w = layer.predictor.weights
+            self.predictor = {k: w[k].to(gpu, torch.float32) for k in ("w1", "b1", "w2", "b2")}
+            tau = min(max(layer.predictor.tau, 1e-6), 1 - 1e-6)
+            self.logit_cut = math.log(tau / (1 - tau))
+
+    def _dense_h(self, side: _Side, x: torch.Tensor) -> torch.Tensor:
+        """fp32 activations of all of a side's rows (one GEMM), in the side's local order."""
+        z = F.linear(x.to(side.device, side.gate_up.dtype), side.gate_up.reshape(-1, x.shape[-1]),
+                     None if side.bias is None else side.bias.reshape(-1))
+        if side.gated:
+            z = z.view(x.shape[0], -1, 2)
+            return activate(self.activation, z[..., 1], z[..., 0]).float()
+        return activate(self.activation, z).float()
+
+    def active_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[T, I] bool of the neurons each token needs; in oracle mode also the dense activations."""
+        if self.cfg.mode == "oracle":  # the true activations, each side over its rows, in global order
+            h = torch.empty(x.shape[0], self.dense.intermediate_size, dtype=torch.float32, device=x.device)
+            for side in (self.hot, self.cold):
+                if side.num:
+                    h[:, side.ids.to(x.device)] = self._dense_h(side, x).to(x.device)
+            return (h.abs() * self.norms) > self.layer.threshold, h
+        p = self.predictor
+        logits = torch.relu(x.float() @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
+        if self.cfg.strategy == "topk":
+            k = max(1, min(self.layer.predictor.top_k, logits.shape[1]))
+            mask = torch.zeros_like(logits, dtype=torch.bool)
+            return mask.scatter_(1, logits.topk(k, dim=1).indices, True), None
+        return logits >= self.logit_cut, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.mode == "off":
+            return self.dense(x)
+        mask, h_known = self.active_mask(x)
+        union = mask.any(0)
+        T, num = x.shape[0], self.dense.intermediate_size
+        hot_ids = (union & self.is_hot).nonzero().flatten()
+        cold_ids = (union & ~self.is_hot).nonzero().flatten()
+        active = int(mask.sum())
+        hot_active = int(mask[:, hot_ids].sum()) if hot_ids.numel() else 0
+        self.counters.computed += active
+        self.counters.total += T * num
+        self.counters.hot += hot_active
+        self.counters.per_layer_density[self.index] = active / (T * num)
+
+        future = None
+        if cold_ids.numel():
+            args = (self.cold, x.to(self.cpu_device), cold_ids.cpu(), mask.cpu(), h_known)
+            future = self.pool.submit(self._side, *args) if self.pool else None
+            y_cold = None if future else self._side(*args)
+        y = self._side(self.hot, x, hot_ids, mask, h_known) if hot_ids.numel() else torch.zeros(
+            x.shape, dtype=torch.float32, device=x.device)
+        if cold_ids.numel():
+            y_cold = future.result() if future else y_cold
+            y = y + y_cold.to(y.device, non_blocking=True)
+        if self.down_bias is not None:
+            y = y + self.down_bias
+        return y.to(x.dtype)
+
+    def _side(self, side: _Side, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+              h_known: torch.Tensor | None) -> torch.Tensor:
+        """One side's partial output over its active neurons `ids` (global), masked per token."""
+        local = self.local.to(side.device)[ids.to(side.device)]
+        token_mask = mask.to(side.device)[:, ids.to(side.device)]
+        backend = self.cfg.backend if side is self.hot else "cpu"
+        dense_side = x.shape[0] > self.cfg.max_sparse_tokens or ids.numel() > self.cfg.dense_above * max(side.num, 1)
+        if h_known is not None:
+            h = h_known.to(side.device)[:, ids.to(side.device)] * token_mask
+        elif dense_side:  # all rows of this side, then keep only the active (token, neuron) pairs
+            h = self._dense_h(side, x)[:, local] * token_mask
+        else:
+            h = kernels.gathered_gate_up(x, side.up, local, self.activation, side.gate, side.up_bias, token_mask,
+                                         backend=backend)
+        if dense_side:
+            h_rows = torch.zeros(x.shape[0], side.num, dtype=h.dtype, device=side.device)
+            h_rows[:, local] = h
+            return (h_rows.to(side.down_t.dtype) @ side.down_t).float()
+        return kernels.gathered_down(h, side.down_t, local, torch.float32, backend=backend)
+
+
+def move_dense_parts(model: Transformer, device: torch.device) -> None:
+    """Attention, embeddings, norms and the head go to the GPU first (PowerInfer's order)."""
+    if model.device == device:
+        return
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    model.embed = move(model.embed)
+    model.lm_head = model.embed if model.config.tie_word_embeddings else move(model.lm_head)
+    model.pos_embed = move(model.pos_embed)
+    model.inv_freq = move(model.inv_freq)
+    for norm in [model.final_norm] + [n for layer in model.layers for n in (layer.attn_norm, layer.ffn_norm)]:
+        norm.weight, norm.bias = move(norm.weight), move(norm.bias)
+    for layer in model.layers:
+        a = layer.attn
+        a.wqkv, a.bqkv, a.wo, a.bo = move(a.wqkv), move(a.bqkv), move(a.wo), move(a.bo)
+
+
+def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint: str,
+                 gpu_device: str | torch.device | None = None, workers: int = 1) -> FFNCounters:
+    """Replace every layer's FFN by a HybridFFN; returns the counters the engine reports per step."""
+    cfg.validate()
+    plan.check_model(fingerprint)
+    if model.config.num_experts:
+        raise HotcoldError("hybrid execution of mixture-of-experts models is not supported")
+    if len(plan.layers) != len(model.layers):
+        raise HotcoldError(f"the plan has {len(plan.layers)} layers, the model {len(model.layers)}")
+    gpu = torch.device(gpu_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    counters = FFNCounters()
+    model.ffn_counters = counters
+    if cfg.mode == "off":
+        return counters
+    move_dense_parts(model, gpu)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None
+    for layer, layer_plan in zip(model.layers, plan.layers):
+        dense = layer.ffn.dense if isinstance(layer.ffn, HybridFFN) else layer.ffn
+        layer.ffn = HybridFFN(dense, layer_plan, cfg, gpu, pool, counters)
+    return counters

@@ -1,0 +1,163 @@
+"""Gathered FFN on the CPU (the cold-neuron workers' compute), plain torch ops that release the GIL.
+
+What measured fastest on a 2-core AVX-512 machine (benchmarks/ffn_cpu.py; /work/notes/kernels.md):
+- gate/up: gather the active rows in chunks that stay in cache (index_select into a reused buffer), then
+  a small matmul per chunk. One big gather writes K*H bytes and reads them back, and a fresh allocation
+  that large page-faults on every call. 16-bit chunks are larger: a bf16 matmul costs ~12 us per call.
+- gate and up stored interleaved ([I,2,H]; pass the views packed[:, 0] and packed[:, 1]) are fetched by
+  one gather of 2H-long rows: fewer row starts, about 25% faster at the Llama-2-7B shape.
+- down, small batch: `embedding_bag(mode="sum", per_sample_weights=h)` is exactly y = sum_k h_k W[idx_k]
+  and FBGEMM streams the rows with prefetching and no materialised gather: near the memory bandwidth.
+  For larger batches it re-reads every row once per token, so we gather once (chunked) and matmul.
+Numerics follow kernels/reference.py (inputs rounded to the weights' dtype); with 16-bit weights the
+per-chunk products come out of torch's matmul in that dtype, so h and y carry its rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .reference import activation_spec, apply_fn, check_down, check_gate_up
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    # Bytes of gathered rows per chunk (fp32, and 16-bit dtypes whose matmul has a larger call overhead).
+    chunk_bytes: int = 1 << 20
+    chunk_bytes_16bit: int = 4 << 20
+    # Largest batch whose down projection uses embedding_bag (it re-reads every row once per token).
+    ebag_max_batch: int = 8
+
+
+DEFAULT_CONFIG = CpuConfig()
+
+
+def gathered_gate_up(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    w_gate: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    config: CpuConfig = DEFAULT_CONFIG,
+) -> torch.Tensor:
+    """fp32 h [B,K]: the active neurons' activations (see kernels.reference.gathered_gate_up)."""
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask)
+    B, K = x.shape[0], idx.numel()
+    if K == 0 or B == 0:
+        return torch.zeros(B, K, dtype=torch.float32, device=x.device)
+    xt = x.to(w_up.dtype).T
+    packed = _packed_view(w_gate, w_up) if spec.gated else None
+    if packed is not None:  # one gather fetches gate and up rows: [K,2,B]
+        gu = _gathered_mm(xt, packed, idx, _chunk_bytes(w_up, config)).float()
+        g, u = gu[:, 0], gu[:, 1]
+    else:
+        u = _gathered_mm(xt, w_up, idx, _chunk_bytes(w_up, config)).float()
+    if up_bias is not None:
+        u = u + up_bias.index_select(0, idx).float()[:, None]
+    h = apply_fn(spec.up_fn, u)
+    if spec.gated:
+        if packed is None:
+            g = _gathered_mm(xt, w_gate, idx, _chunk_bytes(w_gate, config)).float()
+        h = apply_fn(spec.gate_fn, g) * h
+    h = h.T
+    if token_mask is not None:
+        h = h.masked_fill(~token_mask, 0.0)
+    return h.contiguous()
+
+
+def gathered_down(
+    h: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    config: CpuConfig = DEFAULT_CONFIG,
+) -> torch.Tensor:
+    """y [B,H] = sum_k h[:,k] * w_down_t[idx[k]] (see kernels.reference.gathered_down)."""
+    check_down(h, w_down_t, idx)
+    B, K = h.shape
+    H = w_down_t.shape[1]
+    if K == 0 or B == 0:
+        return torch.zeros(B, H, dtype=out_dtype, device=h.device)
+    hw = h.to(w_down_t.dtype)
+    if B <= config.ebag_max_batch:
+        y = F.embedding_bag(idx.expand(B, K), w_down_t, per_sample_weights=hw, mode="sum")
+        return y.to(out_dtype)
+    rows = _chunk_rows(w_down_t, _chunk_bytes(w_down_t, config))
+    if K <= rows:
+        return (hw @ w_down_t.index_select(0, idx)).to(out_dtype)
+    y = torch.zeros(B, H, dtype=torch.float32, device=h.device)
+    buf = torch.empty(rows, H, dtype=w_down_t.dtype, device=h.device)
+    part = torch.empty(B, H, dtype=w_down_t.dtype, device=h.device)
+    for s in range(0, K, rows):
+        e = min(K, s + rows)
+        w = torch.index_select(w_down_t, 0, idx[s:e], out=buf[: e - s])
+        if w_down_t.dtype == torch.float32:
+            y.addmm_(hw[:, s:e], w)
+        else:
+            y += torch.mm(hw[:, s:e], w, out=part)
+    return y.to(out_dtype)
+
+
+def dense_ffn(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    activation: str,
+    w_gate: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    w_down_t: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [B,H]: the dense FFN in the weights' dtype (what a dense model runs), the baseline to beat."""
+    spec = activation_spec(activation)
+    if w_down_t is None or spec.gated != (w_gate is not None):
+        raise ValueError(f"dense_ffn needs w_down_t, and w_gate exactly when {activation!r} is gated")
+    x = x.to(w_up.dtype)
+    u = x @ w_up.T
+    if up_bias is not None:
+        u = u + up_bias
+    h = apply_fn(spec.up_fn, u)
+    if spec.gated:
+        h = apply_fn(spec.gate_fn, x @ w_gate.T) * h
+    y = h @ w_down_t
+    return y if down_bias is None else y + down_bias
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised outputs come from here (tests poison them to prove every element is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _chunk_bytes(w: torch.Tensor, config: CpuConfig) -> int:
+    return config.chunk_bytes if w.element_size() >= 4 else config.chunk_bytes_16bit
+
+
+def _chunk_rows(w: torch.Tensor, chunk_bytes: int) -> int:
+    return max(8, chunk_bytes // max(1, w[0].numel() * w.element_size()))
+
+
+def _packed_view(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor | None:
+    """The [I,2,H] tensor that w_gate/w_up are the [:,0]/[:,1] views of (interleaved layout), else None."""
+    I, H = w_up.shape
+    e = w_up.element_size()
+    if (w_gate.stride() != (2 * H, 1) or w_up.stride() != (2 * H, 1) or w_gate.device != w_up.device
+            or w_up.data_ptr() != w_gate.data_ptr() + H * e):
+        return None
+    return torch.as_strided(w_gate, (I, 2, H), (2 * H, H, 1))
+
+
+def _gathered_mm(xt: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """w[idx] @ xt as [K,B] (or [K,2,B] for packed [I,2,H] w) in w's dtype, in chunks of rows."""
+    K, rows = idx.numel(), _chunk_rows(w, chunk_bytes)
+    if K <= rows:
+        return w.index_select(0, idx) @ xt
+    out = _empty((K, *w.shape[1:-1], xt.shape[1]), w.dtype, w.device)
+    buf = torch.empty(rows, *w.shape[1:], dtype=w.dtype, device=w.device)
+    for s in range(0, K, rows):
+        e = min(K, s + rows)
+        torch.matmul(torch.index_select(w, 0, idx[s:e], out=buf[: e - s]), xt, out=out[s:e])
+    return out

@@ -1,0 +1,142 @@
+"""Torch reference for the gathered (sparse) FFN: the semantics every backend must match.
+
+Shapes: x [B,H]; w_up, w_gate, w_down_t [I,H] (one contiguous row per neuron, down stored transposed);
+idx [K] integer neuron ids (any order, no duplicates expected); token_mask [B,K] bool.
+
+Numerics, shared by all backends:
+- the input of each product is first rounded to the weights' dtype (x for gate/up, h for down), as a
+  dense matmul in that dtype would; products and sums are accumulated in fp32;
+- `gathered_gate_up` returns fp32 h [B,K]; `gathered_down` returns y [B,H] in `out_dtype` (fp32 by
+  default, so partial outputs of several devices can be added before rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Element-wise functions, by name. Codes are shared with the Triton kernels (constexpr switch).
+FUNCTIONS = {"identity": 0, "silu": 1, "relu": 2, "relu2": 3, "gelu": 4, "gelu_tanh": 5}
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """h = gate_fn(g) * up_fn(u + b) when gated, else up_fn(u + b)."""
+
+    gated: bool
+    gate_fn: str
+    up_fn: str
+
+
+ACTIVATIONS: dict[str, ActivationSpec] = {
+    "swiglu": ActivationSpec(True, "silu", "identity"),
+    "reglu": ActivationSpec(True, "relu", "identity"),
+    "drelu": ActivationSpec(True, "relu", "relu"),
+    "geglu": ActivationSpec(True, "gelu", "identity"),
+    "geglu_tanh": ActivationSpec(True, "gelu_tanh", "identity"),
+    "relu": ActivationSpec(False, "identity", "relu"),
+    "relu2": ActivationSpec(False, "identity", "relu2"),
+    "gelu": ActivationSpec(False, "identity", "gelu"),
+    "gelu_tanh": ActivationSpec(False, "identity", "gelu_tanh"),
+}
+
+
+def apply_fn(name: str, v: torch.Tensor) -> torch.Tensor:
+    """One element-wise function of FUNCTIONS (in the dtype of v)."""
+    if name == "identity":
+        return v
+    if name == "silu":
+        return F.silu(v)
+    if name == "relu":
+        return torch.relu(v)
+    if name == "relu2":
+        return torch.relu(v).square()
+    if name == "gelu":
+        return F.gelu(v)
+    if name == "gelu_tanh":
+        return F.gelu(v, approximate="tanh")
+    raise ValueError(f"unknown element-wise function {name!r}")
+
+
+def activation_spec(activation: str) -> ActivationSpec:
+    try:
+        return ACTIVATIONS[activation]
+    except KeyError:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def check_gate_up(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    w_gate: torch.Tensor | None,
+    up_bias: torch.Tensor | None,
+    token_mask: torch.Tensor | None,
+) -> ActivationSpec:
+    """Validate the arguments of gathered_gate_up (shapes and dtypes only: no device sync)."""
+    spec = activation_spec(activation)
+    if x.dim() != 2 or w_up.dim() != 2 or x.shape[1] != w_up.shape[1]:
+        raise ValueError(f"x must be [B,H] and w_up [I,H]; got {tuple(x.shape)} and {tuple(w_up.shape)}")
+    _check_idx(idx)
+    if spec.gated:
+        if w_gate is None or w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype:
+            raise ValueError(f"activation {activation!r} needs w_gate with the shape and dtype of w_up")
+    elif w_gate is not None:
+        raise ValueError(f"activation {activation!r} is not gated: pass w_gate=None")
+    if up_bias is not None and up_bias.shape != (w_up.shape[0],):
+        raise ValueError(f"up_bias must be [I]={w_up.shape[0]}; got {tuple(up_bias.shape)}")
+    if token_mask is not None and (
+        token_mask.dtype != torch.bool or token_mask.shape != (x.shape[0], idx.numel())
+    ):
+        raise ValueError(f"token_mask must be bool [B,K]=({x.shape[0]}, {idx.numel()}); got "
+                         f"{token_mask.dtype} {tuple(token_mask.shape)}")
+    return spec
+
+
+def check_down(h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor) -> None:
+    """Validate the arguments of gathered_down."""
+    _check_idx(idx)
+    if h.dim() != 2 or w_down_t.dim() != 2 or h.shape[1] != idx.numel():
+        raise ValueError(f"h must be [B,K] with K=len(idx)={idx.numel()} and w_down_t [I,H]; got "
+                         f"{tuple(h.shape)} and {tuple(w_down_t.shape)}")
+
+
+def _check_idx(idx: torch.Tensor) -> None:
+    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"idx must be a 1-D int64/int32 tensor; got {idx.dtype} {tuple(idx.shape)}")
+
+
+def gathered_gate_up(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    w_gate: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """h[b,k] = act(rows idx[k] of the gate/up projections at x[b]) as fp32 [B,K]; masked entries are 0."""
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask)
+    idx = idx.long()
+    xw = x.to(w_up.dtype).float()
+    u = xw @ w_up[idx].float().T
+    if up_bias is not None:
+        u = u + up_bias[idx].float()
+    h = apply_fn(spec.up_fn, u)
+    if spec.gated:
+        h = apply_fn(spec.gate_fn, xw @ w_gate[idx].float().T) * h
+    if token_mask is not None:
+        h = torch.where(token_mask, h, torch.zeros((), dtype=h.dtype, device=h.device))
+    return h
+
+
+def gathered_down(
+    h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """y[b] = sum_k h[b,k] * w_down_t[idx[k]] as [B,H] in out_dtype (fp32 accumulation)."""
+    check_down(h, w_down_t, idx)
+    y = h.to(w_down_t.dtype).float() @ w_down_t[idx.long()].float()
+    return y.to(out_dtype)

@@ -1,0 +1,237 @@
+"""Triton kernels for the GPU side of the gathered FFN (hot neurons); same signatures as kernels.reference.
+
+gate/up: each program owns BLOCK_K active neurons x BLOCK_B tokens and walks H, loading the gathered rows
+(each a contiguous run of H elements, coalesced along H) and fusing bias, activation and token mask. Small
+batches use a broadcast-multiply-sum (GEMV; no wasted MMA rows), larger ones tl.dot (tensor cores).
+
+down: y[b] = sum_k h[b,k] WdT[idx[k]] is a reduction over K, split across programs ("split-K") so that a
+batch-1 decode still fills the GPU: program (h-block, split) sums its share of neurons into a private fp32
+partial [S,B,H], and one torch sum adds the S partials. Chosen over atomics: the order of the additions is
+fixed, so results are bit-reproducible run to run (the engine promises identical seeded generations), and
+the partials are tiny next to the weights (S*B*H*4 bytes against K*H*2).
+
+Numerics as the reference: inputs rounded to the weights' dtype, fp32 accumulation, fp32 tl.dot in IEEE
+precision (no TF32). Block sizes are untuned defaults (no GPU was available when this was written); every
+wrapper takes overrides, and benchmarks/ffn_gpu.py --tune sweeps them.
+Ids are not range-checked here (that needs a device sync): out-of-range ids read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import FUNCTIONS, check_down, check_gate_up
+
+_DOT_MIN_BATCH = 5  # batches at least this large use tl.dot (MMA tiles need >= 16 rows; pad wastes less)
+_GEMV_TILE = 4096  # products per program per loop step on the GEMV path
+
+
+@triton.jit
+def _apply(v, FN: tl.constexpr):
+    # codes: kernels.reference.FUNCTIONS
+    if FN == 1:
+        v = v * tl.sigmoid(v)
+    elif FN == 2:
+        v = tl.maximum(v, 0.0)
+    elif FN == 3:
+        v = tl.maximum(v, 0.0)
+        v = v * v
+    elif FN == 4:
+        v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    elif FN == 5:  # 0.5 v (1 + tanh(z)) = v * sigmoid(2z)
+        v = v * tl.sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
+    return v
+
+
+@triton.jit
+def _mac(acc, a, b, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc[M,N] += a[M,R] @ b[R,N] in fp32."""
+    if USE_DOT:
+        if DOT_F32:  # exact products of 16-bit inputs too, so the same result as a 16-bit MMA
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _mac_t(acc, a, bt, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc[M,N] += a[M,R] @ bt[N,R]^T in fp32 (bt: gathered weight rows, contiguous along R)."""
+    if USE_DOT:
+        acc = _mac(acc, a, tl.trans(bt), USE_DOT, DOT_F32)
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * bt.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, wu_ptr, wg_ptr, bias_ptr, idx_ptr, mask_ptr, h_ptr,
+    B, K, H, stride_xb, stride_wu, stride_wg, stride_mb, stride_hb,
+    GATED: tl.constexpr, GATE_FN: tl.constexpr, UP_FN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mk = offs_k < K
+    mb = offs_b < B
+    rows = tl.load(idx_ptr + offs_k, mask=mk, other=0).to(tl.int64)
+    acc_u = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mh = offs_h < H
+        wmask = mk[:, None] & mh[None, :]
+        wu = tl.load(wu_ptr + rows[:, None] * stride_wu + offs_h[None, :], mask=wmask, other=0.0)
+        xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_h[None, :],
+                     mask=mb[:, None] & mh[None, :], other=0.0).to(wu.dtype)
+        acc_u = _mac_t(acc_u, xt, wu, USE_DOT, DOT_F32)
+        if GATED:
+            wg = tl.load(wg_ptr + rows[:, None] * stride_wg + offs_h[None, :], mask=wmask, other=0.0)
+            acc_g = _mac_t(acc_g, xt, wg, USE_DOT, DOT_F32)
+    if HAS_BIAS:
+        acc_u += tl.load(bias_ptr + rows, mask=mk, other=0.0).to(tl.float32)[None, :]
+    h = _apply(acc_u, UP_FN)
+    if GATED:
+        h = _apply(acc_g, GATE_FN) * h
+    out_mask = mb[:, None] & mk[None, :]
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + offs_b[:, None] * stride_mb + offs_k[None, :], mask=out_mask, other=0)
+        h = tl.where(keep != 0, h, 0.0)
+    tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], h, mask=out_mask)
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w_ptr, idx_ptr, part_ptr,
+    B, K, H, k_per_split, stride_hb, stride_w, stride_ps, stride_pb,
+    USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(1)
+    offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mh = offs_h < H
+    mb = offs_b < B
+    k_start = split * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < k_end
+        rows = tl.load(idx_ptr + offs_k, mask=mk, other=0).to(tl.int64)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=mk[:, None] & mh[None, :], other=0.0)
+        ht = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
+                     mask=mb[:, None] & mk[None, :], other=0.0).to(w.dtype)
+        acc = _mac(acc, ht, w, USE_DOT, DOT_F32)
+    tl.store(part_ptr + split * stride_ps + offs_b[:, None] * stride_pb + offs_h[None, :], acc,
+             mask=mb[:, None] & mh[None, :])
+
+
+def _block_b(B: int) -> tuple[int, bool]:
+    """(BLOCK_B, use tl.dot) for a batch of B tokens."""
+    if B < _DOT_MIN_BATCH:
+        return triton.next_power_of_2(B), False
+    return min(64, max(16, triton.next_power_of_2(B))), True
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output buffer comes from here (tests poison it to prove the kernels write every element)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_f32(w: torch.Tensor) -> bool:
+    """fp32 (IEEE) tl.dot for fp32 weights, and in the interpreter, whose 16-bit tl.dot multiplies the raw
+    bfloat16 bit patterns (triton-lang/triton#11584, unsupported upstream)."""
+    return w.dtype == torch.float32 or w.device.type != "cuda"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # interpreter: fewer programs run faster
+
+
+def _rows_contiguous(w: torch.Tensor) -> torch.Tensor:
+    return w if w.stride(-1) == 1 else w.contiguous()
+
+
+def gathered_gate_up(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    w_gate: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    *,
+    block_k: int | None = None,
+    block_h: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """fp32 h [B,K] (kernels.reference.gathered_gate_up), one fused kernel for gate, up, bias, act, mask."""
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask)
+    B, K, H = x.shape[0], idx.numel(), x.shape[1]
+    h = _empty((B, K), torch.float32, x.device)
+    if B == 0 or K == 0:
+        return h
+    x, idx, w_up = x.contiguous(), idx.contiguous(), _rows_contiguous(w_up)
+    w_gate = _rows_contiguous(w_gate) if spec.gated else w_up
+    block_b, use_dot = _block_b(B)
+    if block_k is None:  # GEMV: enough programs to cover the SMs twice, 4 to 16 neurons each
+        block_k = 16 if use_dot else max(4, min(16, triton.next_power_of_2(K // (2 * _num_sms(x.device)) or 1)))
+    # GEMV: ~4096 products per program per step (8 KB of bf16 rows in flight), within register budget
+    block_h = block_h or (64 if use_dot else min(1024, max(32, _GEMV_TILE // (block_b * block_k))))
+    mask = token_mask.contiguous().view(torch.uint8) if token_mask is not None else h
+    grid = (triton.cdiv(K, block_k), triton.cdiv(B, block_b))
+    _gate_up_kernel[grid](
+        x, w_up, w_gate, up_bias if up_bias is not None else w_up, idx, mask, h,
+        B, K, H, x.stride(0), w_up.stride(0), w_gate.stride(0), mask.stride(0), h.stride(0),
+        GATED=spec.gated, GATE_FN=FUNCTIONS[spec.gate_fn], UP_FN=FUNCTIONS[spec.up_fn],
+        HAS_BIAS=up_bias is not None, HAS_MASK=token_mask is not None, USE_DOT=use_dot,
+        DOT_F32=_dot_f32(w_up), BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h,
+        num_warps=num_warps or 4,
+    )
+    return h
+
+
+def gathered_down(
+    h: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    block_k: int | None = None,
+    block_h: int | None = None,
+    splits: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """y [B,H] in out_dtype (kernels.reference.gathered_down): split-K over the active rows."""
+    check_down(h, w_down_t, idx)
+    B, K = h.shape
+    H = w_down_t.shape[1]
+    if B == 0 or K == 0:
+        return torch.zeros(B, H, dtype=out_dtype, device=h.device)
+    h, idx, w_down_t = h.contiguous(), idx.contiguous(), _rows_contiguous(w_down_t)
+    block_b, use_dot = _block_b(B)
+    block_k = block_k or (32 if use_dot else 16)
+    block_h = block_h or (64 if use_dot else max(32, _GEMV_TILE // (block_b * block_k)))
+    h_blocks, b_blocks, k_blocks = triton.cdiv(H, block_h), triton.cdiv(B, block_b), triton.cdiv(K, block_k)
+    if splits is None:  # about 4 programs per SM
+        splits = max(1, (4 * _num_sms(h.device)) // (h_blocks * b_blocks))
+    k_per_split = triton.cdiv(k_blocks, min(splits, k_blocks)) * block_k
+    splits = triton.cdiv(K, k_per_split)
+    part = _empty((splits, B, H), torch.float32, h.device)
+    _down_kernel[(h_blocks, splits, b_blocks)](
+        h, w_down_t, idx, part,
+        B, K, H, k_per_split, h.stride(0), w_down_t.stride(0), part.stride(0), part.stride(1),
+        USE_DOT=use_dot, DOT_F32=_dot_f32(w_down_t),
+        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=num_warps or 4,
+    )
+    y = part[0] if splits == 1 else part.sum(0)
+    return y.to(out_dtype)

@@ -1,0 +1,192 @@
+"""Corpus passes through the engine's model: FFN taps that see every layer's input x and activations h.
+
+Sequences are batched into one flattened step (the engine's StepBatch, no KV cache) and no logits are
+computed (`logits_indices` empty), so a profiling pass costs the transformer body only. Nothing
+corpus-sized is kept: callbacks fold each batch into bounded state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from hotcold.engine.errors import HotcoldError
+from hotcold.engine.model import StepBatch
+from hotcold.engine.sparsity import MaskedFFN, measured_sparsity
+from hotcold.profiler.stats import LayerCounter
+from torch import Tensor, nn
+
+Callback = Callable[[int, Tensor, Tensor], None]  # (layer, x [T, H], h [T, I])
+
+
+class FFNTap(nn.Module):
+    """A dense FFN that also hands (layer, x, h) to a callback; its output is unchanged."""
+
+    def __init__(self, ffn: nn.Module, layer: int, callback: Callback) -> None:
+        super().__init__()
+        self.ffn, self.layer, self.callback = ffn, layer, callback
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.ffn.activations(x)
+        self.callback(self.layer, x, h)
+        return self.ffn.project_down(h)
+
+
+def dense_ffns(model: nn.Module) -> list[nn.Module]:
+    """Every layer's dense FFN; mixture-of-experts models are refused."""
+    out = []
+    for i, block in enumerate(model.layers):
+        ffn = block.ffn.ffn if isinstance(block.ffn, (FFNTap, MaskedFFN)) else block.ffn
+        if not hasattr(ffn, "activations") or not hasattr(ffn, "down_t"):
+            raise HotcoldError(f"layer {i} has a {type(ffn).__name__}, not a dense FFN: mixture-of-experts "
+                               "models are not profiled")
+        out.append(ffn)
+    return out
+
+
+@contextmanager
+def replaced_ffns(model: nn.Module, make: Callable[[int, nn.Module], nn.Module]) -> Iterator[list[nn.Module]]:
+    """Swap every layer's FFN for make(layer, dense_ffn) for the duration of the block."""
+    originals = dense_ffns(model)
+    for i, (block, ffn) in enumerate(zip(model.layers, originals, strict=True)):
+        block.ffn = make(i, ffn)
+    try:
+        yield [block.ffn for block in model.layers]
+    finally:
+        for block, ffn in zip(model.layers, originals, strict=True):
+            block.ffn = ffn
+
+
+def batches(sequences: list[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:
+    batch: list[list[int]] = []
+    size = 0
+    for s in sequences:
+        if batch and size + len(s) > batch_tokens:
+            yield batch
+            batch, size = [], 0
+        batch.append(s)
+        size += len(s)
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def run_body(model: nn.Module, sequences: list[list[int]], batch_tokens: int = 1024,
+             on_batch: Callable[[list[int]], None] | None = None, progress=None) -> None:
+    """Run sequences through the transformer body (no lm_head), several per step."""
+    empty = torch.zeros(0, dtype=torch.long, device=model.device)
+    for batch in batches(sequences, batch_tokens):
+        lengths = [len(s) for s in batch]
+        if on_batch is not None:
+            on_batch(lengths)
+        ids = torch.tensor([t for s in batch for t in s], dtype=torch.long, device=model.device)
+        model.forward(ids, StepBatch([0] * len(batch), [0] * len(batch), lengths), logits_indices=empty)
+        if progress is not None:
+            progress.update(sum(lengths))
+
+
+@dataclass
+class ActivationSampler:
+    """Keeps every `stride`-th token's activations h of every layer (float32), for CETT curves."""
+
+    num_layers: int
+    stride: int = 4
+    samples: list[list[Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.samples = [[] for _ in range(self.num_layers)]
+
+    def __call__(self, layer: int, x: Tensor, h: Tensor) -> None:
+        self.samples[layer].append(h[:: self.stride].float().clone())
+
+    def layer(self, i: int) -> Tensor:
+        return torch.cat(self.samples[i])
+
+
+class StatsCollector:
+    """Phase 2: with thresholds fixed, counts activations per layer and keeps predictor training pairs
+    (x as bfloat16, the active mask bit-packed) for every `pair_stride`-th token, up to `max_pairs`."""
+
+    def __init__(self, ffns: list[nn.Module], thresholds: list[float], window: int = 8,
+                 coactivation_tokens: int = 8192, pair_stride: int = 2, max_pairs: int = 16384) -> None:
+        self.thresholds = thresholds
+        self.down_norms = [f.down_t.detach().float().norm(dim=1) for f in ffns]
+        sizes = [f.down_t.shape[0] for f in ffns]
+        self.counters = [LayerCounter(n, window, coactivation_tokens) for n in sizes]
+        self.pair_stride, self.max_pairs = pair_stride, max_pairs
+        self.xs: list[list[Tensor]] = [[] for _ in ffns]
+        self.masks: list[list[np.ndarray]] = [[] for _ in ffns]
+        self.kept = [0] * len(ffns)
+        self.lengths: list[int] = []
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+
+    def active(self, layer: int, h: Tensor) -> Tensor:
+        return h.float().abs() * self.down_norms[layer] > self.thresholds[layer]
+
+    def __call__(self, layer: int, x: Tensor, h: Tensor) -> None:
+        a = self.active(layer, h)
+        start = 0
+        for n in self.lengths:
+            self.counters[layer].update(a[start: start + n])
+            start += n
+        room = self.max_pairs - self.kept[layer]
+        if room > 0:
+            rows = torch.arange(0, a.shape[0], self.pair_stride)[:room]
+            self.xs[layer].append(x[rows].to(torch.bfloat16).clone())
+            self.masks[layer].append(np.packbits(a[rows].numpy(), axis=1))
+            self.kept[layer] += len(rows)
+
+    def pairs(self, layer: int) -> tuple[Tensor, Tensor]:
+        """(x float32 [N, H], mask bool [N, I]) kept for one layer."""
+        n = self.counters[layer].num_neurons
+        x = torch.cat(self.xs[layer]).float()
+        m = np.unpackbits(np.concatenate(self.masks[layer]), axis=1, count=n).astype(bool)
+        return x, torch.from_numpy(m)
+
+
+def oracle_ffns(thresholds: list[float]) -> Callable[[int, nn.Module], nn.Module]:
+    return lambda i, ffn: MaskedFFN(ffn, threshold=thresholds[i])
+
+
+def perplexity_with(model: nn.Module, make: Callable[[int, nn.Module], nn.Module] | None, ids: list[int],
+                    context: int) -> tuple[float, float | None]:
+    """(perplexity over ids, measured FFN sparsity) with every FFN replaced by make(layer, ffn)."""
+    from hotcold.engine.perplexity import perplexity
+
+    if make is None:
+        return perplexity(model, ids, context), None
+    with replaced_ffns(model, make):
+        ppl = perplexity(model, ids, context)
+        return ppl, measured_sparsity(model)
+
+
+class PredictorProbe(MaskedFFN):
+    """Predictor-mode FFN that also scores its decisions against the oracle mask of the same h: recall
+    and sparsity for the threshold rule (applied) and the top-k rule (only measured)."""
+
+    def __init__(self, ffn: nn.Module, threshold: float, predictor, tau: float, top_k: int) -> None:
+        super().__init__(ffn, predictor=predictor, tau=tau)
+        self.oracle_threshold, self.k = threshold, top_k
+        self.counts = torch.zeros(6, dtype=torch.float64)  # pos, tp_tau, pred_tau, tp_topk, pred_topk, n
+
+    def mask(self, x: Tensor, h: Tensor) -> Tensor:
+        logits = self.predictor(x.to(self.predictor.fc1.weight.dtype))
+        oracle = h.float().abs() * self.down_norm > self.oracle_threshold
+        m = torch.sigmoid(logits) >= self.tau
+        k = max(0, min(self.k, logits.shape[-1]))
+        topk = torch.zeros_like(m)
+        if k:
+            topk.scatter_(-1, logits.topk(k, dim=-1).indices, True)
+        self.counts += torch.tensor([oracle.sum(), (m & oracle).sum(), m.sum(), (topk & oracle).sum(),
+                                     topk.sum(), m.numel()], dtype=torch.float64)
+        return m
+
+    def metrics(self) -> dict[str, float]:
+        pos, tp, pred, tpk, predk, n = self.counts.tolist()
+        return {"recall": tp / pos if pos else 1.0, "sparsity": 1 - pred / n if n else 0.0,
+                "topk_recall": tpk / pos if pos else 1.0, "topk_sparsity": 1 - predk / n if n else 0.0}

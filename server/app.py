@@ -1,0 +1,171 @@
+"""FastAPI routes. Every failure leaves as OpenAI's error envelope: invalid fields are 400 (never FastAPI's
+422), unknown models 404, bad keys 401 (on /v1 only), a full queue 429, loading or draining 503."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from hotcold.engine.errors import HotcoldError
+from hotcold.server import protocol as P
+from hotcold.server.async_engine import AsyncEngine, Backend, NotAccepting, QueueFull
+from hotcold.server.completions import serve_chat, serve_completion
+from hotcold.server.metrics import CONTENT_TYPE, ServerMetrics
+from hotcold.server.serving import APIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("hotcold.server")
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    model_root: str | None = None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if loc[:1] == ["prompt"]:  # a union: pydantic's first complaint is about the wrong member
+        return ("prompt must be a string, a list of strings, a list of token ids (integers >= 0) or a list "
+                "of lists of token ids", "prompt")
+    # union members show up as loc parts like 'str' or 'list[int]': keep only field names and indices
+    loc = [x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool")]
+    param = ".".join(loc) or None
+    msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        aengine.start(asyncio.get_running_loop())
+        yield
+        aengine.draining = True
+        await asyncio.to_thread(aengine.shutdown)
+
+    app = FastAPI(title="hotcold", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    # ------------------------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.envelope(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(APIError(400, message, param=param).envelope(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        err = APIError(exc.status_code, str(exc.detail), type=kind)
+        return JSONResponse(err.envelope(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        err = APIError(500, f"internal server error: {type(exc).__name__}", type="server_error",
+                       code="internal_error")
+        return JSONResponse(err.envelope(), status_code=500)
+
+    # ---------------------------------------------------------------------------------- helpers
+    async def check_key(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), cfg.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    def backend_for(model: str | None, num_seqs: int = 0) -> Backend:
+        if model is not None and model != cfg.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        try:
+            aengine.check_capacity(num_seqs)
+        except NotAccepting as exc:
+            metrics.rejected.inc()
+            raise APIError(503, str(exc), type="server_error", code="service_unavailable") from None
+        except QueueFull as exc:
+            metrics.rejected.inc()
+            if num_seqs > aengine.max_in_flight:
+                raise APIError(400, f"n x prompts = {num_seqs} sequences exceed the server's capacity "
+                                    f"({aengine.max_in_flight})", param="n") from None
+            raise APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded") from None
+        assert aengine.backend is not None
+        return aengine.backend
+
+    async def submit(requests: list[tuple[str, list[int], Any]]):
+        try:
+            return await aengine.submit(requests)
+        except HotcoldError as exc:
+            raise APIError(400, str(exc)) from None
+
+    async def until_disconnect(request: Request, coro: Any) -> Any:
+        """Await coro, cancelling it if the client goes away (which aborts its engine requests)."""
+        task = asyncio.ensure_future(coro)
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            return Response(status_code=499)
+        return task.result()
+
+    # ----------------------------------------------------------------------------------- routes
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if aengine.load_error is not None:
+            return JSONResponse({"status": "failed"}, status_code=503)
+        if aengine.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not aengine.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @v1.get("/models")
+    async def models() -> P.ModelList:
+        max_len = aengine.max_model_len if aengine.ready else None
+        return P.ModelList(data=[P.ModelCard(id=cfg.model_name, created=P.now(), root=cfg.model_root,
+                                             max_model_len=max_len)])
+
+    @v1.post("/completions")
+    async def completions(req: P.CompletionRequest, request: Request) -> Any:
+        backend = backend_for(req.model, len(req.prompts()) * req.n)
+        return await serve_completion(req, request, aengine, backend, cfg.model_name, submit, until_disconnect)
+
+    @v1.post("/chat/completions")
+    async def chat(req: P.ChatCompletionRequest, request: Request) -> Any:
+        backend = backend_for(req.model, req.n)
+        return await serve_chat(req, request, aengine, backend, cfg.model_name, submit, until_disconnect)
+
+    app.include_router(v1)
+    return app

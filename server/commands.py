@@ -1,0 +1,179 @@
+"""`hotcold serve`: bind the port first (so a busy port is a one-line error), answer /health with 503
+while the engine thread loads the model, then serve. SIGTERM stops admission (listening socket closed,
+/health 503), lets running requests finish within --grace-period, then exits 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+from hotcold.engine.errors import HotcoldError
+
+log = logging.getLogger("hotcold.server")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
+    parser.add_argument("--plan", default=None, help="hot/cold plan folder made by `hotcold profile`")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="sequences that may wait beyond the running batch; more get 429")
+    parser.add_argument("--api-key", default=os.environ.get("HOTCOLD_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $HOTCOLD_API_KEY)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--sparsity", default="predictor", choices=["oracle", "predictor"],
+                        help="with --plan: which neurons run, the predictor's choice or the oracle's")
+    parser.add_argument("--placement", default=None, help="hot/cold placement (needs the hybrid executor)")
+    parser.add_argument("--grace-period", type=float, default=30.0,
+                        help="seconds running requests get to finish after SIGTERM")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) < 1:
+            raise HotcoldError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        raise HotcoldError("--max-queue must be 0 or more")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise HotcoldError("--max-model-len must be at least 2")
+    if not 0 <= args.port <= 65535:
+        raise HotcoldError(f"--port {args.port} is not a port number")
+    if args.grace_period < 0:
+        raise HotcoldError("--grace-period must be 0 or more")
+    if args.placement is not None and args.plan is None:
+        raise HotcoldError("--placement needs --plan")
+    # a cheap early check (the loader checks fully on the engine thread, while /health says 503)
+    if args.model != "default" and not Path(args.model).expanduser().exists():
+        raise HotcoldError(f"model {args.model!r} not found (give a Hugging Face folder, a .gguf file, or 'default')")
+    if args.plan is not None and not Path(args.plan).expanduser().is_dir():
+        raise HotcoldError(f"plan folder {args.plan!r} not found")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise HotcoldError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_backend(args: argparse.Namespace) -> Any:
+    """Runs on the engine thread: load the model (and its plan), then make the engine."""
+    from hotcold.engine.llm import LLMEngine
+    from hotcold.engine.loader import load_model
+    from hotcold.server.async_engine import Backend
+
+    loaded = load_model(args.model, dtype=args.dtype)
+    probe = _apply_plan(loaded, args) if args.plan is not None else None
+    engine = LLMEngine(loaded, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
+    return Backend(engine=engine, tokenizer=loaded.tokenizer, model=loaded.model,
+                   vocab_size=int(loaded.config.vocab_size), generation_defaults=loaded.generation,
+                   step_sparsity=probe)
+
+
+def _apply_plan(loaded: Any, args: argparse.Namespace) -> Any:
+    """Serve with a plan's sparsity. Until the hybrid executor lands this is the engine's unfused reference
+    (MaskedFFN: right results, dense speed); returns a probe giving each step's measured FFN sparsity."""
+    from hotcold.engine.plan import load_plan
+    from hotcold.engine.sparsity import MaskedFFN, apply_plan
+
+    if args.placement is not None:
+        raise HotcoldError("--placement needs the hybrid executor, which this build lacks")
+    plan = load_plan(args.plan, fingerprint=loaded.fingerprint)
+    apply_plan(loaded.model, plan, mode=args.sparsity)
+    log.warning("serving with plan %s (%s) through the unfused reference FFN: dense speed", args.plan,
+                args.sparsity)
+    ffns = [b.ffn for b in loaded.model.layers if isinstance(b.ffn, MaskedFFN)]
+    last = [0.0, 0.0]
+
+    def probe() -> float | None:
+        active, total = sum(f.active for f in ffns), sum(f.total for f in ffns)
+        da, dt = active - last[0], total - last[1]
+        last[:] = [active, total]
+        return None if dt <= 0 else 1.0 - da / dt
+
+    return probe
+
+
+class _QuietOnShutdown:
+    """ASGI wrapper: a request task cancelled by uvicorn at shutdown ends quietly, not as a traceback."""
+
+    def __init__(self, app: Any, aengine: Any):
+        self.app, self.aengine = app, aengine
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope["type"] == "http" and self.aengine.draining:
+                log.warning("shutdown: cut %s %s", scope.get("method"), scope.get("path"))
+                return
+            raise
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from hotcold.server.app import ServerConfig, create_app
+    from hotcold.server.async_engine import AsyncEngine
+    from hotcold.server.metrics import ServerMetrics
+
+    _check_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    sock = _bind(args.host, args.port)
+    name = args.served_model_name or str(args.model)
+    metrics = ServerMetrics(name)
+    aengine = AsyncEngine(lambda: build_backend(args), max_in_flight=args.max_num_seqs + args.max_queue,
+                          metrics=metrics)
+    app = create_app(aengine, ServerConfig(model_name=name, api_key=args.api_key, model_root=str(args.model)),
+                     metrics)
+    # uvicorn's own timeout is a backstop: at --grace-period we end the streams ourselves, cleanly
+    config = uvicorn.Config(_QuietOnShutdown(app, aengine), log_level=args.log_level,
+                            access_log=args.log_level == "debug", timeout_graceful_shutdown=args.grace_period + 5,
+                            lifespan="on")
+
+    def cut_stragglers() -> None:
+        n = aengine.abort_all()
+        if n:
+            log.warning("grace period over: ended %d request(s) with finish_reason 'abort'", n)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not aengine.draining and aengine.loop is not None:
+                aengine.draining = True  # /health turns 503 and new requests get 503 at once
+                loop = aengine.loop
+                loop.call_soon_threadsafe(lambda: loop.call_later(args.grace_period, cut_stragglers))
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
+    aengine.on_load_failed = lambda exc: setattr(server, "should_exit", True)
+    host, port = sock.getsockname()[:2]
+    print(f"hotcold serve: listening on http://{host}:{port} (model {name!r} loading)", flush=True)
+    # uvicorn re-raises the signal it caught after shutting down; a no-op handler makes SIGTERM exit 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    if aengine.load_error is not None:
+        err = aengine.load_error
+        raise err if isinstance(err, HotcoldError | FileNotFoundError) else HotcoldError(
+            f"loading the model failed: {type(err).__name__}: {err}")
+    return 0

@@ -1,0 +1,345 @@
+"""`hotcold loadtest`: a load generator for any OpenAI-compatible streaming server (vLLM `bench serve` style).
+
+Requests stream over SSE; arrivals are Poisson (gamma gaps when burstiness != 1); a semaphore caps
+concurrency; every request is bounded by `--timeout` and the whole run by `--max-duration`, so it always
+ends. Nothing here imports torch: the engine's tokenizer is imported lazily and only to size prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from hotcold.engine.errors import HotcoldError
+from hotcold.server.loadtest_data import (
+    Prompt,
+    arrival_gaps,
+    file_prompts,
+    load_prompt_tokenizer,
+    random_prompts,
+)
+from hotcold.server.loadtest_stats import RequestRecord, format_summary, parse_goodput_item, summarize
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class ClientConfig:
+    url: str
+    chat: bool
+    model: str
+    timeout: float
+    max_duration: float
+    max_concurrency: int | None = None
+    temperature: float = 0.0
+    ignore_eos: bool = False
+    progress: bool = True
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def payload(self, prompt: Prompt) -> dict:
+        body: dict = {"model": self.model, "max_tokens": prompt.max_tokens, "temperature": self.temperature,
+                      "stream": True, "stream_options": {"include_usage": True}}
+        if self.chat:
+            body["messages"] = prompt.messages or [{"role": "user", "content": prompt.text or ""}]
+        else:
+            body["prompt"] = prompt.text
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        return body
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root, e.g. http://host:8000")
+    parser.add_argument("--endpoint", default=ENDPOINTS[0], choices=ENDPOINTS)
+    parser.add_argument("--model", help="model name to request (default: the first of GET /v1/models)")
+    parser.add_argument("--tokenizer", help="hotcold model spec to size prompts with (default: try --model)")
+    parser.add_argument("--num-prompts", type=int, default=64, help="number of requests (default 64)")
+    parser.add_argument("--request-rate", type=float, default=math.inf,
+                        help="mean requests per second, or inf to send all at once (default inf)")
+    parser.add_argument("--burstiness", type=float, default=1.0,
+                        help="gamma shape of the gaps: 1 = Poisson, <1 burstier, >1 more regular")
+    parser.add_argument("--max-concurrency", type=int, help="most requests in flight at once")
+    parser.add_argument("--dataset", default="random",
+                        help="'random', or a JSONL file of objects with 'prompt' or 'messages' "
+                        "(and optionally 'max_tokens')")
+    parser.add_argument("--input-len", type=int, default=128, help="random prompts: tokens (default 128)")
+    parser.add_argument("--output-len", type=int, default=64, help="max_tokens of each request (default 64)")
+    parser.add_argument("--range-ratio", type=float, default=0.0,
+                        help="random lengths drawn uniformly in [L*(1-F), L*(1+F)] (default 0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--goodput", nargs="+", type=parse_goodput_item, metavar="KEY:MS",
+                        help="SLOs for goodput, e.g. ttft:500 tpot:100 e2el:5000 (milliseconds)")
+    parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM/hotcold extension)")
+    parser.add_argument("--save-result", metavar="FILE.json",
+                        help="write the summary and every request's record")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds allowed per request (default 300)")
+    parser.add_argument("--max-duration", type=float, default=3600.0,
+                        help="overall deadline in seconds: requests still running then are cancelled")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------- the client
+
+
+class _Failed(Exception):
+    """A request that the server answered badly; the message goes into the record."""
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        obj = json.loads(body)
+        err = obj.get("error", obj) if isinstance(obj, dict) else obj
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+    except (ValueError, AttributeError):
+        return body.decode("utf-8", "replace").strip()[:300] or "(empty body)"
+
+
+async def _stream(client: httpx.AsyncClient, cfg: ClientConfig, payload: dict, rec: RequestRecord,
+                  start: float) -> None:
+    async with client.stream("POST", cfg.url, json=payload, headers=cfg.headers) as resp:
+        if resp.status_code != 200:
+            raise _Failed(f"HTTP {resp.status_code}: {_error_message(await resp.aread())}")
+        parts: list[str] = []
+        last = None
+        chunks, usage, done = 0, None, False
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            try:
+                obj = json.loads(data)
+            except json.JSONDecodeError:
+                raise _Failed(f"bad SSE chunk: {data[:80]!r}") from None
+            if "error" in obj:
+                raise _Failed(f"error in stream: {_error_message(json.dumps(obj).encode())}")
+            usage = obj.get("usage") or usage
+            for choice in obj.get("choices") or []:
+                if cfg.chat:
+                    delta = choice.get("delta") or {}
+                    piece = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+                else:
+                    piece = choice.get("text") or ""
+                if piece:
+                    now = time.perf_counter()
+                    if last is None:
+                        rec.ttft = now - start
+                    else:
+                        rec.itl.append(now - last)
+                    last = now
+                    chunks += 1
+                    parts.append(piece)
+        if not done:
+            raise _Failed("stream ended before [DONE]")
+        rec.generated_text = "".join(parts)
+        if usage and isinstance(usage.get("completion_tokens"), int):
+            rec.output_tokens, rec.output_tokens_source = usage["completion_tokens"], "usage"
+            rec.prompt_tokens = int(usage.get("prompt_tokens", rec.prompt_tokens))
+        else:
+            rec.output_tokens, rec.output_tokens_source = chunks, "chunks"
+
+
+async def send_one(client: httpx.AsyncClient, cfg: ClientConfig, prompt: Prompt, rec: RequestRecord,
+                   t0: float) -> RequestRecord:
+    """Send one streaming request, filling `rec`; never raises except on cancellation."""
+    start = time.perf_counter()
+    rec.sent_at, rec.error, rec.success = start - t0, "", False
+    try:
+        await asyncio.wait_for(_stream(client, cfg, cfg.payload(prompt), rec, start), cfg.timeout)
+        rec.success = True
+    except asyncio.TimeoutError:
+        rec.error = f"timeout: no complete response within {cfg.timeout:g} s"
+    except asyncio.CancelledError:
+        rec.error = "cancelled: the overall deadline (--max-duration) was reached"
+        raise
+    except _Failed as exc:
+        rec.error = str(exc)
+    except Exception as exc:  # connection refused, reset, protocol errors: counted, never fatal
+        rec.error = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+    finally:
+        end = time.perf_counter()
+        rec.latency, rec.finished_at = end - start, end - t0
+    return rec
+
+
+def _client(cfg: ClientConfig) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
+    return httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), limits=limits)
+
+
+async def benchmark(
+    cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray
+) -> tuple[list[RequestRecord], float]:
+    """The first prompt as a test request (HotcoldError if it fails), then the timed run."""
+    records = [RequestRecord(index=i, prompt_tokens=p.prompt_tokens, max_tokens=p.max_tokens)
+               for i, p in enumerate(prompts)]
+    async with _client(cfg) as client:
+        first = prompts[0]
+        probe = RequestRecord(index=-1, prompt_tokens=first.prompt_tokens, max_tokens=first.max_tokens)
+        await send_one(client, cfg, prompts[0], probe, time.perf_counter())
+        if not probe.success:
+            raise HotcoldError(
+                f"the first test request to {cfg.url} failed ({probe.error}); nothing was measured")
+        print(f"test request ok ({probe.latency:.2f} s); starting the benchmark", flush=True)
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), disable=not cfg.progress, unit="req", file=sys.stderr)
+        semaphore = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+
+        async def limited(prompt: Prompt, rec: RequestRecord) -> None:
+            if semaphore is None:
+                await send_one(client, cfg, prompt, rec, t0)
+            else:
+                async with semaphore:
+                    await send_one(client, cfg, prompt, rec, t0)
+            bar.update(1)
+
+        t0 = time.perf_counter()
+        deadline = t0 + cfg.max_duration
+        due = t0 + np.cumsum(gaps)
+        tasks = []
+        for prompt, rec, when in zip(prompts, records, due, strict=True):
+            if when >= deadline:
+                break
+            if when > time.perf_counter():
+                await asyncio.sleep(when - time.perf_counter())
+            tasks.append(asyncio.create_task(limited(prompt, rec)))
+        pending = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        duration = time.perf_counter() - t0
+        bar.close()
+    for rec in records[len(tasks):]:
+        rec.error = "not sent: the overall deadline (--max-duration) was reached"
+    for rec in records:  # cancelled while waiting for the semaphore
+        if not rec.success and not rec.error:
+            rec.error = "cancelled: the overall deadline (--max-duration) was reached"
+    return records, duration
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _check(args: argparse.Namespace) -> None:
+    problems = [
+        (args.num_prompts < 1, "--num-prompts must be >= 1"),
+        (not args.request_rate > 0, "--request-rate must be > 0 (or inf)"),
+        (not (args.burstiness > 0 and math.isfinite(args.burstiness)), "--burstiness must be > 0"),
+        (args.max_concurrency is not None and args.max_concurrency < 1, "--max-concurrency must be >= 1"),
+        (args.input_len < 1 or args.output_len < 1, "--input-len and --output-len must be >= 1"),
+        (not 0 <= args.range_ratio < 1, "--range-ratio must be in [0, 1)"),
+        (not args.timeout > 0 or not args.max_duration > 0, "--timeout and --max-duration must be > 0"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise HotcoldError(message)
+
+
+def _base_url(url: str) -> str:
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise HotcoldError(f"--base-url must start with http:// or https:// (got {url!r})")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def list_models(base: str, headers: dict[str, str], timeout: float) -> list[dict]:
+    """GET /v1/models: the served models (id, and `root`, the model's path, where the server says it)."""
+    try:
+        resp = httpx.get(f"{base}/v1/models", headers=headers, timeout=min(timeout, 30.0))
+        resp.raise_for_status()
+        models = [m for m in resp.json()["data"] if isinstance(m, dict) and "id" in m]
+        if not models:
+            raise ValueError("the server lists no model")
+        return models
+    except Exception as exc:
+        raise HotcoldError(f"could not list the models at {base}/v1/models ({type(exc).__name__}: {exc}); "
+                           "is the server up? or pass --model") from None
+
+
+def choose_model(args: argparse.Namespace, base: str, headers: dict[str, str]) -> tuple[str, str | None]:
+    """(model to request, tokenizer spec or None). The first listed model unless --model is given (as
+    vLLM's benchmark does); the tokenizer is --tokenizer, else a local path the server or --model names
+    ('default' only when already cached: no download on a machine that only runs the client)."""
+    try:
+        models = list_models(base, headers, args.timeout)
+    except HotcoldError:
+        if not args.model:
+            raise
+        models = []
+    model = args.model or str(models[0]["id"])
+    roots = [str(m.get("root")) for m in models if m.get("id") == model and m.get("root")]
+    local = [s for s in (*roots, model) if (_default_cached() if s == "default" else Path(s).exists())]
+    return model, args.tokenizer or (local[0] if local else None)
+
+
+def _default_cached() -> bool:
+    """Whether hotcold's default model is already in this machine's cache (so no download is needed)."""
+    try:
+        from hotcold.engine.default_model import FILENAME, cache_dir
+
+        return (cache_dir() / "models" / FILENAME).is_file()
+    except Exception:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    base = _base_url(args.base_url)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model, spec = choose_model(args, base, headers)
+    chat = args.endpoint == "/v1/chat/completions"
+    tokenizer, why = load_prompt_tokenizer(spec)
+    rule = "1 token per word" if args.dataset == "random" else "~4 chars/token"
+    about = f"no hotcold tokenizer for {spec!r}: " if spec else ""
+    how = f"tokenizer of {spec}" if tokenizer is not None else f"approximate counts ({rule}; {about}{why})"
+    prompt_rng, arrival_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(args.seed).spawn(2))
+    if args.dataset == "random":
+        prompts = random_prompts(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                                 prompt_rng, tokenizer)
+    else:
+        if not Path(args.dataset).is_file():
+            raise HotcoldError(f"--dataset: no such file {args.dataset!r} (or use 'random')")
+        prompts = file_prompts(args.dataset, args.num_prompts, args.output_len, chat, tokenizer)
+    gaps = arrival_gaps(args.num_prompts, args.request_rate, args.burstiness, arrival_rng)
+    cfg = ClientConfig(url=base + args.endpoint, chat=chat, model=model, timeout=args.timeout,
+                       max_duration=args.max_duration, max_concurrency=args.max_concurrency,
+                       temperature=args.temperature, ignore_eos=args.ignore_eos,
+                       progress=not args.no_progress, headers=headers)
+    kind = "Poisson" if args.burstiness == 1 else f"gamma gaps, burstiness {args.burstiness:g}"
+    rate = "all at once" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s ({kind})"
+    print(f"target {cfg.url}  model {model!r}  {args.num_prompts} requests  dataset {args.dataset}")
+    print(f"traffic: {rate}, max concurrency {args.max_concurrency or 'unlimited'}")
+    print(f"prompts: {how}", flush=True)
+
+    records, duration = asyncio.run(benchmark(cfg, prompts, gaps))
+    slos = dict(args.goodput or [])
+    summary = summarize(records, duration, slos, args.max_concurrency)
+    print(format_summary(summary))
+    if args.save_result:
+        result = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": {k: "inf" if v == math.inf else v for k, v in vars(args).items() if k != "api_key"}
+            | {"model": model, "url": cfg.url, "prompt_lengths": how},
+            "summary": summary,
+            "requests": [r.to_json() for r in records],
+        }
+        Path(args.save_result).write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+        print(f"saved {args.save_result}")
+    return 0 if summary["successful_requests"] else 1

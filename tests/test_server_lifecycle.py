@@ -1,0 +1,185 @@
+"""`hotcold serve` start-up and shutdown, each test with its own process: /health is 503 while the model
+loads, SIGTERM drains running requests within the grace period and exits 0, and start-up errors are one
+line with exit code 1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama")
+
+
+def _stream_in_thread(url: str, body: dict, first_chunk: threading.Event, result: dict) -> threading.Thread:
+    def run() -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+                chunks = []
+                for line in resp.iter_lines():
+                    if line:
+                        chunks.append(line)
+                        first_chunk.set()
+                result["events"] = [c.removeprefix("data: ") for c in chunks]
+        except httpx.HTTPError as exc:
+            result["error"] = exc
+        finally:
+            first_chunk.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_loading_then_sigterm_drains_running_requests(tiny_path):
+    srv = ServerProcess("--model", str(tiny_path), "--grace-period", "30")
+    # /health says 503 while the engine thread loads the model; /v1 answers 503 in OpenAI's envelope
+    early = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+    seen = srv.wait_ready()
+    assert seen[0] == (503, {"status": "loading"}), seen[:3]
+    assert seen[-1] == (200, {"status": "ok"})
+    if early.status_code != 200:
+        assert early.status_code == 503 and early.json()["error"]["code"] == "service_unavailable"
+    short, first = {}, threading.Event()
+    body = {"prompt": "Hello", "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    ts = _stream_in_thread(srv.url, body, first, short)
+    assert first.wait(30)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    # admission stops at once: new connections are refused (or answered 503 while the socket closes)
+    deadline = time.monotonic() + 5
+    refused = False
+    while time.monotonic() < deadline and not refused:
+        try:
+            r = httpx.get(f"{srv.url}/health", timeout=2)
+            assert r.status_code == 503 and r.json() == {"status": "draining"}
+        except httpx.TransportError:
+            refused = True
+        time.sleep(0.05)
+    assert refused
+    rc = srv.proc.wait(40)
+    elapsed = time.monotonic() - t0
+    ts.join(10)
+    assert rc == 0, srv.output()
+    assert "Traceback" not in srv.output()
+    print(f"SIGTERM to exit: {elapsed:.2f}s")
+    assert elapsed < 20, f"shutdown took {elapsed:.1f}s: it should end when the last request does"
+    # the running request finished in full within the grace period
+    assert "error" not in short, short
+    events = short["events"]
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    assert usage["completion_tokens"] == 120
+    finish = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-2]]
+    assert finish[-1] == "length"
+
+
+def test_sigterm_cuts_requests_that_outlast_the_grace_period(tmp_path):
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint("llama", tmp_path / "tiny4k", max_position_embeddings=4096)
+    srv = ServerProcess("--model", str(path), "--grace-period", "1")
+    srv.wait_ready()
+    result, first = {}, threading.Event()
+    t = _stream_in_thread(srv.url, {"prompt": "Hi", "max_tokens": 4000, "ignore_eos": True, "stream": True,
+                                    "temperature": 0}, first, result)
+    assert first.wait(30)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    rc = srv.proc.wait(30)
+    elapsed = time.monotonic() - t0
+    t.join(10)
+    assert rc == 0 and "Traceback" not in srv.output(), srv.output()
+    assert 0.9 < elapsed < 1 + 8
+    # the stream still ends properly: a last chunk with finish_reason "abort", then [DONE]
+    assert "error" not in result, result
+    events = result["events"]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert len(chunks) < 4000
+
+
+def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hotcold.cli", "serve", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_startup_errors_are_one_line(tiny_path, tmp_path):
+    r = _run_cli("--model", str(tmp_path / "missing"), "--port", "0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("hotcold serve: error: model ")
+    r = _run_cli("--model", str(tiny_path), "--max-num-seqs", "0")
+    assert r.returncode == 1 and "--max-num-seqs must be at least 1" in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _run_cli("--model", str(tiny_path), "--port", str(port))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cannot listen on 127.0.0.1:" in r.stderr
+    # a folder that exists but is no model: the engine thread fails, the server exits with one line
+    (tmp_path / "empty").mkdir()
+    r = _run_cli("--model", str(tmp_path / "empty"), "--port", "0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith("hotcold serve: error:")
+
+
+def test_serve_with_a_plan_matches_masked_reference(tiny_path, tmp_path):
+    """--plan (oracle): the served greedy tokens equal transformers' model with the same neurons zeroed
+    (|h_i| * ||down[:, i]|| <= threshold, the plan's rule), and /metrics reports the measured sparsity."""
+    import torch
+    from hotcold.engine.loader import load_model
+    from hotcold.engine.plan import LayerPlan, Plan, save_plan
+    from test_server import metrics, ref_logprobs
+    from tiny_models import reference_model, reference_tokenizer
+
+    model, tok = reference_model(tiny_path), reference_tokenizer(tiny_path)
+    prompt = "Sparse activations let hot neurons live on the GPU"
+    ids = tok(prompt)["input_ids"]
+    scores: list[torch.Tensor] = []
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda mod, args: scores.append((args[0].abs() * mod.weight.norm(dim=0)).flatten()))
+        for layer in model.model.layers]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    thresholds = [float(s.median()) for s in scores]  # about half the neurons off in every layer
+    inter = model.config.intermediate_size
+    layers = [LayerPlan(index=i, threshold=t, cett=0.0, sparsity=0.5, num_neurons=inter,
+                        hot_ids=torch.arange(0), frequency=torch.zeros(inter)) for i, t in enumerate(thresholds)]
+    save_plan(Plan(fingerprint=load_model(tiny_path).fingerprint, layers=layers), tmp_path / "plan")
+
+    srv = ServerProcess("--model", str(tiny_path), "--plan", str(tmp_path / "plan"), "--sparsity", "oracle")
+    try:
+        srv.wait_ready()
+        r = httpx.post(f"{srv.url}/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 0,
+            "return_tokens_as_token_ids": True}).json()
+        out = [int(t.removeprefix("token_id:")) for t in r["choices"][0]["logprobs"]["tokens"]]
+        sparsity = metrics(srv.url)["hotcold:ffn_sparsity"]
+    finally:
+        assert srv.stop() == 0
+    for layer, t in zip(model.model.layers, thresholds, strict=True):
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args, t=t: (args[0] * (args[0].abs() * mod.weight.norm(dim=0) > t),))
+    lp = ref_logprobs(model, ids + out)
+    for i, tid in enumerate(out):
+        row = lp[len(ids) + i - 1]
+        assert row[tid] >= row.max() - 1e-3, f"token {i} differs from the masked reference"
+    assert 0.3 < sparsity < 0.7, sparsity
