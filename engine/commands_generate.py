@@ -18,15 +18,35 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"],
                         help="override the FFN activation the config declares (e.g. drelu for TurboSparse)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--plan", default=None, help="a plan folder from `hotcold profile`: run the FFNs sparsely")
+    parser.add_argument("--sparsity", default=None, choices=["off", "oracle", "predictor"],
+                        help="which neurons run: all (off), the plan's thresholds on the true activations "
+                             "(oracle), or the plan's predictors (default with --plan: predictor)")
+    parser.add_argument("--placement", default="hybrid", choices=["hybrid", "gpu", "cpu"],
+                        help="hot neurons on the GPU and cold on the CPU (hybrid), or all on one side")
 
 
 def load_from_args(args: argparse.Namespace):
+    """Load the model; with --plan, switch its FFNs to the hybrid executor."""
     import torch
+
     from hotcold.engine.loader import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, dtype=args.dtype, device=args.device, activation=args.activation)
+    if args.sparsity not in (None, "off") and not args.plan:
+        raise HotcoldError(f"--sparsity {args.sparsity} needs --plan PLAN_DIR (make one with `hotcold profile`)")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, activation=args.activation)
+    if args.plan:
+        from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+        from hotcold.engine.plan import load_plan
+
+        plan = load_plan(args.plan, loaded.fingerprint)
+        mode = args.sparsity or "predictor"
+        config = HybridConfig(mode=mode, placement=args.placement)
+        gpu = args.device if torch.device(args.device).type == "cuda" else None
+        apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu)
+    return loaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

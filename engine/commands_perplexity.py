@@ -28,5 +28,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     ids = loaded.tokenizer.encode(text)[: args.max_tokens]
     ppl = perplexity(loaded.model, ids, args.context)
-    print(f"perplexity {ppl:.4f} over {len(ids)} tokens (context {args.context})")
+    mode = f", sparsity {args.sparsity or 'predictor'} with plan {args.plan}" if args.plan else ""
+    counters = getattr(loaded.model, "ffn_counters", None)
+    skipped = f", {100 * counters.sparsity:.1f}% of FFN neurons skipped" if counters and counters.sparsity else ""
+    print(f"perplexity {ppl:.4f} over {len(ids)} tokens (context {args.context}{mode}{skipped})")
     return 0

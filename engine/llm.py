@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
 from hotcold.engine.cache import KVCache
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.loader import LoadedModel
@@ -31,6 +32,8 @@ class LLMEngine:
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
         self.eos_ids = loaded.eos_token_ids
         self._ids: set[str] = set()
+        self.last_ffn_sparsity: float | None = None  # of the last step, when the FFNs run sparsely
+        self.last_hot_share: float | None = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         params.validate()
@@ -74,9 +77,15 @@ class LLMEngine:
                 rows.append(len(ids) - 1)
         batch = StepBatch([s.slot for s, _ in plan], [s.num_computed for s, _ in plan], [n for _, n in plan])
         device = self.model.device
-        logits = self.model(torch.tensor(ids, device=device), batch, self.cache, torch.tensor(rows, dtype=torch.long, device=device))
+        counters = getattr(self.model, "ffn_counters", None)
+        if counters is not None:
+            counters.reset()
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        logits = self.model(torch.tensor(ids, device=device), batch, self.cache, rows_t)
         for seq, n in plan:
             seq.num_computed += n
+        if counters is not None:
+            self.last_ffn_sparsity, self.last_hot_share = counters.sparsity, counters.hot_share
         logits = logits.cpu()
         outputs = []
         for seq, row in zip(sampled, logits):
@@ -93,8 +102,7 @@ class LLMEngine:
         used = sum(s.num_computed for s in running)
         return {"num_running": len(running), "num_waiting": len(self.scheduler.waiting),
                 "kv_cache_usage": used / (self.max_num_seqs * self.max_model_len),
-                "ffn_sparsity": getattr(self.model, "last_ffn_sparsity", None),
-                "hot_share": getattr(self.model, "last_hot_share", None)}
+                "ffn_sparsity": self.last_ffn_sparsity, "hot_share": self.last_hot_share}
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams,
                request_id: str = "0") -> Iterator[RequestOutput]:

@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from hotcold.engine.errors import HotcoldError
 
 

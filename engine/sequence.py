@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
 from hotcold.engine.sampling import SamplingParams, TokenLogprob
 from hotcold.engine.tokenizer import Tokenizer
 

@@ -7,9 +7,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hotcold.engine.errors import HotcoldError
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
+
+from hotcold.engine.errors import HotcoldError
 
 
 def _token_text(value: Any) -> str | None:

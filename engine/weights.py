@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from hotcold.engine.errors import HotcoldError
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")

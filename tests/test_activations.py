@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from hotcold.engine.loader import load_model
 from safetensors.torch import load_file
+
+from hotcold.engine.loader import load_model
 
 ACT64 = {
     "swiglu": lambda g, u: F.silu(g) * u,

@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+
 from hotcold.engine.llm import LLMEngine
 from hotcold.engine.loader import load_model
 from hotcold.engine.sampling import SamplingParams

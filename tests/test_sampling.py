@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.llm import LLMEngine
 from hotcold.engine.loader import load_model
