@@ -1,7 +1,8 @@
 """One FFN layer on the CPU: the gathered (sparse) path of hotcold.kernels against dense torch.
 
 Cache-cold timing: every call uses the next of several weight copies (together >= 4x the L3) and the next
-of several random active sets, so no call finds its rows in cache. Times are medians.
+of several random active sets, so no call finds its rows in cache. Times are medians over the calls of a
+round, the lowest of 3 rounds (the 2 cores are shared: a round that another process disturbed is dropped).
 Achieved GB/s = the weight bytes the call must read / time: for the sparse path only the active rows.
 
     python benchmarks/ffn_cpu.py                     # both shapes, fp32 + bf16, batch 1, density sweep
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from hotcold.kernels import cpu_sparse
 
 SHAPES = {"7b": (4096, 11008), "default": (576, 1536)}  # (hidden, intermediate)
@@ -50,15 +52,18 @@ def make_layers(hidden: int, inter: int, dtype: torch.dtype, separate: bool) -> 
     return layers
 
 
-def median_ms(fn, n_calls: int, n_layers: int, n_sets: int) -> float:
+def median_ms(fn, n_calls: int, n_layers: int, n_sets: int, rounds: int = 3) -> float:
+    """Lowest of `rounds` medians: a round disturbed by other processes on the shared cores is dropped."""
     fn(0, 0)
-    times = []
-    for i in range(n_calls):
-        t = time.perf_counter()
-        fn(i % n_layers, i % n_sets)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+    medians = []
+    for _ in range(rounds):
+        times = []
+        for i in range(max(1, n_calls // rounds)):
+            t = time.perf_counter()
+            fn(i % n_layers, i % n_sets)
+            times.append(time.perf_counter() - t)
+        medians.append(sorted(times)[len(times) // 2] * 1e3)
+    return min(medians)
 
 
 def measure_bandwidth(n_bytes: int = 1 << 30) -> dict[str, float]:
@@ -169,7 +174,7 @@ def main() -> int:
     print(f"threads {torch.get_num_threads()}, memory bandwidth: read {bw['read_gbs']:.1f} GB/s, "
           f"copy {bw['copy_gbs']:.1f} GB/s")
     result = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), threads=torch.get_num_threads(),
-                               torch=torch.__version__, **bw),
+                               torch=torch.__version__, loadavg_start=os.getloadavg()[0], **bw),
                   config=asdict(cpu_sparse.DEFAULT_CONFIG), activation="swiglu", batch=args.batch, sweep=[],
                   crossover=[])
     densities = [float(d) for d in args.densities.split(",")]
@@ -202,6 +207,7 @@ def main() -> int:
                     cross = "none (sparse always faster)" if c["crossover"] is None else f"{c['crossover']:.2f}"
                     print(f"{shape:>8} {dname:>9} batch {b:>2}: {cross}  (dense {c['dense_ms']:.3f} ms)", flush=True)
                 del bench
+    result["machine"]["loadavg_end"] = os.getloadavg()[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

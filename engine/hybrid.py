@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import DenseFFN, Transformer, activate
-from hotcold.engine.plan import LayerPlan, Plan
 from torch import nn
 
 from hotcold import kernels
+from hotcold.engine.errors import HotcoldError
+from hotcold.engine.model import DenseFFN, Transformer, activate
+from hotcold.engine.plan import LayerPlan, Plan
 
 MODES = ("off", "oracle", "predictor")
 PLACEMENTS = ("hybrid", "gpu", "cpu")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from hotcold.engine import config as configs
 from hotcold.engine.config import ModelConfig
 from hotcold.engine.errors import HotcoldError

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from hotcold.engine.cache import KVCache
 from hotcold.engine.config import GATED, ModelConfig
-from torch import nn
 
 
 def activate(activation: str, up: torch.Tensor, gate: torch.Tensor | None = None,

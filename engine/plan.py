@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hotcold.engine.errors import HotcoldError
 from safetensors.torch import load_file, save_file
+
+from hotcold.engine.errors import HotcoldError
 
 PLAN_FORMAT = "hotcold-plan"
 PLAN_VERSION = 1

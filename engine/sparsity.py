@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
+
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.plan import LayerPlan, Plan, load_plan
-from torch import Tensor, nn
 
 MODES = ("oracle", "predictor")
 STRATEGIES = ("threshold", "topk")

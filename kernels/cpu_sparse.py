@@ -7,7 +7,8 @@ What measured fastest on a 2-core AVX-512 machine (benchmarks/ffn_cpu.py; /work/
 - gate and up stored interleaved ([I,2,H]; pass the views packed[:, 0] and packed[:, 1]) are fetched by
   one gather of 2H-long rows: fewer row starts, about 25% faster at the Llama-2-7B shape.
 - down, small batch: `embedding_bag(mode="sum", per_sample_weights=h)` is exactly y = sum_k h_k W[idx_k]
-  and FBGEMM streams the rows with prefetching and no materialised gather: near the memory bandwidth.
+  and FBGEMM streams the rows with prefetching and no materialised gather: near the memory bandwidth
+  (it parallelises over bags, so one token's sum is split into one bag per thread and the partials added).
   For larger batches it re-reads every row once per token, so we gather once (chunked) and matmul.
 Numerics follow kernels/reference.py (inputs rounded to the weights' dtype); with 16-bit weights the
 per-chunk products come out of torch's matmul in that dtype, so h and y carry its rounding.
@@ -30,6 +31,8 @@ class CpuConfig:
     chunk_bytes_16bit: int = 4 << 20
     # Largest batch whose down projection uses embedding_bag (it re-reads every row once per token).
     ebag_max_batch: int = 8
+    # Fewest rows per embedding_bag bag when one token's sum is split across threads.
+    min_bag: int = 32
 
 
 DEFAULT_CONFIG = CpuConfig()
@@ -85,8 +88,15 @@ def gathered_down(
         return torch.zeros(B, H, dtype=out_dtype, device=h.device)
     hw = h.to(w_down_t.dtype)
     if B <= config.ebag_max_batch:
-        y = F.embedding_bag(idx.expand(B, K), w_down_t, per_sample_weights=hw, mode="sum")
-        return y.to(out_dtype)
+        bags = B * max(1, min(torch.get_num_threads() // B, K // config.min_bag))
+        if bags == B:
+            return F.embedding_bag(idx.expand(B, K), w_down_t, per_sample_weights=hw, mode="sum").to(out_dtype)
+        # embedding_bag runs its bags in parallel: split each token's sum into bags // B bags, one per thread
+        per = bags // B
+        bag = torch.arange(bags, device=h.device)
+        offsets = bag % per * K // per + bag // per * K
+        y = F.embedding_bag(idx.repeat(B), w_down_t, offsets, per_sample_weights=hw.reshape(-1), mode="sum")
+        return y.view(B, per, -1).sum(1, dtype=torch.float32).to(out_dtype)
     rows = _chunk_rows(w_down_t, _chunk_bytes(w_down_t, config))
     if K <= rows:
         return (hw @ w_down_t.index_select(0, idx)).to(out_dtype)

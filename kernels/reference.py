@@ -93,6 +93,7 @@ def check_gate_up(
     ):
         raise ValueError(f"token_mask must be bool [B,K]=({x.shape[0]}, {idx.numel()}); got "
                          f"{token_mask.dtype} {tuple(token_mask.shape)}")
+    _check_devices(x, w_up, idx, w_gate, up_bias, token_mask)
     return spec
 
 
@@ -102,6 +103,13 @@ def check_down(h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor) -> No
     if h.dim() != 2 or w_down_t.dim() != 2 or h.shape[1] != idx.numel():
         raise ValueError(f"h must be [B,K] with K=len(idx)={idx.numel()} and w_down_t [I,H]; got "
                          f"{tuple(h.shape)} and {tuple(w_down_t.shape)}")
+    _check_devices(h, w_down_t, idx)
+
+
+def _check_devices(*tensors: torch.Tensor | None) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devices))}")
 
 
 def _check_idx(idx: torch.Tensor) -> None:

@@ -18,6 +18,8 @@ Ids are not range-checked here (that needs a device sync): out-of-range ids read
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -157,6 +159,11 @@ def _num_sms(device: torch.device) -> int:
     return 1  # interpreter: fewer programs run faster
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU (Triton uses the current device), nothing to do in the interpreter."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _rows_contiguous(w: torch.Tensor) -> torch.Tensor:
     return w if w.stride(-1) == 1 else w.contiguous()
 
@@ -189,14 +196,15 @@ def gathered_gate_up(
     block_h = block_h or (64 if use_dot else min(1024, max(32, _GEMV_TILE // (block_b * block_k))))
     mask = token_mask.contiguous().view(torch.uint8) if token_mask is not None else h
     grid = (triton.cdiv(K, block_k), triton.cdiv(B, block_b))
-    _gate_up_kernel[grid](
-        x, w_up, w_gate, up_bias if up_bias is not None else w_up, idx, mask, h,
-        B, K, H, x.stride(0), w_up.stride(0), w_gate.stride(0), mask.stride(0), h.stride(0),
-        GATED=spec.gated, GATE_FN=FUNCTIONS[spec.gate_fn], UP_FN=FUNCTIONS[spec.up_fn],
-        HAS_BIAS=up_bias is not None, HAS_MASK=token_mask is not None, USE_DOT=use_dot,
-        DOT_F32=_dot_f32(w_up), BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h,
-        num_warps=num_warps or 4,
-    )
+    with _on(x.device):
+        _gate_up_kernel[grid](
+            x, w_up, w_gate, up_bias if up_bias is not None else w_up, idx, mask, h,
+            B, K, H, x.stride(0), w_up.stride(0), w_gate.stride(0), mask.stride(0), h.stride(0),
+            GATED=spec.gated, GATE_FN=FUNCTIONS[spec.gate_fn], UP_FN=FUNCTIONS[spec.up_fn],
+            HAS_BIAS=up_bias is not None, HAS_MASK=token_mask is not None, USE_DOT=use_dot,
+            DOT_F32=_dot_f32(w_up), BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h,
+            num_warps=num_warps or 4,
+        )
     return h
 
 
@@ -227,11 +235,12 @@ def gathered_down(
     k_per_split = triton.cdiv(k_blocks, min(splits, k_blocks)) * block_k
     splits = triton.cdiv(K, k_per_split)
     part = _empty((splits, B, H), torch.float32, h.device)
-    _down_kernel[(h_blocks, splits, b_blocks)](
-        h, w_down_t, idx, part,
-        B, K, H, k_per_split, h.stride(0), w_down_t.stride(0), part.stride(0), part.stride(1),
-        USE_DOT=use_dot, DOT_F32=_dot_f32(w_down_t),
-        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=num_warps or 4,
-    )
+    with _on(h.device):
+        _down_kernel[(h_blocks, splits, b_blocks)](
+            h, w_down_t, idx, part,
+            B, K, H, k_per_split, h.stride(0), w_down_t.stride(0), part.stride(0), part.stride(1),
+            USE_DOT=use_dot, DOT_F32=_dot_f32(w_down_t),
+            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=num_warps or 4,
+        )
     y = part[0] if splits == 1 else part.sum(0)
     return y.to(out_dtype)

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.model import StepBatch
 from hotcold.engine.sparsity import MaskedFFN, measured_sparsity
 from hotcold.profiler.stats import LayerCounter
-from torch import Tensor, nn
 
 Callback = Callable[[int, Tensor, Tensor], None]  # (layer, x [T, H], h [T, I])
 

@@ -20,8 +20,9 @@ import re
 from dataclasses import dataclass
 
 import torch
-from hotcold.engine.errors import HotcoldError
 from torch import Tensor, nn
+
+from hotcold.engine.errors import HotcoldError
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}

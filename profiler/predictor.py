@@ -16,8 +16,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from hotcold.engine.sparsity import LowRankPredictor, predicted_mask
 from torch import Tensor
+
+from hotcold.engine.sparsity import LowRankPredictor, predicted_mask
 
 
 @dataclass

@@ -111,12 +111,13 @@ class CettSample:
         sorted_m = self.mags.flatten().double().sort().values
         pick = torch.linspace(0, len(sorted_m) - 1, bands).round().long()
         self.grid = torch.cat([torch.zeros(1, dtype=torch.float64), sorted_m[pick]]).unique()
-        self.band = torch.searchsorted(self.grid, self.mags.double(), right=False)  # first grid point >= m
+        band = torch.searchsorted(self.grid, self.mags.double(), right=False)  # first grid point >= m
+        self.band = band.to(torch.int16)
         K = len(self.grid)
         cett = torch.zeros(K, dtype=torch.float64)
         for s in range(0, T, token_chunk):
             e = min(T, s + token_chunk)
-            rows = (torch.arange(e - s).unsqueeze(1) * K + self.band[s:e]).flatten()
+            rows = (torch.arange(e - s).unsqueeze(1) * K + band[s:e]).flatten()
             cols = torch.arange(I).repeat(e - s)
             sp = torch.sparse_coo_tensor(torch.stack([rows, cols]), self.h[s:e].flatten(), ((e - s) * K, I),
                                  check_invariants=False)
@@ -124,11 +125,19 @@ class CettSample:
             err = per_band.cumsum(1).norm(dim=2).double()  # [c, K]
             f = self.full[s:e].double().unsqueeze(1)
             cett += torch.where(f > 0, err / f.clamp_min(1e-300), torch.zeros_like(err)).sum(0)
-        counts = torch.bincount(self.band.flatten(), minlength=K).double().cumsum(0)
+        counts = torch.bincount(band.flatten(), minlength=K).double().cumsum(0)
         self.curve = CettCurve(self.grid, (cett / T).clamp_min(0.0), counts / self.mags.numel())
+        self._refined: dict[float, float] = {}
 
     def threshold(self, target: float) -> float:
         """Largest threshold with mean CETT <= target, refined exactly after the last grid point."""
+        if target in self._refined:
+            return self._refined[target]
+        t = self._refine(target)
+        self._refined[target] = t
+        return t
+
+    def _refine(self, target: float) -> float:
         k = self.curve.index(target)
         if k + 1 >= len(self.grid):
             return float(self.grid[k])

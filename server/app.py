@@ -13,13 +13,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from hotcold.engine.errors import HotcoldError
 from hotcold.server import protocol as P
 from hotcold.server.async_engine import AsyncEngine, Backend, NotAccepting, QueueFull
 from hotcold.server.completions import serve_chat, serve_completion
 from hotcold.server.metrics import CONTENT_TYPE, ServerMetrics
 from hotcold.server.serving import APIError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("hotcold.server")
 
@@ -91,26 +92,30 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
             raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
-    def backend_for(model: str | None, num_seqs: int = 0) -> Backend:
+    def capacity_error(exc: Exception, num_seqs: int) -> APIError:
+        metrics.rejected.inc()
+        if isinstance(exc, NotAccepting):
+            return APIError(503, str(exc), type="server_error", code="service_unavailable")
+        if num_seqs > aengine.max_in_flight:
+            return APIError(400, f"n x prompts = {num_seqs} sequences exceed the server's capacity "
+                                 f"({aengine.max_in_flight})", param="n")
+        return APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
+
+    def backend_for(model: str | None, num_seqs: int) -> Backend:
         if model is not None and model != cfg.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         try:
             aengine.check_capacity(num_seqs)
-        except NotAccepting as exc:
-            metrics.rejected.inc()
-            raise APIError(503, str(exc), type="server_error", code="service_unavailable") from None
-        except QueueFull as exc:
-            metrics.rejected.inc()
-            if num_seqs > aengine.max_in_flight:
-                raise APIError(400, f"n x prompts = {num_seqs} sequences exceed the server's capacity "
-                                    f"({aengine.max_in_flight})", param="n") from None
-            raise APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded") from None
+        except (NotAccepting, QueueFull) as exc:
+            raise capacity_error(exc, num_seqs) from None
         assert aengine.backend is not None
         return aengine.backend
 
     async def submit(requests: list[tuple[str, list[int], Any]]):
         try:
             return await aengine.submit(requests)
+        except (NotAccepting, QueueFull) as exc:
+            raise capacity_error(exc, len(requests)) from None
         except HotcoldError as exc:
             raise APIError(400, str(exc)) from None
 

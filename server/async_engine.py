@@ -46,7 +46,6 @@ class Backend:
     model: Any = None  # for prompt logprobs (echo + logprobs)
     vocab_size: int = 0
     generation_defaults: Any = None
-    step_sparsity: Callable[[], float | None] | None = None  # FFN sparsity of the last step, if a plan runs
 
 
 @dataclass
@@ -114,9 +113,6 @@ class AsyncEngine:
         self.ready = False
         self.draining = False
         self.load_error: BaseException | None = None
-        sparsity = st.pop("ffn_sparsity", None)
-        if probe is not None:  # a plan through the reference FFN: measured here, per step
-            sparsity = probe() if after_step else self.stats.ffn_sparsity
         self.stats = EngineStats()
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -162,6 +158,7 @@ class AsyncEngine:
         """Add (request_id, prompt_ids, params) requests as one group; raises HotcoldError (a client error)
         if the engine refuses any of them, after aborting the others."""
         assert self._loop is not None
+        self.check_capacity(len(requests))  # again: other requests may have come in while we tokenized
         group = Group(self, [rid for rid, _, _ in requests])
         futs = []
         for rid, ids, params in requests:
@@ -300,14 +297,11 @@ class AsyncEngine:
         self._live.clear()
 
     def _refresh_stats(self, after_step: bool = False) -> None:
-        probe = self.backend.step_sparsity if self.backend is not None else None
         try:
             st = dict(self.engine.stats())
         except Exception:  # stats are best effort; never take the engine down for them
             return
         sparsity = st.pop("ffn_sparsity", None)
-        if probe is not None:  # a plan through the reference FFN: measured here, per step
-            sparsity = probe() if after_step else self.stats.ffn_sparsity
         self.stats = EngineStats(
             num_running=int(st.pop("num_running", 0)),
             num_waiting=int(st.pop("num_waiting", 0)),

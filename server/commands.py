@@ -31,10 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences that may wait beyond the running batch; more get 429")
     parser.add_argument("--api-key", default=os.environ.get("HOTCOLD_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $HOTCOLD_API_KEY)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--sparsity", default="predictor", choices=["oracle", "predictor"],
-                        help="with --plan: which neurons run, the predictor's choice or the oracle's")
-    parser.add_argument("--placement", default=None, help="hot/cold placement (needs the hybrid executor)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    parser.add_argument("--sparsity", default=None, choices=["off", "oracle", "predictor"],
+                        help="with --plan: which neurons run (default predictor)")
+    parser.add_argument("--placement", default="hybrid", choices=["hybrid", "gpu", "cpu"],
+                        help="with --plan: hot neurons on the GPU and cold on the CPU, or all on one side")
+    parser.add_argument("--activation", default=None,
+                        choices=["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"],
+                        help="override the FFN activation the config declares")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds running requests get to finish after SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -50,10 +57,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise HotcoldError("--max-model-len must be at least 2")
     if not 0 <= args.port <= 65535:
         raise HotcoldError(f"--port {args.port} is not a port number")
+    if args.threads is not None and args.threads < 1:
+        raise HotcoldError("--threads must be at least 1")
     if args.grace_period < 0:
         raise HotcoldError("--grace-period must be 0 or more")
-    if args.placement is not None and args.plan is None:
-        raise HotcoldError("--placement needs --plan")
+    if args.sparsity not in (None, "off") and args.plan is None:
+        raise HotcoldError(f"--sparsity {args.sparsity} needs --plan PLAN_DIR")
     # a cheap early check (the loader checks fully on the engine thread, while /health says 503)
     if args.model != "default" and not Path(args.model).expanduser().exists():
         raise HotcoldError(f"model {args.model!r} not found (give a Hugging Face folder, a .gguf file, or 'default')")
@@ -75,41 +84,15 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def build_backend(args: argparse.Namespace) -> Any:
     """Runs on the engine thread: load the model (and its plan), then make the engine."""
+    from hotcold.engine.commands_generate import load_from_args
     from hotcold.engine.llm import LLMEngine
-    from hotcold.engine.loader import load_model
     from hotcold.server.async_engine import Backend
 
-    loaded = load_model(args.model, dtype=args.dtype)
-    probe = _apply_plan(loaded, args) if args.plan is not None else None
+    loaded = load_from_args(args)  # with --plan: the hybrid executor (engine/hybrid.py)
     engine = LLMEngine(loaded, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_num_batched_tokens=args.max_num_batched_tokens)
     return Backend(engine=engine, tokenizer=loaded.tokenizer, model=loaded.model,
-                   vocab_size=int(loaded.config.vocab_size), generation_defaults=loaded.generation,
-                   step_sparsity=probe)
-
-
-def _apply_plan(loaded: Any, args: argparse.Namespace) -> Any:
-    """Serve with a plan's sparsity. Until the hybrid executor lands this is the engine's unfused reference
-    (MaskedFFN: right results, dense speed); returns a probe giving each step's measured FFN sparsity."""
-    from hotcold.engine.plan import load_plan
-    from hotcold.engine.sparsity import MaskedFFN, apply_plan
-
-    if args.placement is not None:
-        raise HotcoldError("--placement needs the hybrid executor, which this build lacks")
-    plan = load_plan(args.plan, fingerprint=loaded.fingerprint)
-    apply_plan(loaded.model, plan, mode=args.sparsity)
-    log.warning("serving with plan %s (%s) through the unfused reference FFN: dense speed", args.plan,
-                args.sparsity)
-    ffns = [b.ffn for b in loaded.model.layers if isinstance(b.ffn, MaskedFFN)]
-    last = [0.0, 0.0]
-
-    def probe() -> float | None:
-        active, total = sum(f.active for f in ffns), sum(f.total for f in ffns)
-        da, dt = active - last[0], total - last[1]
-        last[:] = [active, total]
-        return None if dt <= 0 else 1.0 - da / dt
-
-    return probe
+                   vocab_size=int(loaded.config.vocab_size), generation_defaults=loaded.generation)
 
 
 class _QuietOnShutdown:
@@ -130,6 +113,7 @@ class _QuietOnShutdown:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+
     from hotcold.server.app import ServerConfig, create_app
     from hotcold.server.async_engine import AsyncEngine
     from hotcold.server.metrics import ServerMetrics

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+
 from hotcold.server import protocol as P
 from hotcold.server import serving as S
 from hotcold.server.async_engine import AsyncEngine, Backend, Group
@@ -20,8 +21,20 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Submit = Callable[[list[tuple[str, list[int], Any]]], Awaitable[Group]]
 
 
-def _streaming(body: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+class _SSE(StreamingResponse):
+    """An SSE response that aborts its requests however it ends, even if cancelled before the body
+    generator ever started (a client that vanished right after sending)."""
+
+    def __init__(self, body: AsyncIterator[str], group: Group | None):
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.group = group
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.group is not None:
+                self.group.abort()
 
 
 def _error_chunk(exc: Exception) -> str:
@@ -124,7 +137,7 @@ async def serve_completion(req: P.CompletionRequest, request: Request, aengine: 
             if group is not None:
                 group.abort()
 
-    return _streaming(events())
+    return _SSE(events(), group)
 
 
 # -------------------------------------------------------------------------------------------- chat
@@ -191,4 +204,4 @@ async def serve_chat(req: P.ChatCompletionRequest, request: Request, aengine: As
         finally:
             group.abort()
 
-    return _streaming(events())
+    return _SSE(events(), group)

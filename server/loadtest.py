@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
 from hotcold.engine.errors import HotcoldError
 from hotcold.server.loadtest_data import (
     Prompt,

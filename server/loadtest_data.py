@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from hotcold.engine.errors import HotcoldError
 
 # Short, common English words: each is one token (with its leading space) in the usual BPE vocabularies

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 import torch
+from tiny_models import reference_model
+
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.loader import load_model
-from tiny_models import reference_model
 
 TEXT = ("The capital of France is Paris, and the capital of Italy is Rome. " * 6
         + "Sparse activations let hot neurons live on the GPU while cold neurons stay on the CPU. " * 4)

@@ -11,9 +11,10 @@ import os
 import subprocess
 import sys
 
-import hotcold.kernels as kernels
 import pytest
 import torch
+
+import hotcold.kernels as kernels
 from hotcold.kernels import cpu_sparse, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # interpreter exp()
@@ -160,6 +161,20 @@ def test_cpu_shapes_and_layouts(B, K, dtype, packed, poison):
                   ref_down(h, w_down_t, a["idx"]), 1e-5 if out_dtype == torch.float32 else 1e-2, out_dtype)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_cpu_down_split_across_threads(B):
+    """embedding_bag splits one token's sum into a bag per thread; the partials must add up."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        for K in (1, 9, 40, 101):
+            h, w, idx = torch.randn(B, K), torch.randn(120, 24), torch.randperm(120)[:K]
+            y = cpu_sparse.gathered_down(h, w, idx, config=cpu_sparse.CpuConfig(min_bag=8))
+            check(y, ref_down(h, w, idx), 1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_int32_ids_and_unsorted_repeats():
     a = make(50, 24, 2, 0, torch.float32, "relu2", bias=True)
     a["idx"] = torch.tensor([7, 3, 49, 0, 7, 12], dtype=torch.int32)
@@ -192,6 +207,7 @@ def test_bad_arguments_raise_value_errors():
         dict(idx=a["idx"].float()),
         dict(token_mask=torch.ones(2, 4, dtype=torch.bool)),
         dict(up_bias=torch.randn(3)),
+        dict(idx=a["idx"].to("meta")),  # tensors on two devices
     ]
     for change in bad:
         with pytest.raises(ValueError):

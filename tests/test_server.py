@@ -37,9 +37,11 @@ class ServerProcess:
         self._port = threading.Event()
         self.url = ""
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._port.wait(timeout):
-            self.stop()
-            raise RuntimeError("server did not start:\n" + self.output())
+        deadline = time.monotonic() + timeout
+        while not self._port.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server did not start:\n" + self.output())
 
     def _read(self) -> None:
         for line in self.proc.stdout:

@@ -143,10 +143,11 @@ def test_serve_with_a_plan_matches_masked_reference(tiny_path, tmp_path):
     """--plan (oracle): the served greedy tokens equal transformers' model with the same neurons zeroed
     (|h_i| * ||down[:, i]|| <= threshold, the plan's rule), and /metrics reports the measured sparsity."""
     import torch
-    from hotcold.engine.loader import load_model
-    from hotcold.engine.plan import LayerPlan, Plan, save_plan
     from test_server import metrics, ref_logprobs
     from tiny_models import reference_model, reference_tokenizer
+
+    from hotcold.engine.loader import load_model
+    from hotcold.engine.plan import LayerPlan, Plan, save_plan
 
     model, tok = reference_model(tiny_path), reference_tokenizer(tiny_path)
     prompt = "Sparse activations let hot neurons live on the GPU"

@@ -1,0 +1,109 @@
+"""A synthetic ReLU-family (ReGLU) Llama checkpoint whose FFN activation statistics follow the published ones.
+
+How the statistics are made: after RMSNorm the FFN input x has unit mean square, so for a gate row g_i drawn
+N(0, 1/hidden) the pre-activation g_i·x is close to N(0, ||g_i||²). A gate bias b_i = Φ⁻¹(f_i)·||g_i|| then
+makes neuron i fire (ReLU(g_i·x + b_i) > 0) on a fraction ≈ f_i of tokens. The f_i follow a power law over
+a random permutation of each layer's neurons, f(rank) = f_max·(rank+1)^(-alpha), with alpha solved so the
+mean is `active` (default 0.10: ~90% of neurons inactive per token, as ProSparse/TurboSparse report), so a
+few neurons are hot and most are cold. Other weights are N(0, 1/fan_in). The checkpoint is a normal
+Hugging Face folder (config.json with mlp_bias, safetensors, a byte-level BPE tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+
+@dataclass
+class SyntheticShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+
+SHAPES = {
+    "llama2-7b": SyntheticShape(4096, 11008, 32, 32, 32, 32000),
+    "tiny": SyntheticShape(128, 512, 4, 4, 2, 512),
+}
+
+
+def power_law_frequencies(n: int, mean: float, f_max: float = 0.9) -> torch.Tensor:
+    """f(rank) = f_max (rank+1)^-alpha with alpha chosen so that the mean frequency is `mean`."""
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    alpha = brentq(lambda a: float((f_max * ranks ** (-a)).mean()) - mean, 1e-4, 10.0)
+    return (f_max * ranks ** (-alpha)).clamp(1e-4, f_max)
+
+
+def _tokenizer(folder: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    import pydoc
+
+    texts = [pydoc.getdoc(m) for m in (json, torch, Path, dataclass, pydoc)] * 4
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    missing = vocab - tok.get_vocab_size()
+    if missing > 0:  # a small corpus gives fewer merges than a 32k vocabulary: pad with unused tokens
+        tok.add_tokens([f"<unused_{i}>" for i in range(missing)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+@torch.no_grad()
+def make_synthetic_checkpoint(folder: Path, shape: SyntheticShape, active: float = 0.10, seed: int = 0,
+                              dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the checkpoint into `folder` (skipped when it is already there); returns the folder."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    H, I, hd = shape.hidden, shape.intermediate, shape.hidden // shape.heads
+
+    def randn(*size: int, fan_in: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen) / fan_in**0.5).to(dtype)
+
+    freqs = power_law_frequencies(I, active)
+    tensors = {"model.embed_tokens.weight": randn(shape.vocab, H, fan_in=1), "model.norm.weight": torch.ones(H, dtype=dtype),
+               "lm_head.weight": randn(shape.vocab, H, fan_in=H)}
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}."
+        gate = torch.randn(I, H, generator=gen) / H**0.5
+        f = freqs[torch.randperm(I, generator=gen)]
+        bias = torch.from_numpy(norm.ppf(f.numpy())).float() * gate.norm(dim=1)
+        tensors.update({
+            p + "input_layernorm.weight": torch.ones(H, dtype=dtype),
+            p + "post_attention_layernorm.weight": torch.ones(H, dtype=dtype),
+            p + "self_attn.q_proj.weight": randn(H, H, fan_in=H),
+            p + "self_attn.k_proj.weight": randn(shape.kv_heads * hd, H, fan_in=H),
+            p + "self_attn.v_proj.weight": randn(shape.kv_heads * hd, H, fan_in=H),
+            p + "self_attn.o_proj.weight": randn(H, H, fan_in=H),
+            p + "mlp.gate_proj.weight": gate.to(dtype), p + "mlp.gate_proj.bias": bias.to(dtype),
+            p + "mlp.up_proj.weight": randn(I, H, fan_in=H), p + "mlp.up_proj.bias": torch.zeros(I, dtype=dtype),
+            p + "mlp.down_proj.weight": randn(H, I, fan_in=I * active),
+            p + "mlp.down_proj.bias": torch.zeros(H, dtype=dtype),
+        })
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": H, "intermediate_size": I,
+              "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+              "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "hidden_act": "relu",
+              "mlp_bias": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+              "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
+              "synthetic": {"active_fraction": active, "seed": seed, "distribution": "power law"}}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    _tokenizer(folder, shape.vocab)
+    return folder

@@ -1,0 +1,131 @@
+"""`hotcold profile`: run a corpus through the model and write a hot/cold plan folder with its report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hotcold.engine.errors import HotcoldError
+
+
+def _fraction(text: str) -> float:
+    """'2%' -> 0.02, '0.02' -> 0.02."""
+    s = text.strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a percentage, got {text!r}") from None
+    if not 0 <= value < 10:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default' (SmolLM2-135M)")
+    parser.add_argument("--activation", default=None,
+                        choices=["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"],
+                        help="override the FFN activation the config declares")
+    parser.add_argument("--out", required=True, type=Path, help="the plan folder to write")
+    parser.add_argument("--corpus", nargs="+", type=Path, default=None, metavar="FILE",
+                        help="plain-text or JSONL (`text` field) files (default: a built-in corpus)")
+    parser.add_argument("--tokens", type=int, default=50_000, help="calibration tokens (default 50000)")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--cett", type=float, default=None, help="a fixed CETT target per layer, e.g. 0.1")
+    target.add_argument("--max-ppl-increase", type=_fraction, default=None, metavar="PCT",
+                        help="largest held-out perplexity increase, e.g. 2%% (default 1%% when no --cett)")
+    parser.add_argument("--allocation", default="auto", choices=["auto", "uniform", "per-layer"],
+                        help="one CETT target for all layers, or per-layer targets (auto: uniform with "
+                             "--cett, the better of both under a perplexity budget)")
+    parser.add_argument("--recall-target", type=float, default=None,
+                        help="predictor recall target (default 0.99 ReLU-family, 0.95 otherwise)")
+    parser.add_argument("--predictor-rank", type=int, default=None, help="the same rank for every layer")
+    parser.add_argument("--predictor-steps", type=int, default=300, help="training steps per predictor")
+    parser.add_argument("--gpu-memory", default="8GiB", help="GPU memory budget: 8GiB, 512MiB, 0, all")
+    parser.add_argument("--gpu-dtype", default="float16", choices=["float16", "bfloat16", "float32", "int8"],
+                        help="weights' dtype on the GPU (sets bytes per neuron)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="KV-cache tokens per sequence to reserve (default min(4096, model maximum))")
+    parser.add_argument("--batch", type=int, default=1, help="sequences whose KV cache is reserved")
+    parser.add_argument("--min-hot-per-layer", type=int, default=0,
+                        help="neurons each layer keeps on the GPU at least (PowerInfer's constraint)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--no-report", action="store_true", help="skip report.md and its plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from hotcold.engine.loader import load_model
+    from hotcold.profiler import placement, predictor
+    from hotcold.profiler.corpus import build_corpus
+    from hotcold.profiler.pipeline import ProfileConfig, profile
+
+    if args.tokens < 256:
+        raise HotcoldError("--tokens must be at least 256")
+    if args.eval_tokens < 64:
+        raise HotcoldError("--eval-tokens must be at least 64")
+    if args.cett is not None and not 0 <= args.cett < 1:
+        raise HotcoldError("--cett must be in [0, 1)")
+    if args.recall_target is not None and not 0 < args.recall_target <= 1:
+        raise HotcoldError("--recall-target must be in (0, 1]")
+    if args.predictor_rank is not None and args.predictor_rank < 1:
+        raise HotcoldError("--predictor-rank must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise HotcoldError(f"--out {args.out} exists and is not a folder")
+    gpu_memory = placement.parse_memory(args.gpu_memory)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, dtype="float32", device="cpu", activation=args.activation)
+    mcfg = loaded.config
+    if mcfg.num_experts:
+        raise HotcoldError("mixture-of-experts models are not profiled: plans cover dense FFNs only")
+    cfg = ProfileConfig(
+        cett=args.cett, max_ppl_increase=args.max_ppl_increase, allocation=args.allocation,
+        recall_target=args.recall_target, predictor_rank=args.predictor_rank,
+        train=predictor.TrainConfig(steps=args.predictor_steps, seed=args.seed),
+        gpu_memory=gpu_memory, gpu_dtype_bytes=placement.DTYPE_BYTES[args.gpu_dtype],
+        context=args.context or min(4096, mcfg.max_position_embeddings), batch=args.batch,
+        min_hot_per_layer=args.min_hot_per_layer, seed=args.seed,
+        seq_len=min(256, mcfg.max_position_embeddings), eval_context=min(1024, mcfg.max_position_embeddings),
+    )
+    corpus = build_corpus(loaded.tokenizer, args.corpus, args.tokens, args.eval_tokens)
+    result = profile(loaded, corpus, cfg, quiet=args.quiet)
+    from hotcold.engine.plan import save_plan
+
+    save_plan(result.plan, args.out)
+    if not args.no_report:
+        from hotcold.profiler.report import write_report
+
+        write_report(result, args.out)
+    _print_summary(result, args.out)
+    return 0
+
+
+def _print_summary(result, out: Path) -> None:
+    from hotcold.profiler.placement import fmt_bytes
+
+    plan = result.plan
+    ppl, pl, tg = plan.perplexity, plan.placement, plan.targets
+    sp = [lp.sparsity for lp in plan.layers]
+    pred = [lp.predictor for lp in plan.layers if lp.predictor is not None]
+    lines = [
+        f"plan written to {out} ({len(plan.layers)} layers, {plan.corpus['calibration_tokens']} calibration "
+        f"tokens, {result.timings['total']:.0f} s)",
+        f"thresholds: {tg['allocation']} allocation, mean CETT {tg['mean_cett']:.3f}; FFN sparsity "
+        f"mean {sum(sp) / len(sp):.3f} (min {min(sp):.3f}, max {max(sp):.3f})",
+        f"held-out perplexity: dense {ppl['dense']:.3f}, oracle {ppl['oracle']:.3f} "
+        f"({ppl['oracle'] / ppl['dense'] - 1:+.2%}), predictor {ppl['predictor']:.3f} "
+        f"({ppl['predictor'] / ppl['dense'] - 1:+.2%})",
+    ]
+    if pred:
+        lines.append(f"predictors: recall {sum(p.recall for p in pred) / len(pred):.3f}, sparsity "
+                     f"{sum(p.sparsity for p in pred) / len(pred):.3f}, ranks "
+                     f"{min(p.rank for p in pred)}..{max(p.rank for p in pred)}")
+    lines.append(f"placement: {pl['hot_neurons']}/{pl['total_neurons']} neurons hot "
+                 f"({fmt_bytes(pl['hot_bytes'])} GPU + {fmt_bytes(pl['reserved_bytes'])} dense; "
+                 f"{fmt_bytes(pl['cold_bytes'])} CPU), serving {pl['served_share']:.1%} of activations")
+    print("\n".join(lines), file=sys.stdout)
