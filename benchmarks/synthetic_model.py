@@ -78,8 +78,8 @@ def make_synthetic_checkpoint(folder: Path, shape: SyntheticShape, active: float
         return (torch.randn(*size, generator=gen) / fan_in**0.5).to(dtype)
 
     freqs = power_law_frequencies(I, active)
-    tensors = {"model.embed_tokens.weight": randn(shape.vocab, H, fan_in=1), "model.norm.weight": torch.ones(H, dtype=dtype),
-               "lm_head.weight": randn(shape.vocab, H, fan_in=H)}
+    tensors = {"model.embed_tokens.weight": randn(shape.vocab, H, fan_in=1),
+               "model.norm.weight": torch.ones(H, dtype=dtype), "lm_head.weight": randn(shape.vocab, H, fan_in=H)}
     for layer in range(shape.layers):
         p = f"model.layers.{layer}."
         gate = torch.randn(I, H, generator=gen) / H**0.5
