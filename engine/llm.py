@@ -9,7 +9,7 @@ import torch
 from hotcold.engine.cache import KVCache
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.loader import LoadedModel
-from hotcold.engine.model import StepBatch
+from hotcold.engine.model import StepBatch, attn_dtype
 from hotcold.engine.sampling import SamplingParams, sample_token
 from hotcold.engine.sequence import RequestOutput, Sequence
 
@@ -28,7 +28,7 @@ class LLMEngine:
             raise HotcoldError("need max_num_seqs >= 1 and max_num_batched_tokens >= max_num_seqs")
         self.max_num_seqs = max_num_seqs
         self.cache = KVCache(cfg.num_layers, max_num_seqs, cfg.num_kv_heads, self.max_model_len, cfg.head_dim,
-                             self.model.dtype, self.model.device)
+                             attn_dtype(self.model.device, self.model.dtype), self.model.device)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
         self.eos_ids = loaded.eos_token_ids
         self._ids: set[str] = set()

@@ -127,9 +127,8 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        normed = F.rms_norm(x.float(), x.shape[-1:], None, self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -180,16 +179,16 @@ class Attention(nn.Module):
                 cache: KVCache | None, layer: int, token_slots: torch.Tensor | None,
                 positions: torch.Tensor) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
-        qkv = F.linear(x, self.wqkv, self.bqkv)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, cfg.num_heads, cfg.head_dim)
-        k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
+        qkv = F.linear(x, self.wqkv, self.bqkv).to(attn_dtype(x.device, x.dtype))
+        heads = cfg.num_heads + cfg.num_kv_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(T, heads, cfg.head_dim)
         if rope is not None:
-            q, k = _apply_rope(q, rope), _apply_rope(k, rope)
+            qk = _apply_rope(qk, rope)  # q and k heads rotated together: one pass
+        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
         if cache is not None:
             cache.write(layer, token_slots, positions, k, v)
-        out = torch.empty_like(q)
+        out = torch.empty(T, cfg.num_heads, cfg.head_dim, dtype=q.dtype, device=q.device)
         offset = 0
         for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
             qs = q[offset: offset + n].transpose(0, 1).unsqueeze(0)
@@ -202,7 +201,13 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
             out[offset: offset + n] = o[0].transpose(0, 1)
             offset += n
-        return F.linear(out.view(T, self.q_size), self.wo, self.bo)
+        return F.linear(out.view(T, self.q_size).to(x.dtype), self.wo, self.bo)
+
+
+def attn_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """Attention (RoPE, KV cache, SDPA) runs in float32 on the CPU: torch's 16-bit CPU attention is several
+    times slower than its float32 one (benchmarks/decode_cpu.py), and the cache is small next to the weights."""
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 def _apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -265,7 +270,8 @@ class Transformer(nn.Module):
             return None
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        dtype = attn_dtype(self.device, self.dtype)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: KVCache | None = None,
