@@ -1,7 +1,10 @@
 """Decode and prefill speed on the CPU: hotcold vs transformers' generate, same model, same threads, one run.
 
     python benchmarks/decode_cpu.py [--model default] [--threads 2] [--new-tokens 128] [--runs 3]
-        [--dtypes float32,bfloat16] [--plan PLAN_DIR --ppl-text FILE]
+        [--dtypes float32,bfloat16] [--plan PLAN_DIR [--eval-tokens 4000]]
+
+With --plan, also decodes with the plan's predictors (placement cpu: both "sides" on this CPU) and reports
+the held-out perplexity of dense and predictor mode on the built-in corpus's evaluation part.
 
 Prints a table and writes benchmarks/results/decode_cpu.json. Also prints how far each run stands from the
 memory-bandwidth floor: bytes of weights read per decoded token / measured memory bandwidth.
@@ -95,6 +98,39 @@ def time_transformers(path: Path, prompt_ids, long_ids, new_tokens, runs) -> dic
             "decode_runs": decode, "prefill_runs": prefill}
 
 
+def plan_rows(path: Path, args: argparse.Namespace) -> list[dict]:
+    """Dense vs predictor mode, float32: decode speed and held-out perplexity (built-in evaluation text)."""
+    from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+    from hotcold.engine.perplexity import perplexity
+    from hotcold.engine.plan import load_plan
+    from hotcold.profiler.corpus import builtin_texts
+
+    rows = []
+    for mode in ("off", "predictor"):
+        loaded = load_model(path, dtype="float32")
+        plan = load_plan(args.plan, loaded.fingerprint)
+        apply_hybrid(loaded.model, plan, HybridConfig(mode=mode, placement=args.placement), loaded.fingerprint,
+                     workers=args.workers)
+        ids = []
+        for doc in builtin_texts()[1]:
+            ids += loaded.tokenizer.encode(doc + "\n\n")
+            if len(ids) >= args.eval_tokens:
+                break
+        ppl = perplexity(loaded.model, ids[: args.eval_tokens], context=512)
+        prompt_ids = loaded.tokenizer.encode(PROMPT)
+        long_ids = loaded.tokenizer.encode(LONG_TEXT)[:512]
+        result = time_hotcold(loaded, prompt_ids, long_ids, args.new_tokens, args.runs)
+        rows.append({"engine": f"hotcold {'dense' if mode == 'off' else 'predictor'} float32 (plan)",
+                     "perplexity": ppl, "eval_tokens": len(ids[: args.eval_tokens]),
+                     "ffn_sparsity": getattr(loaded.model, "ffn_counters", None) and loaded.model.ffn_counters.sparsity,
+                     **result})
+    dense, sparse = rows
+    print(f"\nplan {args.plan}: predictor decode {sparse['decode_tok_s'] / dense['decode_tok_s']:.2f}x dense, "
+          f"held-out perplexity {dense['perplexity']:.3f} -> {sparse['perplexity']:.3f} "
+          f"({100 * (sparse['perplexity'] / dense['perplexity'] - 1):+.2f}%) over {dense['eval_tokens']} tokens")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -103,6 +139,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--plan", default=None, help="also time predictor mode with this plan")
+    ap.add_argument("--placement", default="cpu", choices=["hybrid", "gpu", "cpu"])
+    ap.add_argument("--workers", type=int, default=0, help="CPU worker threads of the hybrid executor")
+    ap.add_argument("--eval-tokens", type=int, default=4000, help="held-out tokens for perplexity")
     ap.add_argument("--out", default="benchmarks/results/decode_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,6 +160,8 @@ def main() -> None:
         rows.append({"engine": f"hotcold dense {dtype}", "bytes_per_token": nbytes,
                      "floor_tok_s": floor, **result})
         del loaded
+    if args.plan:
+        rows += plan_rows(path, args)
     if not args.no_transformers:
         loaded = load_model(path, dtype="float32")
         prompt_ids = loaded.tokenizer.encode(PROMPT)

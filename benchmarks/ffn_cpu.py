@@ -163,6 +163,7 @@ def main() -> int:
     p.add_argument("--crossover-shapes", default="default,7b")
     p.add_argument("--no-crossover", action="store_true")
     p.add_argument("--quick", action="store_true", help="default shape, fewer calls, coarser crossover grid")
+    p.add_argument("--bandwidth-mib", type=int, default=1024, help="array size for the bandwidth measurement")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "ffn_cpu.json"))
     args = p.parse_args()
     if args.threads:
@@ -170,7 +171,7 @@ def main() -> int:
     if args.quick:
         args.shapes = args.crossover_shapes = "default"
     torch.manual_seed(0)
-    bw = measure_bandwidth()
+    bw = measure_bandwidth(args.bandwidth_mib << 20)
     print(f"threads {torch.get_num_threads()}, memory bandwidth: read {bw['read_gbs']:.1f} GB/s, "
           f"copy {bw['copy_gbs']:.1f} GB/s")
     result = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), threads=torch.get_num_threads(),

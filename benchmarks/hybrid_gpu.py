@@ -1,0 +1,194 @@
+"""Hybrid hot/cold decode vs a llama.cpp-style layer split vs everything on the GPU, under one GPU budget.
+
+    python benchmarks/hybrid_gpu.py                      # GPU machine: Llama-2-7B shape, synthetic ReGLU weights
+    python benchmarks/hybrid_gpu.py --device cpu --tiny  # smoke mode (CI): tiny shape, "GPU" = CPU, seconds
+
+1. Writes a synthetic ReLU-family checkpoint (benchmarks/synthetic_model.py: ~90% of FFN neurons inactive per
+   token, power-law neuron frequencies) unless it is cached.
+2. Profiles it with `hotcold profile` under a GPU budget that holds the dense parts (attention, embeddings,
+   head, norms, predictors, KV cache) plus about 30% of the FFN neurons.
+3. Decodes greedily at batch 1 with (a) hybrid: attention + hot neurons on the GPU, cold neurons on CPU
+   workers, predictor mode; (b) layer split: the first k whole layers on the GPU, the rest on the CPU, k as
+   large as the same budget allows (output layer on the GPU, as llama.cpp's -ngl); (c) all on the GPU.
+Prints a table and writes benchmarks/results/hybrid_gpu.json (hybrid_gpu_smoke.json in --tiny mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_model import SHAPES, make_synthetic_checkpoint  # noqa: E402
+
+from hotcold.engine.cache import KVCache  # noqa: E402
+from hotcold.engine.default_model import cache_dir  # noqa: E402
+from hotcold.engine.hybrid import HybridConfig, apply_hybrid, move_dense_parts  # noqa: E402
+from hotcold.engine.loader import load_model  # noqa: E402
+from hotcold.engine.model import StepBatch, attn_dtype  # noqa: E402
+from hotcold.engine.plan import load_plan  # noqa: E402
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def layer_bytes(block) -> tuple[int, int]:
+    """(attention + norms, FFN) bytes of one block."""
+    a, f = block.attn, block.ffn
+    attn = nbytes(a.wqkv, a.bqkv, a.wo, a.bo, block.attn_norm.weight, block.ffn_norm.weight)
+    return attn, nbytes(f.gate_up, f.gate_up_bias, f.down_t, f.down_bias)
+
+
+class DeviceBlock(nn.Module):
+    """A block that lives on another device: inputs go there, the output comes back (layer split)."""
+
+    def __init__(self, block: nn.Module, device: torch.device):
+        super().__init__()
+        self.block, self.device = block, device
+
+    def forward(self, x, rope, batch, cache, layer, token_slots, positions):
+        home = x.device
+        move = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        rope = None if rope is None else tuple(move(t).float() for t in rope)
+        out = self.block(x.to(self.device), rope, batch, cache, layer, move(token_slots), move(positions))
+        return out.to(home)
+
+
+def to_device(block, device: torch.device) -> None:
+    a, f = block.attn, block.ffn
+    a.wqkv, a.wo = a.wqkv.to(device), a.wo.to(device)
+    a.bqkv, a.bo = (None if t is None else t.to(device) for t in (a.bqkv, a.bo))
+    for norm in (block.attn_norm, block.ffn_norm):
+        norm.weight = norm.weight.to(device)
+    f.gate_up, f.down_t = f.gate_up.to(device), f.down_t.to(device)
+    f.gate_up_bias, f.down_bias = (None if t is None else t.to(device) for t in (f.gate_up_bias, f.down_bias))
+
+
+@torch.inference_mode()
+def decode_speed(model, prompt: list[int], new_tokens: int, cpu_layers: set[int] = frozenset()) -> float:
+    """Greedy decode at batch 1 with a static cache; tokens/s after the prompt."""
+    cfg, device = model.config, model.device
+    cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, len(prompt) + new_tokens + 1, cfg.head_dim,
+                    attn_dtype(device, model.dtype), device)
+    for i in cpu_layers:  # layer split: these layers' KV cache lives with them on the CPU
+        cache.k[i], cache.v[i] = cache.k[i].cpu().float(), cache.v[i].cpu().float()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    logits = model(torch.tensor(prompt, device=device), StepBatch([0], [0], [len(prompt)]), cache,
+                   torch.tensor([len(prompt) - 1], device=device))
+    token = logits.argmax(-1)
+    sync()
+    t0 = time.perf_counter()
+    for pos in range(len(prompt), len(prompt) + new_tokens):
+        token = model(token.view(1), StepBatch([0], [pos], [1]), cache).argmax(-1)
+    sync()
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny shape: a smoke run in seconds")
+    ap.add_argument("--hot-fraction", type=float, default=0.30, help="FFN share the GPU budget holds")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--profile-tokens", type=int, default=4000)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/hybrid_gpu[_smoke].json)")
+    args = ap.parse_args()
+    gpu = torch.device(args.device)
+    if gpu.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu --tiny")
+    shape_name = "tiny" if args.tiny else "llama2-7b"
+    dtype = torch.float32 if gpu.type == "cpu" else torch.bfloat16
+    folder = make_synthetic_checkpoint(cache_dir() / "synthetic" / shape_name, SHAPES[shape_name], dtype=dtype)
+
+    # the GPU budget: dense parts + KV cache + predictor allowance (10% of FFN) + hot_fraction of the FFN
+    probe = load_model(folder, dtype=dtype)
+    model = probe.model
+    ffn_total = sum(layer_bytes(b)[1] for b in model.layers)
+    dense = nbytes(model.embed, model.lm_head, model.final_norm.weight) + sum(layer_bytes(b)[0] for b in model.layers)
+    cfg = probe.config
+    context = 512
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * dtype.itemsize
+    budget = dense + kv + int(0.1 * ffn_total) + int(args.hot_fraction * ffn_total)
+    del probe, model
+
+    plan_dir = folder / f"plan_hot{int(100 * args.hot_fraction)}"
+    if not (plan_dir / "plan.json").exists():
+        gpu_dtype = "float32" if dtype == torch.float32 else "bfloat16"
+        cmd = [sys.executable, "-m", "hotcold.cli", "profile", "--model", str(folder), "--out", str(plan_dir),
+               "--cett", "0", "--tokens", str(args.profile_tokens), "--eval-tokens", str(args.profile_tokens // 4),
+               "--gpu-memory", f"{budget // 2**20}MiB", "--gpu-dtype", gpu_dtype, "--context", str(context),
+               "--batch", "1", "--no-report", "--quiet"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        print(f"profiled in {time.perf_counter() - t0:.0f} s")
+    plan = load_plan(plan_dir)
+    hot_share = sum(lp.hot_count for lp in plan.layers) / sum(lp.num_neurons for lp in plan.layers)
+    prompt = list(range(2, 18))
+    rows = []
+
+    # (a) hybrid
+    loaded = load_model(folder, dtype=dtype)
+    apply_hybrid(loaded.model, plan, HybridConfig(mode="predictor", placement="hybrid"), loaded.fingerprint,
+                 gpu_device=gpu, workers=args.workers)
+    rows.append({"setup": "hybrid (hot on GPU, cold on CPU, predictor)", "gpu_bytes": budget,
+                 "tok_s": decode_speed(loaded.model, prompt, args.new_tokens),
+                 "ffn_sparsity": loaded.model.ffn_counters.sparsity})
+    del loaded
+
+    # (b) layer split under the same budget
+    loaded = load_model(folder, dtype=dtype)
+    model = loaded.model
+    attn_b, ffn_b = layer_bytes(model.layers[0])
+    fixed = nbytes(model.embed, model.lm_head, model.final_norm.weight)
+    per_layer = attn_b + ffn_b + kv // cfg.num_layers
+    k = max(0, min(cfg.num_layers, (budget - fixed) // per_layer))
+    move_dense_parts_only_head(model, gpu)
+    cpu_layers = set(range(k, cfg.num_layers))
+    for i, block in enumerate(model.layers):
+        if i < k:
+            to_device(block, gpu)
+        elif gpu.type != "cpu":
+            model.layers[i] = DeviceBlock(block, torch.device("cpu"))
+    rows.append({"setup": f"layer split ({k}/{cfg.num_layers} layers on GPU)", "gpu_bytes": fixed + k * per_layer,
+                 "tok_s": decode_speed(model, prompt, args.new_tokens, cpu_layers if gpu.type != "cpu" else set())})
+    del loaded, model
+
+    # (c) everything on the GPU (needs the whole model to fit)
+    loaded = load_model(folder, dtype=dtype, device=str(gpu))
+    rows.append({"setup": "all on GPU (dense)", "gpu_bytes": dense + ffn_total + kv,
+                 "tok_s": decode_speed(loaded.model, prompt, args.new_tokens)})
+
+    split = rows[1]["tok_s"]
+    print(f"\n{shape_name} synthetic ReGLU model, {dtype}, device {gpu}, budget {budget / 2**30:.2f} GiB "
+          f"(hot neurons {100 * hot_share:.0f}% of FFN), batch 1, {args.new_tokens} tokens")
+    print(f"{'setup':48s} {'GPU GiB':>8s} {'tok/s':>8s} {'vs split':>9s}")
+    for r in rows:
+        print(f"{r['setup']:48s} {r['gpu_bytes'] / 2**30:8.2f} {r['tok_s']:8.1f} {r['tok_s'] / split:8.2f}x")
+    out = Path(args.out or Path("benchmarks/results") / ("hybrid_gpu_smoke.json" if args.tiny else "hybrid_gpu.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else "cpu"
+    out.write_text(json.dumps({"shape": shape_name, "device": device_name, "dtype": str(dtype), "budget": budget,
+                               "hot_share": hot_share, "rows": rows, "time": time.strftime("%F %T")}, indent=2))
+    print(f"wrote {out}")
+
+
+def move_dense_parts_only_head(model, device: torch.device) -> None:
+    """Embeddings, final norm and head on the GPU; the blocks stay where they are (moved one by one)."""
+    blocks = list(model.layers)
+    model.layers = nn.ModuleList()
+    move_dense_parts(model, device)
+    model.layers = nn.ModuleList(blocks)
+
+
+if __name__ == "__main__":
+    main()
