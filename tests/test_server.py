@@ -59,11 +59,16 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            r = httpx.get(f"{self.url}/health", timeout=30)
+            try:
+                r = httpx.get(f"{self.url}/health", timeout=30)
+            except httpx.ConnectError:  # bound and announced, not yet accepting: ask again
+                time.sleep(0.05)
+                continue
             seen.append((r.status_code, r.json()))
             if r.status_code == 200:
                 return seen
             time.sleep(0.02)
+        self.stop()
         raise RuntimeError("server not ready in time:\n" + self.output())
 
     def stop(self, timeout: float = 30.0) -> int:
