@@ -35,7 +35,8 @@ class HybridConfig:
     mode: str = "predictor"  # off | oracle | predictor
     placement: str = "hybrid"  # hybrid | gpu | cpu
     strategy: str = "threshold"  # predictor decision: threshold (sigmoid >= tau) | topk
-    dense_above: float = 0.4  # union density of a side above which it runs dense (ffn_cpu.py crossover)
+    dense_above: float = 0.6  # union density above which a side of a batch (>1 token) runs dense: ffn_cpu.py
+    #   measured the crossover at 0.56-0.9 for batch 4-16; at batch 1 the gather always wins
     max_sparse_tokens: int = 32  # longer chunks (prefill) run dense on both sides
     backend: str = "auto"  # kernels backend for the GPU side (auto: Triton on CUDA)
 
@@ -200,7 +201,8 @@ class HybridFFN(nn.Module):
         local = self.local.to(side.device)[ids.to(side.device)]
         token_mask = mask.to(side.device)[:, ids.to(side.device)]
         backend = self.cfg.backend if side is self.hot else "cpu"
-        dense_side = x.shape[0] > self.cfg.max_sparse_tokens or ids.numel() > self.cfg.dense_above * max(side.num, 1)
+        T = x.shape[0]
+        dense_side = T > self.cfg.max_sparse_tokens or (T > 1 and ids.numel() > self.cfg.dense_above * side.num)
         if h_known is not None:
             h = h_known.to(side.device)[:, ids.to(side.device)] * token_mask
         elif dense_side:  # all rows of this side, then keep only the active (token, neuron) pairs

@@ -6,10 +6,12 @@ this process never switches triton into interpreter mode. Native CUDA tests are 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -343,3 +345,31 @@ def test_triton_native_cuda(B, dtype, activation):
         y = kernels.gathered_down(h, w_down_t.cuda(), cuda["idx"])
         check(y.cpu(), ref_down(h.cpu(), w_down_t, a["idx"]), 1e-4)
         assert kernels.resolve_backend("auto", h.device) is triton_ffn
+
+
+# ---------------------------------------------------------------- benchmark scripts (smoke: they run)
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_ffn_gpu_benchmark_smoke_mode(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "ffn_gpu_smoke.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(BENCH / "ffn_gpu.py"), "--device", "cpu", "--tiny", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 6 and result["max_rel_err_vs_dense"] < 3e-2
+
+
+def test_ffn_cpu_benchmark_runs(tmp_path):
+    out = tmp_path / "ffn_cpu.json"
+    args = ["--shapes", "default", "--dtypes", "float32", "--densities", "1,0.1", "--calls", "6", "--quick",
+            "--crossover-shapes", "default", "--crossover-batches", "2", "--bandwidth-mib", "64", "--out", str(out)]
+    run = subprocess.run([sys.executable, str(BENCH / "ffn_cpu.py"), *args], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {r["path"] for r in result["sweep"]} == {"dense", "sparse", "sparse_separate"}
+    assert result["crossover"][0]["batch"] == 2 and result["machine"]["read_gbs"] > 0
