@@ -1,0 +1,25 @@
+"""The GPU benchmarks must exist and run: their `--device cpu --tiny` smoke mode, as CI runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_hybrid_gpu_benchmark_smoke(tmp_path):
+    out = tmp_path / "hybrid.json"
+    env = {**os.environ, "HOTCOLD_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/hybrid_gpu.py", "--device", "cpu", "--tiny", "--profile-tokens", "1200",
+         "--new-tokens", "8", "--workers", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["setup"].split()[0] for r in data["rows"]] == ["hybrid", "layer", "all"]
+    assert all(r["tok_s"] > 0 for r in data["rows"])
+    assert 0 < data["hot_share"] < 1  # the budget kept only part of the FFN on the "GPU"
