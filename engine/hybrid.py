@@ -23,7 +23,7 @@ from torch import nn
 
 from hotcold import kernels
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import DenseFFN, Transformer, activate
+from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, activate
 from hotcold.engine.plan import LayerPlan, Plan
 
 MODES = ("off", "oracle", "predictor")
@@ -72,7 +72,7 @@ class FFNCounters:
         return None if not self.computed else self.hot / self.computed
 
 
-class _Side:
+class _Side(NeuronRows):
     """One side's copy of a layer's neurons: weights on its device and the map global id -> local row."""
 
     def __init__(self, dense: DenseFFN, ids: torch.Tensor, device: torch.device):
@@ -80,27 +80,13 @@ class _Side:
         full = ids.numel() == dense.intermediate_size and bool((ids == torch.arange(ids.numel())).all())
         same_device = dense.down_t.device == device
         if same_device and full:  # all neurons on this side: use the model's own tensors, no copy
-            self.gate_up, self.down_t, self.bias = dense.gate_up, dense.down_t, dense.gate_up_bias
+            self.gate_up, self.down_t, self.gate_up_bias = dense.gate_up, dense.down_t, dense.gate_up_bias
         else:
             self.gate_up = dense.gate_up[ids].to(device).contiguous()
             self.down_t = dense.down_t[ids].to(device).contiguous()
-            self.bias = None if dense.gate_up_bias is None else dense.gate_up_bias[ids].to(device)
+            self.gate_up_bias = None if dense.gate_up_bias is None else dense.gate_up_bias[ids].to(device)
         self.gated = dense.gated
         self.ids = ids.to(device)
-
-    @property
-    def gate(self) -> torch.Tensor | None:
-        return self.gate_up[:, 0] if self.gated else None
-
-    @property
-    def up(self) -> torch.Tensor:
-        return self.gate_up[:, 1] if self.gated else self.gate_up
-
-    @property
-    def up_bias(self) -> torch.Tensor | None:
-        if self.bias is None:
-            return None
-        return self.bias[:, 1] if self.gated else self.bias
 
 
 class HybridFFN(nn.Module):
@@ -144,7 +130,7 @@ class HybridFFN(nn.Module):
     def _dense_h(self, side: _Side, x: torch.Tensor) -> torch.Tensor:
         """fp32 activations of all of a side's rows (one GEMM), in the side's local order."""
         z = F.linear(x.to(side.device, side.gate_up.dtype), side.gate_up.reshape(-1, x.shape[-1]),
-                     None if side.bias is None else side.bias.reshape(-1))
+                     None if side.gate_up_bias is None else side.gate_up_bias.reshape(-1))
         if side.gated:
             z = z.view(x.shape[0], -1, 2)
             return activate(self.activation, z[..., 1], z[..., 0]).float()

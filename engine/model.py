@@ -38,30 +38,12 @@ def activate(activation: str, up: torch.Tensor, gate: torch.Tensor | None = None
     raise ValueError(f"unknown activation {activation!r}")
 
 
-class DenseFFN(nn.Module):
-    """All neurons. Each neuron owns contiguous rows: gate and up interleaved as `gate_up` [I, 2, H] (one GEMM
-    for both, and one gather fetches both rows of a neuron), down stored transposed as `down_t` [I, H]."""
+class NeuronRows:
+    """Views of interleaved gate/up rows (`gate_up` [I, 2, H] when gated, else up [I, H]) and their biases."""
 
-    def __init__(self, activation: str, up: torch.Tensor, down_t: torch.Tensor, gate: torch.Tensor | None = None,
-                 up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
-                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none"):
-        super().__init__()
-        self.activation = activation
-        self.gelu_approximate = gelu_approximate
-        self.intermediate_size = up.shape[0]
-        if activation in GATED:
-            self.gate_up = torch.stack([gate, up], dim=1).contiguous()
-            self.gate_up_bias = None if up_bias is None and gate_bias is None else torch.stack(
-                [gate_bias if gate_bias is not None else torch.zeros_like(up_bias),
-                 up_bias if up_bias is not None else torch.zeros_like(gate_bias)], dim=1).contiguous()
-        else:
-            self.gate_up, self.gate_up_bias = up.contiguous(), up_bias
-        self.down_t = down_t.contiguous()
-        self.down_bias = down_bias
-
-    @property
-    def gated(self) -> bool:
-        return self.activation in GATED
+    gated: bool
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
 
     @property
     def gate(self) -> torch.Tensor | None:
@@ -80,6 +62,29 @@ class DenseFFN(nn.Module):
     @property
     def gate_bias(self) -> torch.Tensor | None:
         return self.gate_up_bias[:, 0] if self.gated and self.gate_up_bias is not None else None
+
+
+class DenseFFN(nn.Module, NeuronRows):
+    """All neurons. Each neuron owns contiguous rows: gate and up interleaved as `gate_up` [I, 2, H] (one GEMM
+    for both, and one gather fetches both rows of a neuron), down stored transposed as `down_t` [I, H]."""
+
+    def __init__(self, activation: str, up: torch.Tensor, down_t: torch.Tensor, gate: torch.Tensor | None = None,
+                 up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
+                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none"):
+        super().__init__()
+        self.activation = activation
+        self.gelu_approximate = gelu_approximate
+        self.intermediate_size = up.shape[0]
+        self.gated = activation in GATED
+        if self.gated:
+            self.gate_up = torch.stack([gate, up], dim=1).contiguous()
+            self.gate_up_bias = None if up_bias is None and gate_bias is None else torch.stack(
+                [gate_bias if gate_bias is not None else torch.zeros_like(up_bias),
+                 up_bias if up_bias is not None else torch.zeros_like(gate_bias)], dim=1).contiguous()
+        else:
+            self.gate_up, self.gate_up_bias = up.contiguous(), up_bias
+        self.down_t = down_t.contiguous()
+        self.down_bias = down_bias
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:

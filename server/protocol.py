@@ -243,14 +243,7 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
 
 
-class CompletionChunk(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+CompletionChunk = CompletionResponse  # OpenAI streams completions as the same "text_completion" object
 
 
 class ModelCard(BaseModel):
