@@ -20,7 +20,9 @@ log = logging.getLogger("hotcold.server")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
-    parser.add_argument("--plan", default=None, help="hot/cold plan folder made by `hotcold profile`")
+    parser.add_argument("--plan", default=None,
+                        help="hot/cold plan folder made by `hotcold profile`; 'auto': the plan cached for this "
+                             "model, profiled once on first use (minutes; /health says 503 meanwhile)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
@@ -66,7 +68,7 @@ def _check_args(args: argparse.Namespace) -> None:
     # a cheap early check (the loader checks fully on the engine thread, while /health says 503)
     if args.model != "default" and not Path(args.model).expanduser().exists():
         raise HotcoldError(f"model {args.model!r} not found (give a Hugging Face folder, a .gguf file, or 'default')")
-    if args.plan is not None and not Path(args.plan).expanduser().is_dir():
+    if args.plan not in (None, "auto") and not Path(args.plan).expanduser().is_dir():
         raise HotcoldError(f"plan folder {args.plan!r} not found")
 
 
@@ -82,12 +84,39 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def auto_plan(model: str, activation: str | None) -> Path:
+    """The plan cached for `model` under HOTCOLD_CACHE/plans, made with `hotcold profile` defaults if missing."""
+    import hashlib
+    import shutil
+
+    from hotcold.engine.default_model import cache_dir
+    from hotcold.engine.loader import resolve_model_path
+    from hotcold.profiler import commands as profile_command
+
+    path = resolve_model_path(model)
+    key = hashlib.sha256(f"{path.resolve()}|{activation}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "plans" / f"{path.stem}-{key}"
+    if (folder / "plan.json").exists():
+        return folder
+    log.warning("no cached plan for %s: profiling it once into %s (this takes minutes)", model, folder)
+    parser = argparse.ArgumentParser()
+    profile_command.add_arguments(parser)
+    work = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    argv = ["--model", str(path), "--out", str(work), "--quiet"] + (["--activation", activation] if activation else [])
+    profile_command.run(parser.parse_args(argv))
+    work.rename(folder)  # only a finished plan is ever found in the cache
+    return folder
+
+
 def build_backend(args: argparse.Namespace) -> Any:
     """Runs on the engine thread: load the model (and its plan), then make the engine."""
     from hotcold.engine.commands_generate import load_from_args
     from hotcold.engine.llm import LLMEngine
     from hotcold.server.async_engine import Backend
 
+    if args.plan == "auto":
+        args.plan = str(auto_plan(args.model, args.activation))
     loaded = load_from_args(args)  # with --plan: the hybrid executor (engine/hybrid.py)
     engine = LLMEngine(loaded, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_num_batched_tokens=args.max_num_batched_tokens)
