@@ -12,7 +12,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that load a model."""
     parser.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default' (SmolLM2-135M)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+                        help="weights' dtype (default bfloat16; float32 for exact comparisons)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--activation", default=None,
                         choices=["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"],

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("HOTCOLD_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $HOTCOLD_API_KEY)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+                        help="weights' dtype (default bfloat16; float32 for exact comparisons)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     parser.add_argument("--sparsity", default=None, choices=["off", "oracle", "predictor"],

@@ -30,7 +30,8 @@ def test_perplexity_equals_transformers(tiny_checkpoint, tmp_path):
     path = tiny_checkpoint("llama")
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT)
-    result = hotcold("perplexity", "--model", str(path), "--text", str(text_file), "--context", "32")
+    result = hotcold("perplexity", "--model", str(path), "--text", str(text_file), "--context", "32",
+                     "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     ours = float(result.stdout.split()[1])
 

@@ -43,8 +43,8 @@ def make_plan(loaded, split: str, seed: int = 0, predictor: dict | None = None) 
 @pytest.mark.parametrize("split", ["random", "all", "none"])
 def test_oracle_threshold_zero_is_exact(kind, activation, split, tiny_checkpoint):
     path = tiny_checkpoint(kind)
-    dense = load_model(path, activation=activation).model.forward_sequence(IDS)
-    loaded = load_model(path, activation=activation)
+    dense = load_model(path, dtype="float32", activation=activation).model.forward_sequence(IDS)
+    loaded = load_model(path, dtype="float32", activation=activation)
     apply_hybrid(loaded.model, make_plan(loaded, split, seed=len(kind)), HybridConfig(mode="oracle"),
                  loaded.fingerprint, workers=1)
     # single sequence, and a decode-sized batch (below max_sparse_tokens: the sparse path)
@@ -61,9 +61,9 @@ def test_oracle_batched_decode_equals_dense_engine(kind, activation, tiny_checkp
     path = tiny_checkpoint(kind)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     prompts = [[3, 4, 5], list(range(3, 30)), [7, 8, 9, 10, 11], [12]]
-    dense_engine = LLMEngine(load_model(path, activation=activation), max_num_seqs=4, max_model_len=64)
+    dense_engine = LLMEngine(load_model(path, dtype="float32", activation=activation), max_num_seqs=4, max_model_len=64)
     expected = [s.output_ids for s in dense_engine.generate(prompts, params)]
-    loaded = load_model(path, activation=activation)
+    loaded = load_model(path, dtype="float32", activation=activation)
     apply_hybrid(loaded.model, make_plan(loaded, "random"), HybridConfig(mode="oracle", max_sparse_tokens=4),
                  loaded.fingerprint, workers=1)
     engine = LLMEngine(loaded, max_num_seqs=4, max_model_len=64)
@@ -74,7 +74,7 @@ def test_predictor_mask_is_what_gets_computed(tiny_checkpoint):
     """A predictor whose logits are fixed by its bias selects a known neuron set; the executor must equal
     the dense FFN with every other neuron zeroed (computed here with plain torch)."""
     path = tiny_checkpoint("llama")
-    loaded = load_model(path)
+    loaded = load_model(path, dtype="float32")
     cfg = loaded.config
     gen = torch.Generator().manual_seed(1)
     keep = torch.rand(cfg.intermediate_size, generator=gen) < 0.3
@@ -90,7 +90,7 @@ def test_predictor_mask_is_what_gets_computed(tiny_checkpoint):
         def forward(self, x):
             return self.inner.project_down(self.inner.activations(x) * keep)
 
-    ref_model = load_model(path).model
+    ref_model = load_model(path, dtype="float32").model
     for layer in ref_model.layers:
         layer.ffn = KeepOnly(layer.ffn)
     expected = ref_model.forward_sequence(IDS[:8])
@@ -99,13 +99,13 @@ def test_predictor_mask_is_what_gets_computed(tiny_checkpoint):
     got = loaded.model.forward_sequence(IDS[:8])
     assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
     assert loaded.model.ffn_counters.sparsity == pytest.approx(1 - keep.float().mean().item(), abs=1e-6)
-    dense = load_model(path).model.forward_sequence(IDS[:8])
+    dense = load_model(path, dtype="float32").model.forward_sequence(IDS[:8])
     assert not torch.allclose(got, dense)  # the mask really changed something
 
 
 def test_no_races_with_cpu_workers(tiny_checkpoint):
     path = tiny_checkpoint("relu_llama")
-    loaded = load_model(path)
+    loaded = load_model(path, dtype="float32")
     cfg = loaded.config
     gen = torch.Generator().manual_seed(2)
     weights = {"w1": torch.randn(8, cfg.hidden_size, generator=gen), "b1": torch.zeros(8),
@@ -119,8 +119,8 @@ def test_no_races_with_cpu_workers(tiny_checkpoint):
 
 
 def test_plan_for_another_model_is_refused(tiny_checkpoint):
-    a = load_model(tiny_checkpoint("relu_llama"))
-    b = load_model(tiny_checkpoint("llama"))
+    a = load_model(tiny_checkpoint("relu_llama"), dtype="float32")
+    b = load_model(tiny_checkpoint("llama"), dtype="float32")
     with pytest.raises(HotcoldError, match="different model"):
         apply_hybrid(b.model, make_plan(a, "all"), HybridConfig(mode="oracle"), b.fingerprint)
     with pytest.raises(HotcoldError, match="no predictor"):
@@ -132,7 +132,7 @@ def test_dense_fallback_gives_the_same_result(tiny_checkpoint):
     path = tiny_checkpoint("relu_llama")
     results = []
     for max_sparse, dense_above in [(1000, 1.01), (0, 0.0)]:
-        loaded = load_model(path)
+        loaded = load_model(path, dtype="float32")
         apply_hybrid(loaded.model, make_plan(loaded, "random"),
                      HybridConfig(mode="oracle", max_sparse_tokens=max_sparse, dense_above=dense_above),
                      loaded.fingerprint)

@@ -13,7 +13,7 @@ from hotcold.engine.sampling import SamplingParams, sample_token
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
-    return LLMEngine(load_model(tiny_checkpoint("llama")), max_num_seqs=4, max_model_len=128)
+    return LLMEngine(load_model(tiny_checkpoint("llama"), dtype="float32"), max_num_seqs=4, max_model_len=128)
 
 
 def _outputs(engine, params, prompts=([3, 4, 5, 6],)):

@@ -30,7 +30,8 @@ class ServerProcess:
     """`python -m hotcold.cli serve --port 0 ...`; the port is read from the line the server prints."""
 
     def __init__(self, *args: str, timeout: float = 120.0):
-        cmd = [sys.executable, "-m", "hotcold.cli", "serve", "--port", "0", *args]
+        dtype = [] if "--dtype" in args else ["--dtype", "float32"]  # exact comparisons with transformers
+        cmd = [sys.executable, "-m", "hotcold.cli", "serve", "--port", "0", *dtype, *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
