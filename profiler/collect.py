@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.model import StepBatch
 from hotcold.engine.sparsity import MaskedFFN, measured_sparsity
+from hotcold.profiler.predictor import magnitude_codes
 from hotcold.profiler.stats import LayerCounter
 
 Callback = Callable[[int, Tensor, Tensor], None]  # (layer, x [T, H], h [T, I])
@@ -108,46 +108,47 @@ class ActivationSampler:
 
 
 class StatsCollector:
-    """Phase 2: with thresholds fixed, counts activations per layer and keeps predictor training pairs
-    (x as bfloat16, the active mask bit-packed) for every `pair_stride`-th token, up to `max_pairs`."""
+    """Phase 2: with thresholds fixed, counts activations per layer and keeps predictor training pairs for
+    every `pair_stride`-th token, up to `max_pairs`: x as bfloat16 and uint8 magnitude codes relative to
+    `references` (0 = inactive; see predictor.magnitude_codes)."""
 
-    def __init__(self, ffns: list[nn.Module], thresholds: list[float], window: int = 8,
-                 coactivation_tokens: int = 8192, pair_stride: int = 2, max_pairs: int = 16384) -> None:
+    def __init__(self, ffns: list[nn.Module], thresholds: list[float], references: list[float] | None = None,
+                 window: int = 8, coactivation_tokens: int = 4096, pair_stride: int = 2,
+                 max_pairs: int = 12288) -> None:
         self.thresholds = thresholds
+        self.references = references or [t if t > 0 else 1.0 for t in thresholds]
         self.down_norms = [f.down_t.detach().float().norm(dim=1) for f in ffns]
         sizes = [f.down_t.shape[0] for f in ffns]
         self.counters = [LayerCounter(n, window, coactivation_tokens) for n in sizes]
         self.pair_stride, self.max_pairs = pair_stride, max_pairs
         self.xs: list[list[Tensor]] = [[] for _ in ffns]
-        self.masks: list[list[np.ndarray]] = [[] for _ in ffns]
+        self.codes: list[list[Tensor]] = [[] for _ in ffns]
         self.kept = [0] * len(ffns)
         self.lengths: list[int] = []
 
     def set_lengths(self, lengths: list[int]) -> None:
         self.lengths = lengths
 
-    def active(self, layer: int, h: Tensor) -> Tensor:
-        return h.float().abs() * self.down_norms[layer] > self.thresholds[layer]
-
     def __call__(self, layer: int, x: Tensor, h: Tensor) -> None:
-        a = self.active(layer, h)
+        mag = h.float().abs() * self.down_norms[layer]
+        a = mag > self.thresholds[layer]
         start = 0
-        for n in self.lengths:
+        for n in self.lengths or [a.shape[0]]:
             self.counters[layer].update(a[start: start + n])
             start += n
         room = self.max_pairs - self.kept[layer]
         if room > 0:
             rows = torch.arange(0, a.shape[0], self.pair_stride)[:room]
             self.xs[layer].append(x[rows].to(torch.bfloat16).clone())
-            self.masks[layer].append(np.packbits(a[rows].numpy(), axis=1))
+            self.codes[layer].append(magnitude_codes(mag[rows], a[rows], self.references[layer]).clone())
             self.kept[layer] += len(rows)
 
     def pairs(self, layer: int) -> tuple[Tensor, Tensor]:
-        """(x float32 [N, H], mask bool [N, I]) kept for one layer."""
-        n = self.counters[layer].num_neurons
-        x = torch.cat(self.xs[layer]).float()
-        m = np.unpackbits(np.concatenate(self.masks[layer]), axis=1, count=n).astype(bool)
-        return x, torch.from_numpy(m)
+        """(x float32 [N, H], magnitude codes uint8 [N, I]) kept for one layer; active = codes > 0."""
+        return torch.cat(self.xs[layer]).float(), torch.cat(self.codes[layer])
+
+    def release(self, layer: int) -> None:
+        self.xs[layer], self.codes[layer] = [], []
 
 
 def oracle_ffns(thresholds: list[float]) -> Callable[[int, nn.Module], nn.Module]:
@@ -191,3 +192,28 @@ class PredictorProbe(MaskedFFN):
         pos, tp, pred, tpk, predk, n = self.counts.tolist()
         return {"recall": tp / pos if pos else 1.0, "sparsity": 1 - pred / n if n else 0.0,
                 "topk_recall": tpk / pos if pos else 1.0, "topk_sparsity": 1 - predk / n if n else 0.0}
+
+
+@torch.inference_mode()
+def layer_sensitivity(model: nn.Module, thresholds: list[float], sequences: list[list[int]],
+                      progress=None) -> list[float]:
+    """Mean KL(dense || one layer sparsified) over the tokens of `sequences`, for each layer alone at its
+    threshold: how much the model's predictions move per layer (the per-layer allocation's cost)."""
+    import torch.nn.functional as F
+
+    def logprobs() -> Tensor:
+        return torch.cat([F.log_softmax(model.forward_sequence(torch.tensor(s)), dim=-1) for s in sequences])
+
+    dense = logprobs()
+    out = []
+    for i, block in enumerate(model.layers):
+        ffn = block.ffn
+        block.ffn = MaskedFFN(ffn, threshold=thresholds[i])
+        try:
+            sparse = logprobs()
+        finally:
+            block.ffn = ffn
+        out.append(float((dense.exp() * (dense - sparse)).sum(-1).mean()))
+        if progress is not None:
+            progress.update(1)
+    return out

@@ -49,12 +49,16 @@ class Corpus:
 def module_docs(name: str) -> str:
     """A module's docstring, then those of its public classes, functions and methods, in name order;
     inherited and repeated docstrings are skipped."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # deprecated modules and attributes warn when touched
         warnings.simplefilter("ignore")
         try:
             module = importlib.import_module(name)
         except ImportError:
             return ""
+        return _docs_of(name, module)
+
+
+def _docs_of(name: str, module) -> str:
     seen: set[str] = set()
     parts: list[str] = []
 

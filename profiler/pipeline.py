@@ -16,7 +16,7 @@ import torch
 
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.plan import LayerPlan, Plan, PredictorPlan
-from hotcold.engine.sparsity import LowRankPredictor, MaskedFFN
+from hotcold.engine.sparsity import LowRankPredictor
 from hotcold.profiler import collect, placement, predictor, search
 from hotcold.profiler.corpus import Corpus
 from hotcold.profiler.stats import CettSample, LayerSummary
@@ -38,7 +38,8 @@ class ProfileConfig:
     cett_tokens: int = 1024  # CETT sample per layer
     sample_stride: int = 4
     bands: int = 128
-    max_pairs: int = 16384  # predictor pairs per layer
+    max_pairs: int = 12288  # predictor pairs per layer
+    sensitivity_cett: float = 0.1  # CETT at which each layer's sensitivity is probed
     eval_context: int = 1024
     search_evals: int = 6
     gpu_memory: int | None = 8 * 1024**3
@@ -56,6 +57,7 @@ class ProfileResult:
     curves: list[Any]  # CettCurve per layer
     search: search.SearchResult | None
     timings: dict[str, float]
+    weights: list[float] | None = None  # per-layer sensitivities used by the per-layer allocation
 
 
 class _Progress:
@@ -106,32 +108,43 @@ def profile(loaded, corpus: Corpus, cfg: ProfileConfig, quiet: bool = False) -> 
         dense_ppl, _ = collect.perplexity_with(model, None, evals, cfg.eval_context)
         bar.update(len(evals))
 
-    def thresholds_of(alloc: search.Allocation) -> list[float]:
-        return [s.threshold(c) for s, c in zip(samples, alloc.targets)]
+    strategies = search.STRATEGIES if cfg.allocation == "auto" else (cfg.allocation,)
+    if cfg.cett is not None:
+        strategies = ("per-layer",) if cfg.allocation == "per-layer" else ("uniform",)
+    weights = kl = None
+    if "per-layer" in strategies:  # per-layer sensitivity: KL from dense with one layer sparsified
+        probe_seqs = [seqs[round(f * (len(seqs) - 1))] for f in (0.3, 0.7)][: max(1, min(2, len(seqs)))]
+        idx = [c.index(cfg.sensitivity_cett) for c in curves]
+        with prog.bar(L, "layer sensitivity", unit="layer") as bar:
+            kl = collect.layer_sensitivity(model, [float(c.thresholds[i]) for c, i in zip(curves, idx)],
+                                           probe_seqs, progress=bar)
+        weights = [k / max(float(c.cett[i]), 1e-3) ** 2 for k, c, i in zip(kl, curves, idx)]
 
     def evaluate(alloc: search.Allocation) -> tuple[float, float]:
-        th = thresholds_of(alloc)
-        return collect.perplexity_with(model, collect.oracle_ffns(th), evals, cfg.eval_context)
+        return collect.perplexity_with(model, collect.oracle_ffns(alloc.thresholds), evals, cfg.eval_context)
 
     search_result = None
-    if cfg.cett is not None:
-        strategy = "per-layer" if cfg.allocation == "per-layer" else "uniform"
-        alloc = search.allocate(curves, cfg.cett, strategy)
+    if cfg.cett is not None:  # exact thresholds: the largest t with sample CETT <= the target
+        alloc = search.allocate(curves, cfg.cett, strategies[0], weights)
+        if strategies[0] == "uniform":
+            alloc.thresholds = [s.threshold(cfg.cett) for s in samples]
+            alloc.sample_sparsity = [s.sparsity_of(t) for s, t in zip(samples, alloc.thresholds)]
         oracle_ppl, oracle_sparsity = evaluate(alloc)
     else:
         budget = 0.01 if cfg.max_ppl_increase is None else cfg.max_ppl_increase
-        strategies = search.STRATEGIES if cfg.allocation == "auto" else (cfg.allocation,)
         with prog.bar(len(strategies) * cfg.search_evals, "perplexity search", unit="eval") as bar:
             search_result = search.search(curves, evaluate, dense_ppl, budget, strategies,
-                                          max_evals=cfg.search_evals, on_point=lambda p: bar.update(1))
+                                          max_evals=cfg.search_evals, on_point=lambda p: bar.update(1),
+                                          weights=weights)
         chosen = search_result.chosen
         if chosen is None:  # nothing within budget: keep only what contributes nothing (t = 0)
             alloc = search.allocate(curves, 0.0, "uniform")
             oracle_ppl, oracle_sparsity = evaluate(alloc)
         else:
-            alloc = search.allocate(curves, chosen.mean_cett, chosen.strategy)
+            alloc = search.allocate(curves, chosen.mean_cett, chosen.strategy, weights)
             oracle_ppl, oracle_sparsity = chosen.perplexity, chosen.sparsity
-    thresholds = thresholds_of(alloc)
+    thresholds = alloc.thresholds
+    references = [t if t > 0 else _median_active(s) for s, t in zip(samples, thresholds)]
     samples.clear()  # frees the CETT sample before the statistics pass
     timings["thresholds"] = time.perf_counter() - t1
 
@@ -139,7 +152,8 @@ def profile(loaded, corpus: Corpus, cfg: ProfileConfig, quiet: bool = False) -> 
     t2 = time.perf_counter()
     n_tokens = sum(map(len, seqs))
     stride = max(1, n_tokens // cfg.max_pairs)
-    stats = collect.StatsCollector(ffns, thresholds, pair_stride=stride, max_pairs=cfg.max_pairs)
+    stats = collect.StatsCollector(ffns, thresholds, references, pair_stride=stride,
+                                   max_pairs=cfg.max_pairs)
     with prog.bar(n_tokens, "statistics") as bar, \
             collect.replaced_ffns(model, lambda i, f: collect.FFNTap(f, i, stats)):
         collect.run_body(model, seqs, cfg.batch_tokens, on_batch=stats.set_lengths, progress=bar)
@@ -155,12 +169,13 @@ def profile(loaded, corpus: Corpus, cfg: ProfileConfig, quiet: bool = False) -> 
     fitted: list[predictor.FittedPredictor] = []
     with prog.bar(L, "predictors", unit="layer") as bar:
         for i in range(L):
-            x, y = stats.pairs(i)
-            stats.xs[i], stats.masks[i] = [], []
+            x, codes = stats.pairs(i)
+            stats.release(i)
+            y = codes > 0
             n_val = max(1, len(x) // 5)
             tc = predictor.TrainConfig(**{**vars(cfg.train), "seed": cfg.seed + i})
             fitted.append(predictor.fit_layer(x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:], recall_target,
-                                              ranks, tc))
+                                              ranks, tc, codes_train=codes[:-n_val]))
             bar.update(1)
     timings["predictors"] = time.perf_counter() - t3
 
@@ -230,14 +245,20 @@ def profile(loaded, corpus: Corpus, cfg: ProfileConfig, quiet: bool = False) -> 
         perplexity={"dense": dense_ppl, "oracle": oracle_ppl, "predictor": pred_ppl,
                     "oracle_sparsity": oracle_sparsity, "predictor_sparsity": pred_sparsity,
                     "context": cfg.eval_context, "tokens": len(evals)},
-        stats=_stats(summaries, curves, fitted, search_result, timings),
+        stats=_stats(summaries, curves, fitted, search_result, timings, kl),
     )
-    return ProfileResult(plan, summaries, curves, search_result, timings)
+    return ProfileResult(plan, summaries, curves, search_result, timings, weights)
 
 
-def _stats(summaries, curves, fitted, search_result, timings) -> dict[str, Any]:
+def _median_active(sample: CettSample) -> float:
+    """Median magnitude of the sample's non-zero activations: the code reference when the threshold is 0."""
+    m = sample.mags[sample.mags > 0]
+    return float(m.median()) if m.numel() else 1.0
+
+
+def _stats(summaries, curves, fitted, search_result, timings, kl) -> dict[str, Any]:
     layers = []
-    for s, c, f in zip(summaries, curves, fitted):
+    for i, (s, c, f) in enumerate(zip(summaries, curves, fitted)):
         keep = torch.linspace(0, len(c.thresholds) - 1, min(33, len(c.thresholds))).round().long().unique()
         layers.append({
             "reuse_consecutive": s.reuse_consecutive, "reuse_window": s.reuse_window,
@@ -245,6 +266,7 @@ def _stats(summaries, curves, fitted, search_result, timings) -> dict[str, Any]:
             "neurons_serving": {str(q): s.neurons_serving(q) for q in (0.5, 0.8, 0.9, 0.99)},
             "cett_curve": {"threshold": c.thresholds[keep].tolist(), "cett": c.cett[keep].tolist(),
                            "sparsity": c.sparsity[keep].tolist()},
+            "sensitivity_kl": None if kl is None else kl[i],
             "predictor_validation": {"recall": f.val_recall, "sparsity": f.val_sparsity,
                                      "ranks_tried": {str(k): v for k, v in f.tried.items()}},
         })
@@ -255,5 +277,3 @@ def _stats(summaries, curves, fitted, search_result, timings) -> dict[str, Any]:
                          "best": {k: (None if v is None else vars(v)) for k, v in search_result.best.items()}}
     return out
 
-
-__all__ = ["ProfileConfig", "ProfileResult", "profile", "MaskedFFN"]

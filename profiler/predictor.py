@@ -1,13 +1,18 @@
 """Activation predictors: a low-rank MLP per layer, trained on (FFN input, active mask) pairs.
 
-Training uses weighted binary cross-entropy (positives weighted by the layer's inactive/active ratio, so
-that rare activations are not ignored), Adam, inputs standardised during training and the
-standardisation folded back into the first layer afterwards. The decision rules are tuned on validation
-tokens for a recall target: tau (probability threshold) and k (top-k).
+Training uses weighted binary cross-entropy: positives weigh the layer's inactive/active ratio (rare
+activations are not ignored) times, when magnitude codes are given, their output energy relative to the
+mean active neuron's (clamped to [0.01, 100]): missing a neuron costs about its squared output, so misses
+are steered towards the small ones. Adam, inputs standardised during training and the standardisation
+folded back into the first layer afterwards. The decision rules are tuned on validation tokens for a
+recall target: tau (probability threshold) and k (top-k).
 
-Rank choice: unless given, each layer tries ranks from the largest its budget allows (all predictors
-together <= `budget_fraction` of the FFN parameters) downwards, halving; the chosen rank is the smallest
-whose prediction sparsity at the recall target stays within `sparsity_tolerance` of the largest rank's.
+Rank choice: unless given, each layer tries ranks from small to the largest its budget allows (all
+predictors together <= `budget_fraction` of the FFN parameters), doubling, and keeps the smallest rank
+whose next doubling gains less than `sparsity_tolerance` of prediction sparsity at the recall target.
+
+Magnitude codes (uint8, one per token and neuron): 0 = inactive, otherwise
+clamp(round(8 * log2(magnitude / reference)) + 128, 1, 255).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hotcold.engine.sparsity import LowRankPredictor, predicted_mask
@@ -41,8 +47,28 @@ class FittedPredictor:
     tried: dict[int, float]  # rank -> validation sparsity at the recall target
 
 
-def train_predictor(x: Tensor, y: Tensor, rank: int, cfg: TrainConfig) -> LowRankPredictor:
-    """Fit hidden -> rank -> intermediate logits to the boolean mask y [N, I] from inputs x [N, H]."""
+def magnitude_codes(magnitude: Tensor, active: Tensor, reference: float) -> Tensor:
+    """uint8 codes of active neurons' magnitudes relative to `reference` (0 = inactive)."""
+    ratio = (magnitude.float() / max(reference, 1e-30)).clamp_min(1e-30)
+    code = (torch.log2(ratio) * 8).round().add(128).clamp(1, 255).to(torch.uint8)
+    return torch.where(active, code, torch.zeros_like(code))
+
+
+def weight_table(codes: Tensor, pos_weight: float) -> Tensor:
+    """BCE weight per code: 1 for inactive, pos_weight * relative output energy (clamped) for active."""
+    ratio2 = torch.pow(2.0, (torch.arange(256, dtype=torch.float64) - 128) / 4)  # (magnitude/reference)^2
+    hist = torch.bincount(codes.flatten().long(), minlength=256).double()
+    hist[0] = 0
+    mean = float((hist * ratio2).sum() / hist.sum().clamp_min(1))
+    table = pos_weight * (ratio2 / max(mean, 1e-30)).clamp(0.01, 100.0)
+    table[0] = 1.0
+    return table.float()
+
+
+def train_predictor(x: Tensor, y: Tensor, rank: int, cfg: TrainConfig,
+                    codes: Tensor | None = None) -> LowRankPredictor:
+    """Fit hidden -> rank -> intermediate logits to the boolean mask y [N, I] from inputs x [N, H]
+    (with `codes`, positives are weighted by their output energy)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     x = x.float()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -58,10 +84,15 @@ def train_predictor(x: Tensor, y: Tensor, rank: int, cfg: TrainConfig) -> LowRan
         model.fc2.bias.copy_(torch.log(rate / (1 - rate)))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    table = None if codes is None else weight_table(codes, float(pos_weight))
     for _ in range(cfg.steps):
         idx = torch.randint(0, N, (min(cfg.batch_size, N),), generator=gen)
-        loss = loss_fn(model(xs[idx]), y[idx].float())
+        target = y[idx].float()
+        if table is None:
+            weight = torch.where(target > 0, pos_weight, 1.0)
+        else:
+            weight = table[codes[idx].long()]
+        loss = F.binary_cross_entropy_with_logits(model(xs[idx]), target, weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -110,23 +141,21 @@ def max_rank(hidden: int, intermediate: int, ffn_params: int, budget_fraction: f
 
 
 def fit_layer(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, recall_target: float,
-              ranks: list[int], cfg: TrainConfig, sparsity_tolerance: float = 0.02) -> FittedPredictor:
-    """Train the candidate ranks (largest first, then halving while the sparsity holds up), tune tau and k
-    on validation tokens, and return the smallest acceptable rank's predictor."""
-    ranks = sorted(set(ranks), reverse=True)
+              ranks: list[int], cfg: TrainConfig, sparsity_tolerance: float = 0.02,
+              codes_train: Tensor | None = None) -> FittedPredictor:
+    """Train candidate ranks (ascending), tune tau and k on validation tokens, return the smallest rank whose
+    next larger candidate gains less than `sparsity_tolerance` of prediction sparsity."""
+    ranks = sorted(set(ranks))
     tried: dict[int, float] = {}
-    best: tuple[LowRankPredictor, float, float] | None = None
-    reference = None
+    best = None
     for r in ranks:
-        model = train_predictor(x_train, y_train, r, cfg)
+        model = train_predictor(x_train, y_train, r, cfg, codes_train)
         with torch.no_grad():
             logits = model(x_val.float())
         tau = tune_tau(logits, y_val, recall_target)
         recall, sparsity = recall_sparsity(predicted_mask(logits, tau=tau), y_val)
         tried[r] = sparsity
-        if reference is None:
-            reference = sparsity
-        elif sparsity < reference - sparsity_tolerance:
+        if best is not None and sparsity < best[3] + sparsity_tolerance:
             break
         best = (model, tau, recall, sparsity, logits)
     model, tau, recall, sparsity, logits = best
@@ -135,8 +164,8 @@ def fit_layer(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, re
 
 
 def candidate_ranks(limit: int, smallest: int = 16) -> list[int]:
-    """limit, limit/2, limit/4, ... down to `smallest` (at least one rank)."""
+    """..., limit/4, limit/2, limit: halvings of the budget's rank down to `smallest` (ascending)."""
     out = [limit]
     while out[-1] // 2 >= smallest:
         out.append(out[-1] // 2)
-    return out
+    return out[::-1]

@@ -2,12 +2,14 @@
 
 Two ways to turn one knob, the mean CETT target c over layers, into per-layer targets:
 - uniform: every layer gets c;
-- per-layer: the allocation maximising the mean sparsity for the same mean CETT, read off the layers'
-  CETT-vs-sparsity curves: layer l takes the grid point maximising s_l - lambda * c_l, with lambda
-  bisected so that the mean of the c_l is c. Layers whose sparsity rises steeply (on the default model the
-  first and last) get larger targets.
-For each, a bracketing search over c (doubling/halving, then log-log interpolation inside the bracket)
-evaluates held-out perplexity with the oracle thresholds and keeps the largest feasible c. Every
+- per-layer: the allocation maximising the summed sparsity for a predicted quality cost
+  sum_l w_l * c_l^2, read off the layers' CETT-vs-sparsity curves: layer l takes the grid point maximising
+  s_l(c_l) - lambda * w_l * c_l^2, with lambda bisected so that the mean of the c_l is c. w_l is the layer's
+  measured sensitivity (KL divergence from the dense model when that layer alone is sparsified, divided by
+  its CETT squared: errors of small relative size cost quadratically). On the default model the first and
+  last layers are sparse but 10-40x more sensitive than the middle ones, so they get smaller targets.
+For each, a bracketing search over c (a quadratic prior first, then log-log interpolation inside the
+bracket) evaluates held-out perplexity with the oracle thresholds and keeps the largest feasible c. Every
 evaluation is recorded: the report plots the curve it walked.
 """
 
@@ -26,7 +28,7 @@ STRATEGIES = ("uniform", "per-layer")
 class Allocation:
     strategy: str
     mean_cett: float
-    targets: list[float]  # per-layer CETT targets
+    targets: list[float]  # per-layer CETT on the sample at the chosen thresholds
     thresholds: list[float]  # per-layer thresholds on the curves' grid
     sample_sparsity: list[float]  # per-layer sparsity on the CETT sample
 
@@ -35,30 +37,34 @@ class Allocation:
         return sum(self.sample_sparsity) / len(self.sample_sparsity)
 
 
-def allocate(curves: list[CettCurve], mean_cett: float, strategy: str = "uniform") -> Allocation:
+def allocate(curves: list[CettCurve], mean_cett: float, strategy: str = "uniform",
+             weights: list[float] | None = None) -> Allocation:
+    """Per-layer grid points for a knob value; `weights` are the per-layer sensitivities (default 1)."""
     if strategy == "uniform":
         idx = [c.index(mean_cett) for c in curves]
-        return Allocation(strategy, mean_cett, [mean_cett] * len(curves),
-                          [float(c.thresholds[i]) for c, i in zip(curves, idx)],
-                          [float(c.sparsity[i]) for c, i in zip(curves, idx)])
+        return _allocation(curves, idx, strategy, mean_cett)
     if strategy != "per-layer":
         raise ValueError(f"unknown allocation {strategy!r}")
+    w = [1.0] * len(curves) if weights is None else [max(float(x), 1e-12) for x in weights]
 
     def pick(lam: float) -> list[int]:
-        return [int((c.sparsity - lam * c.cett).argmax()) for c in curves]
+        return [int((c.sparsity - lam * wl * c.cett**2).argmax()) for c, wl in zip(curves, w)]
 
     def mean_c(idx: list[int]) -> float:
         return sum(float(c.cett[i]) for c, i in zip(curves, idx)) / len(curves)
 
-    lo, hi = 1e-6, 1e6  # mean CETT decreases as lambda grows
-    for _ in range(80):
+    lo, hi = 1e-6, 1e12  # mean CETT decreases as lambda grows
+    for _ in range(100):
         mid = math.sqrt(lo * hi)
         if mean_c(pick(mid)) > mean_cett:
             lo = mid
         else:
             hi = mid
-    idx = pick(hi)  # the feasible side: mean CETT <= the knob
-    return Allocation(strategy, mean_cett, [float(c.cett[i]) for c, i in zip(curves, idx)],
+    return _allocation(curves, pick(hi), strategy, mean_cett)  # the side with mean CETT <= the knob
+
+
+def _allocation(curves: list[CettCurve], idx: list[int], strategy: str, knob: float) -> Allocation:
+    return Allocation(strategy, knob, [float(c.cett[i]) for c, i in zip(curves, idx)],
                       [float(c.thresholds[i]) for c, i in zip(curves, idx)],
                       [float(c.sparsity[i]) for c, i in zip(curves, idx)])
 
@@ -92,8 +98,8 @@ Evaluate = Callable[[Allocation], tuple[float, float]]  # allocation -> (perplex
 
 def search(curves: list[CettCurve], evaluate: Evaluate, dense_ppl: float, budget: float,
            strategies: tuple[str, ...] = STRATEGIES, max_evals: int = 6, start: float = 0.05,
-           c_min: float = 0.002, c_max: float = 0.8, on_point: Callable[[SearchPoint], None] | None = None
-           ) -> SearchResult:
+           c_min: float = 0.002, c_max: float = 0.8, on_point: Callable[[SearchPoint], None] | None = None,
+           weights: list[float] | None = None) -> SearchResult:
     """For each strategy, the largest mean CETT whose perplexity increase over dense is <= budget."""
     result = SearchResult(budget, dense_ppl)
     for strategy in strategies:
@@ -102,7 +108,7 @@ def search(curves: list[CettCurve], evaluate: Evaluate, dense_ppl: float, budget
         best: SearchPoint | None = None
         c = start
         for _ in range(max_evals):
-            ppl, sparsity = evaluate(allocate(curves, c, strategy))
+            ppl, sparsity = evaluate(allocate(curves, c, strategy, weights))
             inc = ppl / dense_ppl - 1.0
             point = SearchPoint(strategy, c, ppl, inc, sparsity, inc <= budget)
             result.points.append(point)
@@ -123,12 +129,13 @@ def search(curves: list[CettCurve], evaluate: Evaluate, dense_ppl: float, budget
 
 
 def _next(lo, hi, budget: float, c_min: float, c_max: float) -> float | None:
-    if hi is None:  # everything tried so far is feasible: go up
-        c = lo[0] * 2
-        return c if c <= c_max else None
-    if lo is None:  # nothing feasible yet: go down
-        c = hi[0] / 2
-        return c if c >= c_min else None
+    if lo is None or hi is None:  # not bracketed yet: increase ~ c^2, moved by at most 4x
+        c, inc = lo if hi is None else hi
+        step = math.sqrt(budget / inc) if inc > 0 else 4.0
+        c = c * min(max(step, 0.25), 4.0) * (0.97 if hi is not None else 1.0)
+        if hi is None and c <= lo[0] * 1.02:
+            c = lo[0] * 1.1
+        return c if c_min <= c <= c_max else None
     if hi[0] / lo[0] < 1.08:
         return None
     # increase ~ a * c^p between the bracket's ends: interpolate in log-log, kept inside the bracket
