@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint install clean bench
+.PHONY: serve serve-sparse test lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/hotcold serve --model default $(SERVE_ARGS)
+
+# The same with the FFNs run sparsely through a plan that is profiled once on first run and cached.
+serve-sparse: $(STAMP)
+	$(VENV)/bin/hotcold serve --model default --plan auto $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
