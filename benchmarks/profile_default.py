@@ -25,6 +25,7 @@ from hotcold.engine.plan import save_plan
 from hotcold.profiler import collect, search
 from hotcold.profiler.corpus import build_corpus
 from hotcold.profiler.pipeline import ProfileConfig, profile
+from hotcold.profiler.placement import place_neurons
 from hotcold.profiler.report import write_report
 
 RESULTS = Path(__file__).parent / "results" / "profile_default.json"
@@ -66,6 +67,14 @@ def main() -> None:
     two = search.search(result.curves, evaluate, ppl["dense"], 0.02, weights=result.weights)
     two_time = time.perf_counter() - t1
 
+    sweep = []  # the placement at smaller GPU budgets, from the same frequencies
+    freqs = [lp.frequency.double() for lp in plan.layers]
+    nbytes, reserved = plan.placement["neuron_bytes"], plan.placement["reserved_bytes"]
+    for mib in (200, 225, 250, 275, 300):
+        pl = place_neurons(freqs, [nbytes] * L, max(0, mib * 2**20 - reserved))
+        sweep.append({"gpu_mib": mib, "hot_neurons": sum(pl.hot_counts), "hot_bytes": pl.hot_bytes,
+                      "served_share": pl.served / pl.total, "hot_share": sum(pl.hot_counts) / (L * len(freqs[0]))})
+
     def best(res, k):
         v = res.best.get(k)
         return None if v is None else vars(v)
@@ -98,6 +107,7 @@ def main() -> None:
             },
             "placement": plan.placement,
         },
+        "placement_sweep": sweep,
         "at_cett": at_cett,
         "max_ppl_increase_2pct": {"uniform_best": best(two, "uniform"), "per_layer_best": best(two, "per-layer"),
                                   "chosen": None if two.chosen is None else vars(two.chosen),
@@ -127,6 +137,9 @@ def main() -> None:
           f"{pr['ppl_increase_ratio_vs_oracle']:.2f}x the oracle's")
     for c, r in at_cett.items():
         print(f"CETT {c} per-layer sparsity: " + " ".join(f"{s:.2f}" for s in r["per_layer_sparsity"]))
+    for r in sweep:
+        print(f"GPU {r['gpu_mib']} MiB: {r['hot_share']:.1%} of neurons hot, serving {r['served_share']:.1%} "
+              "of activations")
     print(f"wrote {RESULTS}")
 
 
