@@ -20,11 +20,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from hotcold.cli import main as cli_main
 from hotcold.engine.errors import HotcoldError
 from hotcold.server import loadtest_data
 from hotcold.server.loadtest_stats import RequestRecord, format_summary, parse_goodput_item, summarize
-
-from hotcold.cli import main as cli_main
 
 # ---------------------------------------------------------------- helper reusable against any server
 
