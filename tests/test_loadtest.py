@@ -255,9 +255,9 @@ def test_concurrency_cap_prompt_shape_and_chunk_counting(tmp_path):
     assert rc == 0 and result["summary"]["failed_requests"] == 0
     assert server.peak == 3
     # A request waits for a free slot before it is sent (and timed): the 4th goes out only after one of
-    # the first 3 has finished, which takes at least the server's 0.3 s + 4 chunk gaps.
+    # the first 3 has finished, which takes at least the server's 0.3 s first-chunk delay.
     sent = sorted(r["sent_at"] for r in result["requests"])
-    assert sent[3] >= 0.34 and all(r["ttft"] >= 0.3 for r in result["requests"])
+    assert sent[3] >= 0.3 and all(r["ttft"] >= 0.3 for r in result["requests"])
     bodies = server.bodies[1:]  # after the test request
     assert len(bodies) == 9 and all(b["stream"] and b["model"] == "fake-model" for b in bodies)
     words = [len(b["messages"][0]["content"].split()) for b in bodies]
