@@ -244,8 +244,9 @@ def test_entrypoint_runs_other_subcommands_and_commands(tmp_path):
 
 
 def test_entrypoint_flags_are_real_serve_flags():
-    commands = pytest.importorskip("hotcold.server.commands", reason="`hotcold serve` has not landed yet")
     import argparse
+
+    from hotcold.server import commands
 
     parser = argparse.ArgumentParser()
     commands.add_arguments(parser)
