@@ -245,7 +245,7 @@ class AsyncEngine:
                 continue
             if self.metrics is not None:
                 self.metrics.observe_step(time.perf_counter() - t0)
-            self._refresh_stats(after_step=True)
+            self._refresh_stats()
             for out in outputs:
                 if out.finished:
                     self._live.discard(out.request_id)
@@ -296,7 +296,7 @@ class AsyncEngine:
                 pass
         self._live.clear()
 
-    def _refresh_stats(self, after_step: bool = False) -> None:
+    def _refresh_stats(self) -> None:
         try:
             st = dict(self.engine.stats())
         except Exception:  # stats are best effort; never take the engine down for them
