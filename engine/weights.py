@@ -102,31 +102,9 @@ class SafetensorsReader:
 
     def get(self, name: str) -> torch.Tensor | None:
         key = self._hf_name(name)
-        if key is not None and key.endswith("block_sparse_moe.gate.weight") and key not in self._where:
-            key = key.replace("block_sparse_moe.gate", "mlp.gate")  # transformers 5 naming
         if key is None or key not in self._where:
-            return self._fused_expert(name)
+            return None
         return self._handles[self._where[key]].get_tensor(key)
-
-    def _fused_expert(self, name: str) -> torch.Tensor | None:
-        """transformers 5 may save Mixtral experts fused: experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
-        match = re.match(r"^layers\.(\d+)\.experts\.(\d+)\.(gate|up|down)\.weight$", name)
-        if not match:
-            return None
-        idx, expert, which = match.groups()
-        stem = f"{self._prefix}layers.{idx}.mlp.experts"
-        if which == "down":
-            key = f"{stem}.down_proj"
-            if key not in self._where:
-                return None
-            return self._handles[self._where[key]].get_slice(key)[int(expert)]
-        key = f"{stem}.gate_up_proj"
-        if key not in self._where:
-            return None
-        fused = self._handles[self._where[key]].get_slice(key)[int(expert)]
-        half = fused.shape[0] // 2
-        return fused[:half] if which == "gate" else fused[half:]
-
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
