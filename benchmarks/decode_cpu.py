@@ -4,13 +4,25 @@
         [--dtypes float32,bfloat16] [--plan PLAN_DIR [--eval-tokens 4000]]
 
 With --plan, also decodes with the plan's predictors (placement cpu: both "sides" on this CPU) and reports
-the held-out perplexity of dense and predictor mode on the built-in corpus's evaluation part.
+the held-out perplexity of dense and predictor mode on the built-in corpus's evaluation part, and the
+ceiling any FFN sparsity can reach on this model: decode with every FFN skipped gives the FFN's share f of
+the decode time, so computing a fraction s fewer neurons at no cost at all is at most 1 / (1 - f*s) faster.
+
+    python benchmarks/decode_cpu.py --synthetic cpu-small --dtypes float32 --no-transformers
+
+builds a synthetic ReGLU model (benchmarks/synthetic_model.py: ~90% of FFN neurons inactive per token,
+power-law frequencies) once, profiles it with `hotcold profile --cett 0` (exact sparsity), and runs the
+same dense / predictor comparison on it: what the executor does for a model that is really sparse.
 
 Prints a table and writes benchmarks/results/decode_cpu.json. Also prints how far each run stands from the
 memory-bandwidth floor: bytes of weights read per decoded token / measured memory bandwidth.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `hotcold` does: weights on 2 MiB pages (hotcold/cli.py)
 
 import argparse
 import json
@@ -105,29 +117,72 @@ def plan_rows(path: Path, args: argparse.Namespace) -> list[dict]:
     from hotcold.profiler.corpus import builtin_texts
 
     rows = []
-    for mode in ("off", "predictor"):
-        loaded = load_model(path, dtype="float32")
+    dtype = args.plan_dtype
+    for mode in ("off", "predictor", "skip"):
+        loaded = load_model(path, dtype=dtype)
         plan = load_plan(args.plan, loaded.fingerprint)
-        apply_hybrid(loaded.model, plan, HybridConfig(mode=mode, placement=args.placement), loaded.fingerprint,
-                     workers=args.workers)
+        if mode == "skip":  # the ceiling: no FFN at all (perplexity meaningless)
+            for layer in loaded.model.layers:
+                layer.ffn = SkippedFFN()
+        else:
+            apply_hybrid(loaded.model, plan, HybridConfig(mode=mode, placement=args.placement), loaded.fingerprint,
+                         workers=args.workers)
         ids = []
         for doc in builtin_texts()[1]:
             ids += loaded.tokenizer.encode(doc + "\n\n")
             if len(ids) >= args.eval_tokens:
                 break
-        ppl = perplexity(loaded.model, ids[: args.eval_tokens], context=512)
+        ppl = None if mode == "skip" else perplexity(loaded.model, ids[: args.eval_tokens], context=512)
         prompt_ids = loaded.tokenizer.encode(PROMPT)
         long_ids = loaded.tokenizer.encode(LONG_TEXT)[:512]
         result = time_hotcold(loaded, prompt_ids, long_ids, args.new_tokens, args.runs)
-        rows.append({"engine": f"hotcold {'dense' if mode == 'off' else 'predictor'} float32 (plan)",
-                     "perplexity": ppl, "eval_tokens": len(ids[: args.eval_tokens]),
+        name = {"off": "dense", "predictor": "predictor", "skip": "no FFN (ceiling)"}[mode]
+        rows.append({"engine": f"hotcold {name} {dtype} (plan)", "perplexity": ppl,
+                     "eval_tokens": len(ids[: args.eval_tokens]),
                      "ffn_sparsity": getattr(loaded.model, "ffn_counters", None) and loaded.model.ffn_counters.sparsity,
                      **result})
-    dense, sparse = rows
+    dense, sparse, skipped = rows
+    ffn_share = 1 - dense["decode_tok_s"] / skipped["decode_tok_s"]
+    oracle_sparsity = sum(lp.sparsity for lp in plan.layers) / len(plan.layers)
+    bound = {"ffn_share_of_decode": ffn_share, "oracle_sparsity": oracle_sparsity,
+             "predicted_sparsity": sparse["ffn_sparsity"],
+             "max_speedup_at_oracle_sparsity": 1 / (1 - ffn_share * oracle_sparsity),
+             "max_speedup_at_predicted_sparsity": 1 / (1 - ffn_share * (sparse["ffn_sparsity"] or 0.0))}
+    skipped["bound"] = bound
     print(f"\nplan {args.plan}: predictor decode {sparse['decode_tok_s'] / dense['decode_tok_s']:.2f}x dense, "
           f"held-out perplexity {dense['perplexity']:.3f} -> {sparse['perplexity']:.3f} "
           f"({100 * (sparse['perplexity'] / dense['perplexity'] - 1):+.2f}%) over {dense['eval_tokens']} tokens")
+    print(f"ceiling: the FFN is {100 * ffn_share:.0f}% of dense decode time; skipping a fraction s of it for free is "
+          f"at most 1/(1-{ffn_share:.2f}s) faster: {bound['max_speedup_at_oracle_sparsity']:.2f}x at the plan's "
+          f"oracle sparsity {oracle_sparsity:.3f}, {bound['max_speedup_at_predicted_sparsity']:.2f}x at the "
+          f"predicted {sparse['ffn_sparsity'] or 0:.3f}")
     return rows
+
+
+class SkippedFFN(torch.nn.Module):
+    """An FFN that costs nothing and adds nothing: decode with it measures the FFN's share of the time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def synthetic_model_and_plan(shape: str, profile_tokens: int) -> tuple[Path, Path]:
+    """The synthetic ReGLU checkpoint of `shape` and its exact-sparsity plan (built and profiled once)."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic_model import SHAPES, make_synthetic_checkpoint
+
+    from hotcold.engine.default_model import cache_dir
+
+    folder = make_synthetic_checkpoint(cache_dir() / "synthetic" / shape, SHAPES[shape])
+    plan = folder / "plan_cpu"
+    if not (plan / "plan.json").exists():
+        subprocess.run([sys.executable, "-m", "hotcold.cli", "profile", "--model", str(folder), "--out", str(plan),
+                        "--cett", "0", "--tokens", str(profile_tokens), "--eval-tokens", str(profile_tokens // 4),
+                        "--gpu-memory", "0", "--context", "512", "--batch", "1", "--no-report"], check=True)
+    return folder, plan
 
 
 def main() -> None:
@@ -139,6 +194,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--plan", default=None, help="also time predictor mode with this plan")
+    ap.add_argument("--plan-dtype", default="float32", help="dtype of the dense / predictor / ceiling rows")
+    ap.add_argument("--synthetic", default=None, metavar="SHAPE",
+                    help="a synthetic ReGLU model of this shape (cpu-small, tiny), own plan, not --model")
+    ap.add_argument("--profile-tokens", type=int, default=8000, help="calibration tokens for --synthetic's plan")
     ap.add_argument("--placement", default="cpu", choices=["hybrid", "gpu", "cpu"])
     ap.add_argument("--workers", type=int, default=0, help="CPU worker threads of the hybrid executor")
     ap.add_argument("--eval-tokens", type=int, default=4000, help="held-out tokens for perplexity")
@@ -146,7 +205,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    path = resolve_model_path(args.model)
+    if args.synthetic:
+        path, plan = synthetic_model_and_plan(args.synthetic, args.profile_tokens)
+        args.plan = args.plan or str(plan)
+    else:
+        path = resolve_model_path(args.model)
     bandwidth = memory_bandwidth_gbs()
     rows = []
     for dtype in args.dtypes.split(","):
@@ -176,9 +239,10 @@ def main() -> None:
     for r in rows:
         ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
         floor = f"{r['floor_tok_s']:.1f}" if "floor_tok_s" in r else "-"
+        ppl = f"  perplexity {r['perplexity']:.3f}" if r.get("perplexity") else ""
         pct = f"{100 * r['decode_tok_s'] / r['floor_tok_s']:.0f}%" if "floor_tok_s" in r else "-"
         print(f"{r['engine']:34s} {r['decode_tok_s']:12.1f} {ratio:>15s} {r['prefill_tok_s']:13.1f} {floor:>22s} "
-              f"{pct:>10s}")
+              f"{pct:>10s}{ppl}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(path), "threads": args.threads, "new_tokens": args.new_tokens,

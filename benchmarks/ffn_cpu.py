@@ -14,9 +14,12 @@ Prints a table and writes benchmarks/results/ffn_cpu.json (--out to change).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `hotcold` does: weights on 2 MiB pages (hotcold/cli.py)
+
 import argparse
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass

@@ -5,13 +5,18 @@ N(0, 1/hidden) the pre-activation g_i·x is close to N(0, ||g_i||²). A gate bia
 makes neuron i fire (ReLU(g_i·x + b_i) > 0) on a fraction ≈ f_i of tokens. The f_i follow a power law over
 a random permutation of each layer's neurons, f(rank) = f_max·(rank+1)^(-alpha), with alpha solved so the
 mean is `active` (default 0.10: ~90% of neurons inactive per token, as ProSparse/TurboSparse report), so a
-few neurons are hot and most are cold. Other weights are N(0, 1/fan_in). The checkpoint is a normal
-Hugging Face folder (config.json with mlp_bias, safetensors, a byte-level BPE tokenizer.json).
+few neurons are hot and most are cold. The gate rows are low-rank plus noise (g_i = a_i B + n_i, B a random
+orthonormal basis of `gate_rank` directions carrying 99% of each row's energy): as in trained LLMs, whose
+activations DejaVu-style low-rank predictors learn, which neurons fire is a function of a few directions of
+x; with fully random gate rows no rank-r predictor could see it. Other weights are N(0, 1/fan_in). The
+checkpoint is a normal Hugging Face folder (config.json with mlp_bias, safetensors, a byte-level BPE
+tokenizer.json).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,7 @@ class SyntheticShape:
 
 SHAPES = {
     "llama2-7b": SyntheticShape(4096, 11008, 32, 32, 32, 32000),
+    "cpu-small": SyntheticShape(1024, 4096, 8, 8, 8, 4096),  # FFN-dominated, decodes on a 2-core CPU
     "tiny": SyntheticShape(128, 512, 4, 4, 2, 512),
 }
 
@@ -65,14 +71,21 @@ def _tokenizer(folder: Path, vocab: int) -> None:
 
 @torch.no_grad()
 def make_synthetic_checkpoint(folder: Path, shape: SyntheticShape, active: float = 0.10, seed: int = 0,
-                              dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the checkpoint into `folder` (skipped when it is already there); returns the folder."""
+                              dtype: torch.dtype = torch.bfloat16, gate_rank: int = 0,
+                              low_rank_energy: float = 0.99) -> Path:
+    """Write the checkpoint into `folder` (kept when one of the same recipe is there); returns the folder.
+    A folder written by another recipe is replaced, plans profiled on it included."""
     folder = Path(folder)
+    H, I, hd = shape.hidden, shape.intermediate, shape.hidden // shape.heads
+    gate_rank = gate_rank or max(8, H // 16)
+    recipe = {"active_fraction": active, "seed": seed, "distribution": "power law", "gate_rank": gate_rank,
+              "low_rank_energy": low_rank_energy, "dtype": str(dtype)}
     if (folder / "config.json").exists():
-        return folder
+        if json.loads((folder / "config.json").read_text()).get("synthetic") == recipe:
+            return folder
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    H, I, hd = shape.hidden, shape.intermediate, shape.hidden // shape.heads
 
     def randn(*size: int, fan_in: int) -> torch.Tensor:
         return (torch.randn(*size, generator=gen) / fan_in**0.5).to(dtype)
@@ -82,7 +95,9 @@ def make_synthetic_checkpoint(folder: Path, shape: SyntheticShape, active: float
                "model.norm.weight": torch.ones(H, dtype=dtype), "lm_head.weight": randn(shape.vocab, H, fan_in=H)}
     for layer in range(shape.layers):
         p = f"model.layers.{layer}."
-        gate = torch.randn(I, H, generator=gen) / H**0.5
+        basis = torch.linalg.qr(torch.randn(H, gate_rank, generator=gen))[0].T  # [r, H] orthonormal rows
+        gate = (low_rank_energy**0.5 * torch.randn(I, gate_rank, generator=gen) @ basis / gate_rank**0.5
+                + (1 - low_rank_energy) ** 0.5 * torch.randn(I, H, generator=gen) / H**0.5)
         f = freqs[torch.randperm(I, generator=gen)]
         bias = torch.from_numpy(norm.ppf(f.numpy())).float() * gate.norm(dim=1)
         tensors.update({
@@ -103,7 +118,7 @@ def make_synthetic_checkpoint(folder: Path, shape: SyntheticShape, active: float
               "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "hidden_act": "relu",
               "mlp_bias": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
               "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
-              "synthetic": {"active_fraction": active, "seed": seed, "distribution": "power law"}}
+              "synthetic": recipe}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     _tokenizer(folder, shape.vocab)
     return folder

@@ -195,7 +195,7 @@ class HybridFFN(nn.Module):
             h = self._dense_h(side, x)[:, local] * token_mask
         else:
             h = kernels.gathered_gate_up(x, side.up, local, self.activation, side.gate, side.up_bias, token_mask,
-                                         backend=backend)
+                                         gate_bias=side.gate_bias, backend=backend)
         if dense_side:
             h_rows = torch.zeros(x.shape[0], side.num, dtype=h.dtype, device=side.device)
             h_rows[:, local] = h

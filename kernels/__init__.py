@@ -58,11 +58,12 @@ def gathered_gate_up(
     up_bias: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
     *,
+    gate_bias: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """fp32 h [B,K] = act(gate/up rows idx at x), zero where token_mask is False (kernels.reference)."""
     impl = resolve_backend(backend, x.device)
-    return impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask)
+    return impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias=gate_bias)
 
 
 def gathered_down(

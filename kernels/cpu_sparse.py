@@ -1,6 +1,10 @@
-"""Gathered FFN on the CPU (the cold-neuron workers' compute), plain torch ops that release the GIL.
+"""Gathered FFN on the CPU (the cold-neuron workers' compute): native kernels, else plain torch ops.
 
-What measured fastest on a 2-core AVX-512 machine (benchmarks/ffn_cpu.py; /work/notes/kernels.md):
+Small batches (<= CpuConfig.native_max_batch tokens) of fp32/bf16 weights go to kernels/gathered.c
+(kernels/native.py), which streams each active row once: gate/up dot products and the down axpy, fp32
+accumulation. Where it cannot be built (no C compiler, HOTCOLD_NATIVE=0), and for larger batches, the torch
+path below runs. Both release the GIL. What measured fastest for the torch path on a 2-core AVX-512
+machine (benchmarks/ffn_cpu.py; /work/notes/kernels.md):
 - gate/up: gather the active rows in chunks that stay in cache (index_select into a reused buffer), then
   a small matmul per chunk. One big gather writes K*H bytes and reads them back, and a fresh allocation
   that large page-faults on every call. 16-bit chunks are larger: a bf16 matmul costs ~12 us per call.
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .reference import activation_spec, apply_fn, check_down, check_gate_up
 
 
@@ -32,6 +37,9 @@ class CpuConfig:
     ebag_max_batch: int = 8
     # Fewest rows per embedding_bag bag when one token's sum is split across threads.
     min_bag: int = 32
+    # Largest batch the native kernels take (they re-read each row from L1 once per token).
+    native_max_batch: int = 8
+    use_native: bool = True
 
 
 DEFAULT_CONFIG = CpuConfig()
@@ -46,26 +54,38 @@ def gathered_gate_up(
     up_bias: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
     config: CpuConfig = DEFAULT_CONFIG,
+    *,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp32 h [B,K]: the active neurons' activations (see kernels.reference.gathered_gate_up)."""
-    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask)
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias)
     B, K = x.shape[0], idx.numel()
     if K == 0 or B == 0:
         return torch.zeros(B, K, dtype=torch.float32, device=x.device)
-    xt = x.to(w_up.dtype).T
     packed = _packed_view(w_gate, w_up) if spec.gated else None
-    if packed is not None:  # one gather fetches gate and up rows: [K,2,B]
-        g, u = _gathered_mm(xt, packed, idx, _chunk_bytes(w_up, config)).float().unbind(1)
+    weights = (w_up,) if w_gate is None else (w_up, w_gate)
+    if config.use_native and B <= config.native_max_batch and native.supports(*weights):
+        xf = x.to(w_up.dtype).float()
+        if packed is not None:  # one pass reads each neuron's gate and up rows: [B,K,2]
+            g, u = native.gathered_dots(packed, 2, idx, xf).unbind(-1)
+        else:
+            u = native.gathered_dots(w_up, 1, idx, xf)[..., 0]
+            g = native.gathered_dots(w_gate, 1, idx, xf)[..., 0] if spec.gated else None
     else:
-        u = _gathered_mm(xt, w_up, idx, _chunk_bytes(w_up, config)).float()
+        xt = x.to(w_up.dtype).T
+        if packed is not None:  # one gather fetches gate and up rows: [K,2,B]
+            g, u = _gathered_mm(xt, packed, idx, _chunk_bytes(w_up, config)).float().unbind(1)
+            g, u = g.T, u.T
+        else:
+            u = _gathered_mm(xt, w_up, idx, _chunk_bytes(w_up, config)).float().T
+            g = _gathered_mm(xt, w_gate, idx, _chunk_bytes(w_gate, config)).float().T if spec.gated else None
     if up_bias is not None:
-        u = u + up_bias.index_select(0, idx).float()[:, None]
+        u = u + up_bias.index_select(0, idx).float()
     h = apply_fn(spec.up_fn, u)
     if spec.gated:
-        if packed is None:
-            g = _gathered_mm(xt, w_gate, idx, _chunk_bytes(w_gate, config)).float()
+        if gate_bias is not None:
+            g = g + gate_bias.index_select(0, idx).float()
         h = apply_fn(spec.gate_fn, g) * h
-    h = h.T
     if token_mask is not None:
         h = h.masked_fill(~token_mask, 0.0)
     return h.contiguous()
@@ -85,6 +105,8 @@ def gathered_down(
     if K == 0 or B == 0:
         return torch.zeros(B, H, dtype=out_dtype, device=h.device)
     hw = h.to(w_down_t.dtype)
+    if config.use_native and B <= config.native_max_batch and native.supports(w_down_t):
+        return native.gathered_axpy(w_down_t, idx, hw.float()).to(out_dtype)
     if B <= config.ebag_max_batch:
         # embedding_bag runs its bags in parallel: split each token's sum into `per` bags, one per thread
         per = max(1, min(torch.get_num_threads() // B, K // config.min_bag))

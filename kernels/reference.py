@@ -75,6 +75,7 @@ def check_gate_up(
     w_gate: torch.Tensor | None,
     up_bias: torch.Tensor | None,
     token_mask: torch.Tensor | None,
+    gate_bias: torch.Tensor | None = None,
 ) -> ActivationSpec:
     """Validate the arguments of gathered_gate_up (shapes and dtypes only: no device sync)."""
     spec = activation_spec(activation)
@@ -86,14 +87,17 @@ def check_gate_up(
             raise ValueError(f"activation {activation!r} needs w_gate with the shape and dtype of w_up")
     elif w_gate is not None:
         raise ValueError(f"activation {activation!r} is not gated: pass w_gate=None")
-    if up_bias is not None and up_bias.shape != (w_up.shape[0],):
-        raise ValueError(f"up_bias must be [I]={w_up.shape[0]}; got {tuple(up_bias.shape)}")
+    for name, bias in (("up_bias", up_bias), ("gate_bias", gate_bias)):
+        if bias is not None and bias.shape != (w_up.shape[0],):
+            raise ValueError(f"{name} must be [I]={w_up.shape[0]}; got {tuple(bias.shape)}")
+    if gate_bias is not None and not spec.gated:
+        raise ValueError(f"activation {activation!r} is not gated: pass gate_bias=None")
     if token_mask is not None and (
         token_mask.dtype != torch.bool or token_mask.shape != (x.shape[0], idx.numel())
     ):
         raise ValueError(f"token_mask must be bool [B,K]=({x.shape[0]}, {idx.numel()}); got "
                          f"{token_mask.dtype} {tuple(token_mask.shape)}")
-    _check_devices(x, w_up, idx, w_gate, up_bias, token_mask)
+    _check_devices(x, w_up, idx, w_gate, up_bias, token_mask, gate_bias)
     return spec
 
 
@@ -125,9 +129,11 @@ def gathered_gate_up(
     w_gate: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
+    *,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h[b,k] = act(rows idx[k] of the gate/up projections at x[b]) as fp32 [B,K]; masked entries are 0."""
-    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask)
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias)
     idx = idx.long()
     xw = x.to(w_up.dtype).float()
     u = xw @ w_up[idx].float().T
@@ -135,7 +141,10 @@ def gathered_gate_up(
         u = u + up_bias[idx].float()
     h = apply_fn(spec.up_fn, u)
     if spec.gated:
-        h = apply_fn(spec.gate_fn, xw @ w_gate[idx].float().T) * h
+        g = xw @ w_gate[idx].float().T
+        if gate_bias is not None:
+            g = g + gate_bias[idx].float()
+        h = apply_fn(spec.gate_fn, g) * h
     if token_mask is not None:
         h = torch.where(token_mask, h, torch.zeros((), dtype=h.dtype, device=h.device))
     return h

@@ -72,11 +72,11 @@ def _mac_t(acc, a, bt, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, wu_ptr, wg_ptr, bias_ptr, idx_ptr, mask_ptr, h_ptr,
+    x_ptr, wu_ptr, wg_ptr, bias_ptr, gbias_ptr, idx_ptr, mask_ptr, h_ptr,
     B, K, H, stride_xb, stride_wu, stride_wg, stride_mb, stride_hb,
     GATED: tl.constexpr, GATE_FN: tl.constexpr, UP_FN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -100,6 +100,8 @@ def _gate_up_kernel(
         acc_u += tl.load(bias_ptr + rows, mask=mk, other=0.0).to(tl.float32)[None, :]
     h = _apply(acc_u, UP_FN)
     if GATED:
+        if HAS_GATE_BIAS:
+            acc_g += tl.load(gbias_ptr + rows, mask=mk, other=0.0).to(tl.float32)[None, :]
         h = _apply(acc_g, GATE_FN) * h
     out_mask = mb[:, None] & mk[None, :]
     if HAS_MASK:
@@ -180,9 +182,10 @@ def gathered_gate_up(
     block_k: int | None = None,
     block_h: int | None = None,
     num_warps: int | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp32 h [B,K] (kernels.reference.gathered_gate_up), one fused kernel for gate, up, bias, act, mask."""
-    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask)
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias)
     B, K, H = x.shape[0], idx.numel(), x.shape[1]
     h = _empty((B, K), torch.float32, x.device)
     if B == 0 or K == 0:
@@ -198,10 +201,12 @@ def gathered_gate_up(
     grid = (triton.cdiv(K, block_k), triton.cdiv(B, block_b))
     with _on(x.device):
         _gate_up_kernel[grid](
-            x, w_up, w_gate, up_bias if up_bias is not None else w_up, idx, mask, h,
+            x, w_up, w_gate, up_bias if up_bias is not None else w_up,
+            gate_bias if gate_bias is not None else w_up, idx, mask, h,
             B, K, H, x.stride(0), w_up.stride(0), w_gate.stride(0), mask.stride(0), h.stride(0),
             GATED=spec.gated, GATE_FN=FUNCTIONS[spec.gate_fn], UP_FN=FUNCTIONS[spec.up_fn],
-            HAS_BIAS=up_bias is not None, HAS_MASK=token_mask is not None, USE_DOT=use_dot,
+            HAS_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None, HAS_MASK=token_mask is not None,
+            USE_DOT=use_dot,
             DOT_F32=_dot_f32(w_up), BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h,
             num_warps=num_warps or 4,
         )

@@ -15,7 +15,8 @@ from hotcold.engine.plan import LayerPlan, Plan, PredictorPlan
 from hotcold.engine.sampling import SamplingParams
 
 IDS = torch.tensor(list(range(3, 40)))
-RELU_FAMILY = [("relu_llama", None), ("llama", "drelu"), ("opt", None), ("opt_relu2", None)]
+RELU_FAMILY = [("relu_llama", None), ("llama", "drelu"), ("opt", None), ("opt_relu2", None),
+               ("llama_untied_bias", "reglu")]  # gate and up biases
 
 
 def make_plan(loaded, split: str, seed: int = 0, predictor: dict | None = None) -> Plan:
@@ -70,10 +71,11 @@ def test_oracle_batched_decode_equals_dense_engine(kind, activation, tiny_checkp
     assert [s.output_ids for s in engine.generate(prompts, params)] == expected
 
 
-def test_predictor_mask_is_what_gets_computed(tiny_checkpoint):
+@pytest.mark.parametrize("kind", ["llama", "llama_untied_bias"])  # the second has gate, up and down biases
+def test_predictor_mask_is_what_gets_computed(kind, tiny_checkpoint):
     """A predictor whose logits are fixed by its bias selects a known neuron set; the executor must equal
     the dense FFN with every other neuron zeroed (computed here with plain torch)."""
-    path = tiny_checkpoint("llama")
+    path = tiny_checkpoint(kind)
     loaded = load_model(path, dtype="float32")
     cfg = loaded.config
     gen = torch.Generator().manual_seed(1)

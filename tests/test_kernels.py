@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import hotcold.kernels as kernels
-from hotcold.kernels import cpu_sparse, reference
+from hotcold.kernels import cpu_sparse, native, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # interpreter exp()
 
@@ -51,7 +52,7 @@ def f64(name: str, v: torch.Tensor) -> torch.Tensor:
     raise AssertionError(name)
 
 
-def ref_gate_up(x, w_up, idx, activation, w_gate=None, bias=None, mask=None):
+def ref_gate_up(x, w_up, idx, activation, w_gate=None, bias=None, mask=None, gate_bias=None):
     """float64; x rounded to the weights' dtype first (the kernels' contract)."""
     gate_fn, up_fn = SPECS[activation]
     xd = x.to(w_up.dtype).double()
@@ -61,7 +62,10 @@ def ref_gate_up(x, w_up, idx, activation, w_gate=None, bias=None, mask=None):
         u = u + bias.double()[rows]
     h = f64(up_fn, u)
     if gate_fn is not None:
-        h = f64(gate_fn, xd @ w_gate.double()[rows].T) * h
+        g = xd @ w_gate.double()[rows].T
+        if gate_bias is not None:
+            g = g + gate_bias.double()[rows]
+        h = f64(gate_fn, g) * h
     if mask is not None:
         h = torch.where(mask, h, 0.0)
     return h
@@ -87,6 +91,7 @@ def make(I, H, B, K, dtype, activation, bias=False, mask=False, packed=False, se
         x=x, w_up=w_up, idx=idx, activation=activation, w_gate=w_gate if gated else None,
         up_bias=torch.randn(I, generator=g).to(dtype) if bias else None,
         token_mask=torch.rand(B, K, generator=g) > 0.3 if mask else None,
+        gate_bias=torch.randn(I, generator=g).to(dtype) if bias and gated else None,
     )
 
 
@@ -99,10 +104,13 @@ def check(out, ref, tol, dtype=torch.float32):
 
 
 def gate_up_ref(a):
-    return ref_gate_up(a["x"], a["w_up"], a["idx"], a["activation"], a["w_gate"], a["up_bias"], a["token_mask"])
+    return ref_gate_up(a["x"], a["w_up"], a["idx"], a["activation"], a["w_gate"], a["up_bias"], a["token_mask"],
+                       a.get("gate_bias"))
 
 
 def call_gate_up(fn, a, **kw):
+    if a.get("gate_bias") is not None:
+        kw["gate_bias"] = a["gate_bias"]
     return fn(a["x"], a["w_up"], a["idx"], a["activation"], a["w_gate"], a["up_bias"], a["token_mask"], **kw)
 
 
@@ -135,8 +143,9 @@ def test_reference_and_cpu_every_activation(activation, dtype, poison):
     a = make(96, 40, 3, 61, dtype, activation, bias=True, mask=True)
     ref = gate_up_ref(a)
     check(call_gate_up(reference.gathered_gate_up, a), ref, 1e-5)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # the CPU matmul rounds 16-bit products' sums
-    config = cpu_sparse.CpuConfig(chunk_bytes=1000, chunk_bytes_16bit=1000)  # several chunks + a tail
+    check(call_gate_up(cpu_sparse.gathered_gate_up, a), ref, 1e-5)  # native: fp32 accumulation
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # torch's matmul rounds 16-bit products' sums
+    config = cpu_sparse.CpuConfig(chunk_bytes=1000, chunk_bytes_16bit=1000, use_native=False)  # chunks + tail
     check(call_gate_up(cpu_sparse.gathered_gate_up, a, config=config), ref, tol)
     assert (call_gate_up(cpu_sparse.gathered_gate_up, a)[~a["token_mask"]] == 0).all()
 
@@ -151,14 +160,17 @@ def test_cpu_shapes_and_layouts(B, K, dtype, packed, poison):
     a = make(I, H, B, K, dtype, "swiglu", mask=B > 1, packed=packed, seed=K + B)
     if packed:
         assert cpu_sparse._packed_view(a["w_gate"], a["w_up"]) is not None
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for config in (cpu_sparse.CpuConfig(), cpu_sparse.CpuConfig(2000, 2000, ebag_max_batch=1)):
+    native_config = cpu_sparse.CpuConfig()  # B <= 8: native kernels (fp32 accumulation)
+    for config in (native_config, cpu_sparse.CpuConfig(use_native=False),
+                   cpu_sparse.CpuConfig(2000, 2000, ebag_max_batch=1, use_native=False)):
+        exact = dtype == torch.float32 or (config.use_native and B <= config.native_max_batch)
+        tol = 1e-5 if exact else 2e-2
         h = call_gate_up(cpu_sparse.gathered_gate_up, a, config=config)
         check(h, gate_up_ref(a), tol)
         w_down_t = torch.randn(I, H).to(dtype)
         for out_dtype in (torch.float32, dtype):
             y = cpu_sparse.gathered_down(h, w_down_t, a["idx"], out_dtype, config=config)
-            check(y, ref_down(h, w_down_t, a["idx"]), tol, out_dtype)
+            check(y, ref_down(h, w_down_t, a["idx"]), tol if out_dtype == torch.float32 else 1e-2, out_dtype)
             check(reference.gathered_down(h, w_down_t, a["idx"], out_dtype),
                   ref_down(h, w_down_t, a["idx"]), 1e-5 if out_dtype == torch.float32 else 1e-2, out_dtype)
 
@@ -171,10 +183,42 @@ def test_cpu_down_split_across_threads(B):
         torch.set_num_threads(4)
         for K in (1, 9, 40, 101):
             h, w, idx = torch.randn(B, K), torch.randn(120, 24), torch.randperm(120)[:K]
-            y = cpu_sparse.gathered_down(h, w, idx, config=cpu_sparse.CpuConfig(min_bag=8))
+            y = cpu_sparse.gathered_down(h, w, idx, config=cpu_sparse.CpuConfig(min_bag=8, use_native=False))
             check(y, ref_down(h, w, idx), 1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_native_kernels_are_built_here():
+    """The suite must test the native kernels, not silently the torch fallback."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.fail("no C compiler: the native CPU kernels cannot be built (install gcc)")
+    assert native.load() is not None
+    assert native.supports(torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.bfloat16))
+    assert not native.supports(torch.zeros(4, 8, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_strided_rows_and_bad_ids(dtype):
+    """Rows with a stride (one half of the interleaved layout alone), and ids out of range: an error, no read."""
+    torch.manual_seed(1)
+    packed = torch.randn(30, 2, 37).to(dtype)
+    x, idx = torch.randn(2, 37), torch.tensor([29, 0, 5, 5])
+    got = native.gathered_dots(packed[:, 1], 1, idx, x.to(dtype).float())[..., 0]
+    want = x.to(dtype).double() @ packed[idx, 1].double().T
+    check(got, want, 1e-5)
+    h = torch.randn(2, 4)
+    check(native.gathered_axpy(packed[:, 0], idx, h), h.double() @ packed[idx, 0].double(), 1e-5)
+    for bad in ([30], [-1], [3, 1000000]):
+        with pytest.raises(IndexError, match="neuron ids"):
+            native.gathered_dots(packed, 2, torch.tensor(bad), x)
+        with pytest.raises(IndexError, match="neuron ids"):
+            native.gathered_axpy(packed[:, 0], torch.tensor(bad), torch.randn(2, len(bad)))
+
+
+def test_native_can_be_switched_off():
+    out = _run_python("from hotcold.kernels import native; print(native.load())", {"HOTCOLD_NATIVE": "0"})
+    assert out.strip() == "None"
 
 
 def test_int32_ids_and_unsorted_repeats():
@@ -209,6 +253,7 @@ def test_bad_arguments_raise_value_errors():
         dict(idx=a["idx"].float()),
         dict(token_mask=torch.ones(2, 4, dtype=torch.bool)),
         dict(up_bias=torch.randn(3)),
+        dict(gate_bias=torch.randn(3)),
         dict(idx=a["idx"].to("meta")),  # tensors on two devices
     ]
     for change in bad:
@@ -275,7 +320,7 @@ if INTERPRETED:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_interp_every_activation(activation, dtype, poison):
         poison(tri)
-        a = make(40, 24, 2, 29, dtype, activation, bias=SPECS[activation][0] is None, mask=True, seed=3)
+        a = make(40, 24, 2, 29, dtype, activation, bias=True, mask=True, seed=3)
         check(call_gate_up(tri.gathered_gate_up, a, block_k=8, block_h=16), gate_up_ref(a), 1e-5)
 
     # (B, K, dtype, blocks): GEMV path for B < 5, tl.dot above; K = 0, K = I, tails in K, H and B

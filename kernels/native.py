@@ -1,0 +1,113 @@
+"""The native CPU kernels (gathered.c): built once per machine with the system C compiler, called by ctypes.
+
+Why C at all: torch has no gathered dot product, so the torch path copies the active rows out and reads
+them again, reaching about half the memory bandwidth (benchmarks/ffn_cpu.py); gathered.c streams each row
+once. The library is compiled with -march=native into HOTCOLD_CACHE (default ~/.cache/hotcold), keyed by
+the source, the compiler and the CPU, so a cache shared across machines never runs foreign instructions.
+With no compiler, or HOTCOLD_NATIVE=0, `load()` returns None and cpu_sparse keeps its torch path.
+ctypes releases the GIL for the call, so CPU workers run these in parallel with other Python threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gathered.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_SIGNATURES = {
+    "gathered_dots": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr],
+    "gathered_axpy": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr],
+}
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _library_path(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_id(), " ".join(FLAGS)]).encode())
+    cache = Path(os.environ.get("HOTCOLD_CACHE") or Path.home() / ".cache" / "hotcold").expanduser()
+    return cache / "native" / f"gathered-{key.hexdigest()[:16]}.so"
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled library (building it on first use), or None where it cannot be built."""
+    if os.environ.get("HOTCOLD_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        path = _library_path(compiler)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # atomic: concurrent builders race safely
+                out = Path(tmp) / path.name
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True)
+                out.replace(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for name, args in _SIGNATURES.items():
+        for suffix in SUFFIX.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
+
+
+def supports(*weights: torch.Tensor) -> bool:
+    """True when the native kernels can read these weights (CPU, fp32/bf16, unit stride within a row)."""
+    return all(w.device.type == "cpu" and w.dtype in SUFFIX and w.stride(-1) == 1 for w in weights) and (
+        load() is not None)
+
+
+def gathered_dots(w: torch.Tensor, parts: int, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, K, parts]: row idx[k] of w (`parts` consecutive H-long pieces) dotted with each x[b] (fp32)."""
+    lib = load()
+    B, H = x.shape
+    K = idx.numel()
+    out = torch.empty(B, K, parts, dtype=torch.float32)
+    idx = idx.to(torch.int64).contiguous()
+    x = x.contiguous()
+    status = getattr(lib, f"gathered_dots_{SUFFIX[w.dtype]}")(
+        w.data_ptr(), w.shape[0], w.stride(0), parts, idx.data_ptr(), K, x.data_ptr(), B, H, out.data_ptr())
+    _check(status, idx, w.shape[0])
+    return out
+
+
+def gathered_axpy(w: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, H] = sum_k h[:, k] * w[idx[k]] (h fp32 [B, K])."""
+    lib = load()
+    B, K = h.shape
+    H = w.shape[-1]
+    y = torch.zeros(B, H, dtype=torch.float32)
+    idx = idx.to(torch.int64).contiguous()
+    h = h.contiguous()
+    status = getattr(lib, f"gathered_axpy_{SUFFIX[w.dtype]}")(
+        w.data_ptr(), w.shape[0], w.stride(0), idx.data_ptr(), K, h.data_ptr(), B, H, y.data_ptr())
+    _check(status, idx, w.shape[0])
+    return y
+
+
+def _check(status: int, idx: torch.Tensor, n_rows: int) -> None:
+    if status:
+        raise IndexError(f"neuron ids must lie in [0, {n_rows}); got min {int(idx.min())}, max {int(idx.max())}")
