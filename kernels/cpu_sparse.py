@@ -1,6 +1,6 @@
 """Gathered FFN on the CPU (the cold-neuron workers' compute): native kernels, else plain torch ops.
 
-Small batches (<= CpuConfig.native_max_batch tokens) of fp32/bf16 weights go to kernels/gathered.c
+Small batches (native.MAX_TOKENS: 8 fp32, 2 bf16) of fp32/bf16 weights go to kernels/gathered.c
 (kernels/native.py), which streams each active row once: gate/up dot products and the down axpy, fp32
 accumulation. Where it cannot be built (no C compiler, HOTCOLD_NATIVE=0), and for larger batches, the torch
 path below runs. Both release the GIL. What measured fastest for the torch path on a 2-core AVX-512
@@ -37,8 +37,7 @@ class CpuConfig:
     ebag_max_batch: int = 8
     # Fewest rows per embedding_bag bag when one token's sum is split across threads.
     min_bag: int = 32
-    # Largest batch the native kernels take (they re-read each row from L1 once per token).
-    native_max_batch: int = 8
+    # Native kernels where they are faster (native.MAX_TOKENS: they re-widen each row once per token).
     use_native: bool = True
 
 
@@ -64,7 +63,7 @@ def gathered_gate_up(
         return torch.zeros(B, K, dtype=torch.float32, device=x.device)
     packed = _packed_view(w_gate, w_up) if spec.gated else None
     weights = (w_up,) if w_gate is None else (w_up, w_gate)
-    if config.use_native and B <= config.native_max_batch and native.supports(*weights):
+    if config.use_native and native.preferred(B, *weights):
         xf = x.to(w_up.dtype).float()
         if packed is not None:  # one pass reads each neuron's gate and up rows: [B,K,2]
             g, u = native.gathered_dots(packed, 2, idx, xf).unbind(-1)
@@ -105,7 +104,7 @@ def gathered_down(
     if K == 0 or B == 0:
         return torch.zeros(B, H, dtype=out_dtype, device=h.device)
     hw = h.to(w_down_t.dtype)
-    if config.use_native and B <= config.native_max_batch and native.supports(w_down_t):
+    if config.use_native and native.preferred(B, w_down_t):
         return native.gathered_axpy(w_down_t, idx, hw.float()).to(out_dtype)
     if B <= config.ebag_max_batch:
         # embedding_bag runs its bags in parallel: split each token's sum into `per` bags, one per thread

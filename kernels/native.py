@@ -74,6 +74,17 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+# Most tokens per call for which the native kernels beat torch (benchmarks/ffn_cpu.py, 2-core Zen 5: the
+# whole FFN at 576x1536 and 2048x5632, all rows): fp32 up to 8 tokens, bf16 up to 2 (each token re-widens
+# the bf16 row, while torch's bf16 GEMM amortises it).
+MAX_TOKENS = {torch.float32: 8, torch.bfloat16: 2}
+
+
+def preferred(tokens: int, *weights: torch.Tensor) -> bool:
+    """True when the native kernels are the faster way to run `tokens` tokens over these weights."""
+    return supports(*weights) and tokens <= min(MAX_TOKENS[w.dtype] for w in weights)
+
+
 def supports(*weights: torch.Tensor) -> bool:
     """True when the native kernels can read these weights (CPU, fp32/bf16, unit stride within a row)."""
     return all(w.device.type == "cpu" and w.dtype in SUFFIX and w.stride(-1) == 1 for w in weights) and (

@@ -95,12 +95,13 @@ def make(I, H, B, K, dtype, activation, bias=False, mask=False, packed=False, se
     )
 
 
-def check(out, ref, tol, dtype=torch.float32):
+def check(out, ref, tol, dtype=torch.float32, floor=1e-6):
+    """Max error <= tol * max(|ref|max, floor): a floor of ~1 where a few outputs can cancel to near 0."""
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all(), "unwritten (poisoned) or non-finite elements"
     scale = ref.abs().max().item() if ref.numel() else 1.0
     err = (out.double() - ref).abs().max().item() if ref.numel() else 0.0
-    assert err <= tol * max(scale, 1e-6), f"max error {err:.3g} > {tol} * {scale:.3g}"
+    assert err <= tol * max(scale, floor), f"max error {err:.3g} > {tol} * {scale:.3g}"
 
 
 def gate_up_ref(a):
@@ -140,7 +141,7 @@ def test_activation_table_is_covered():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_and_cpu_every_activation(activation, dtype, poison):
     poison(cpu_sparse)
-    a = make(96, 40, 3, 61, dtype, activation, bias=True, mask=True)
+    a = make(96, 40, 2, 61, dtype, activation, bias=True, mask=True)  # 2 tokens: native for fp32 and bf16
     ref = gate_up_ref(a)
     check(call_gate_up(reference.gathered_gate_up, a), ref, 1e-5)
     check(call_gate_up(cpu_sparse.gathered_gate_up, a), ref, 1e-5)  # native: fp32 accumulation
@@ -150,7 +151,7 @@ def test_reference_and_cpu_every_activation(activation, dtype, poison):
     assert (call_gate_up(cpu_sparse.gathered_gate_up, a)[~a["token_mask"]] == 0).all()
 
 
-@pytest.mark.parametrize("B", [1, 5, 16])
+@pytest.mark.parametrize("B", [1, 2, 5, 16])
 @pytest.mark.parametrize("K", [0, 1, 77, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
@@ -160,13 +161,12 @@ def test_cpu_shapes_and_layouts(B, K, dtype, packed, poison):
     a = make(I, H, B, K, dtype, "swiglu", mask=B > 1, packed=packed, seed=K + B)
     if packed:
         assert cpu_sparse._packed_view(a["w_gate"], a["w_up"]) is not None
-    native_config = cpu_sparse.CpuConfig()  # B <= 8: native kernels (fp32 accumulation)
-    for config in (native_config, cpu_sparse.CpuConfig(use_native=False),
+    for config in (cpu_sparse.CpuConfig(), cpu_sparse.CpuConfig(use_native=False),
                    cpu_sparse.CpuConfig(2000, 2000, ebag_max_batch=1, use_native=False)):
-        exact = dtype == torch.float32 or (config.use_native and B <= config.native_max_batch)
+        exact = dtype == torch.float32 or (config.use_native and B <= native.MAX_TOKENS[dtype])
         tol = 1e-5 if exact else 2e-2
         h = call_gate_up(cpu_sparse.gathered_gate_up, a, config=config)
-        check(h, gate_up_ref(a), tol)
+        check(h, gate_up_ref(a), tol, floor=1.0)  # K = 1: one product of 72-term sums
         w_down_t = torch.randn(I, H).to(dtype)
         for out_dtype in (torch.float32, dtype):
             y = cpu_sparse.gathered_down(h, w_down_t, a["idx"], out_dtype, config=config)
