@@ -80,3 +80,33 @@ def test_plain_activations_are_read_from_config(kind, activation, tiny_checkpoin
     """Non-gated ReLU, ReLU² and GELU come from `activation_function` (their logits are checked against
     transformers in test_engine_arch)."""
     assert load_model(tiny_checkpoint(kind)).config.activation == activation
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"])
+def test_dense_ffn_paths_against_float64(activation, dtype):
+    """DenseFFN on 1-9 tokens (the native kernels below native.MAX_TOKENS, torch above), biases included."""
+    from hotcold.engine.model import DenseFFN
+    from hotcold.kernels import native
+
+    gen = torch.Generator().manual_seed(7)
+    I, H = 70, 40
+    gated = activation in ACT64
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    gate, up, down_t = (rnd(I, H) if gated else None), rnd(I, H), rnd(I, H)
+    ub, gb, db = rnd(I), (rnd(I) if gated else None), rnd(H)
+    ffn = DenseFFN(activation, up, down_t, gate, ub, gb, db)
+    plain = {"relu": F.relu, "relu2": lambda u: F.relu(u).square(), "gelu": F.gelu}
+    for T in (1, 2, 3, 9):
+        x = rnd(T, H)
+        xd = x.double()
+        u = xd @ up.double().T + ub.double()
+        h = ACT64[activation](xd @ gate.double().T + gb.double(), u) if gated else plain[activation](u)
+        want = h @ down_t.double() + db.double()
+        got = ffn(x)
+        assert got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: h and the output are rounded to bf16
+        assert (got.double() - want).abs().max() <= tol * want.abs().max(), (T, native.preferred(T, up))
