@@ -87,6 +87,7 @@ class _Side(NeuronRows):
             self.gate_up_bias = None if dense.gate_up_bias is None else dense.gate_up_bias[ids].to(device)
         self.gated = dense.gated
         self.ids = ids.to(device)
+        self.all_rows = full  # local row == global id: no translation needed
 
 
 class HybridFFN(nn.Module):
@@ -156,12 +157,19 @@ class HybridFFN(nn.Module):
         if self.cfg.mode == "off":
             return self.dense(x)
         mask, h_known = self.active_mask(x)
-        union = mask.any(0)
         T, num = x.shape[0], self.dense.intermediate_size
-        hot_ids = (union & self.is_hot).nonzero().flatten()
-        cold_ids = (union & ~self.is_hot).nonzero().flatten()
-        active = int(mask.sum())
-        hot_active = int(mask[:, hot_ids].sum()) if hot_ids.numel() else 0
+        union = mask[0] if T == 1 else mask.any(0)
+        if self.hot.num and self.cold.num:
+            hot_ids = (union & self.is_hot).nonzero().flatten()
+            cold_ids = (union & ~self.is_hot).nonzero().flatten()
+        else:  # one side holds every neuron (placement gpu or cpu): no split to compute
+            ids = union.nonzero().flatten()
+            hot_ids, cold_ids = (ids, ids[:0]) if self.hot.num else (ids[:0], ids)
+        if T == 1:  # one token: its mask is the union
+            active, hot_active = hot_ids.numel() + cold_ids.numel(), hot_ids.numel()
+        else:
+            active = int(mask.sum())
+            hot_active = int(mask[:, hot_ids].sum()) if hot_ids.numel() else 0
         self.counters.computed += active
         self.counters.total += T * num
         self.counters.hot += hot_active
@@ -184,15 +192,16 @@ class HybridFFN(nn.Module):
     def _side(self, side: _Side, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
               h_known: torch.Tensor | None) -> torch.Tensor:
         """One side's partial output over its active neurons `ids` (global), masked per token."""
-        local = self.local.to(side.device)[ids.to(side.device)]
-        token_mask = mask.to(side.device)[:, ids.to(side.device)]
+        ids = ids.to(side.device)
+        local = ids if side.all_rows else self.local.to(side.device)[ids]
+        token_mask = None if x.shape[0] == 1 else mask.to(side.device)[:, ids]  # one token: all of ids
         backend = self.cfg.backend if side is self.hot else "cpu"
         T = x.shape[0]
         dense_side = T > self.cfg.max_sparse_tokens or (T > 1 and ids.numel() > self.cfg.dense_above * side.num)
         if h_known is not None:
-            h = h_known.to(side.device)[:, ids.to(side.device)] * token_mask
+            h = _masked(h_known.to(side.device)[:, ids], token_mask)
         elif dense_side:  # all rows of this side, then keep only the active (token, neuron) pairs
-            h = self._dense_h(side, x)[:, local] * token_mask
+            h = _masked(self._dense_h(side, x)[:, local], token_mask)
         else:
             h = kernels.gathered_gate_up(x, side.up, local, self.activation, side.gate, side.up_bias, token_mask,
                                          gate_bias=side.gate_bias, backend=backend)
@@ -201,6 +210,10 @@ class HybridFFN(nn.Module):
             h_rows[:, local] = h
             return (h_rows.to(side.down_t.dtype) @ side.down_t).float()
         return kernels.gathered_down(h, side.down_t, local, torch.float32, backend=backend)
+
+
+def _masked(h: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    return h if token_mask is None else h * token_mask
 
 
 def move_dense_parts(model: Transformer, device: torch.device) -> None:
