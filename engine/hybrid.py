@@ -23,7 +23,7 @@ from torch import nn
 
 from hotcold import kernels
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, activate
+from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, activate, linear
 from hotcold.engine.plan import LayerPlan, Plan
 
 MODES = ("off", "oracle", "predictor")
@@ -146,7 +146,7 @@ class HybridFFN(nn.Module):
                     h[:, side.ids.to(x.device)] = self._dense_h(side, x).to(x.device)
             return (h.abs() * self.norms) > self.layer.threshold, h
         p = self.predictor
-        logits = torch.relu(x.float() @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
+        logits = linear(torch.relu(linear(x.float(), p["w1"], p["b1"])), p["w2"], p["b2"])
         if self.cfg.strategy == "topk":
             k = max(1, min(self.layer.predictor.top_k, logits.shape[1]))
             mask = torch.zeros_like(logits, dtype=torch.bool)

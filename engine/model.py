@@ -19,6 +19,15 @@ from hotcold.engine.config import GATED, ModelConfig
 from hotcold.kernels import native
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but a few tokens on the CPU go through the native kernels: torch's small-M product reads
+    [out, in] weights at about half the memory bandwidth (benchmarks/ffn_cpu.py). fp32 accumulation."""
+    if x.dim() == 2 and native.preferred(x.shape[0], w):
+        y = native.linear(x, w)
+        return (y if b is None else y + b.float()).to(x.dtype)
+    return F.linear(x, w, b)
+
+
 def activate(activation: str, up: torch.Tensor, gate: torch.Tensor | None = None,
              gelu_approximate: str = "none") -> torch.Tensor:
     """The FFN non-linearity: gated variants combine gate and up, plain ones act on up alone."""
@@ -204,7 +213,7 @@ class Attention(nn.Module):
                 cache: KVCache | None, layer: int, token_slots: torch.Tensor | None,
                 positions: torch.Tensor) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
-        qkv = F.linear(x, self.wqkv, self.bqkv).to(attn_dtype(x.device, x.dtype))
+        qkv = linear(x, self.wqkv, self.bqkv).to(attn_dtype(x.device, x.dtype))
         heads = cfg.num_heads + cfg.num_kv_heads
         qk = qkv[:, : self.q_size + self.kv_size].view(T, heads, cfg.head_dim)
         if rope is not None:
@@ -226,7 +235,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
             out[offset: offset + n] = o[0].transpose(0, 1)
             offset += n
-        return F.linear(out.view(T, self.q_size).to(x.dtype), self.wo, self.bo)
+        return linear(out.view(T, self.q_size).to(x.dtype), self.wo, self.bo)
 
 
 def attn_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -312,7 +321,7 @@ class Transformer(nn.Module):
             x = layer(x, rope, batch, cache, i, token_slots, positions)
         if logits_indices is not None:
             x = x[logits_indices]
-        return F.linear(self.final_norm(x), self.lm_head).float()
+        return linear(self.final_norm(x), self.lm_head).float()
 
     def forward_sequence(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [L, V] for one sequence without a KV cache (profiling, perplexity)."""

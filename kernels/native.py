@@ -105,6 +105,11 @@ def gathered_dots(w: torch.Tensor, parts: int, idx: torch.Tensor, x: torch.Tenso
     return out
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 [T, out] = x @ w.T over every row of w [out, in]: a dense product of a few tokens."""
+    return gathered_dots(w, 1, torch.arange(w.shape[0]), x.float())[..., 0]
+
+
 def gathered_axpy(w: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """fp32 [B, H] = sum_k h[:, k] * w[idx[k]] (h fp32 [B, K])."""
     lib = load()
