@@ -20,10 +20,6 @@ memory-bandwidth floor: bytes of weights read per decoded token / measured memor
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `hotcold` does: weights on 2 MiB pages (hotcold/cli.py)
-
 import argparse
 import json
 import platform

@@ -14,12 +14,9 @@ Prints a table and writes benchmarks/results/ffn_cpu.json (--out to change).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `hotcold` does: weights on 2 MiB pages (hotcold/cli.py)
-
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hotcold.kernels import cpu_sparse
+from hotcold.kernels import cpu_sparse, native
 
 SHAPES = {"7b": (4096, 11008), "default": (576, 1536)}  # (hidden, intermediate)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -51,7 +48,11 @@ def make_layers(hidden: int, inter: int, dtype: torch.dtype, separate: bool) -> 
     for _ in range(n):
         gate_up = (torch.randn(inter, 2, hidden) * hidden**-0.5).to(dtype)
         gate, up = (gate_up[:, 0].contiguous(), gate_up[:, 1].contiguous()) if separate else (None, None)
-        layers.append(Layer(gate_up, gate, up, (torch.randn(inter, hidden) * inter**-0.5).to(dtype)))
+        layer = Layer(gate_up, gate, up, (torch.randn(inter, hidden) * inter**-0.5).to(dtype))
+        for w in (layer.gate_up, layer.gate, layer.up, layer.down_t):
+            if w is not None:
+                native.use_huge_pages(w)  # as the loader does
+        layers.append(layer)
     return layers
 
 

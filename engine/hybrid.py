@@ -25,6 +25,7 @@ from hotcold import kernels
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, activate, linear
 from hotcold.engine.plan import LayerPlan, Plan
+from hotcold.kernels import native
 
 MODES = ("off", "oracle", "predictor")
 PLACEMENTS = ("hybrid", "gpu", "cpu")
@@ -84,6 +85,8 @@ class _Side(NeuronRows):
         else:
             self.gate_up = dense.gate_up[ids].to(device).contiguous()
             self.down_t = dense.down_t[ids].to(device).contiguous()
+            native.use_huge_pages(self.gate_up)
+            native.use_huge_pages(self.down_t)
             self.gate_up_bias = None if dense.gate_up_bias is None else dense.gate_up_bias[ids].to(device)
         self.gated = dense.gated
         self.ids = ids.to(device)
@@ -119,6 +122,8 @@ class HybridFFN(nn.Module):
         self.local = local.to(gpu)
         self.down_bias = None if dense.down_bias is None else dense.down_bias.to(gpu)
         self.norms = dense.down_t.float().norm(dim=1).to(gpu)  # ||down_t[i]||: oracle magnitudes
+        self._pinned: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # CUDA only: staging buffers
+        self._copied: dict[torch.dtype, torch.cuda.Event] = {}
         self.predictor = None
         if cfg.mode == "predictor":
             if layer.predictor is None:
@@ -177,17 +182,43 @@ class HybridFFN(nn.Module):
 
         future = None
         if cold_ids.numel():
-            args = (self.cold, x.to(self.cpu_device), cold_ids.cpu(), mask.cpu(), h_known)
+            args = (self.cold, self._to_host(x), cold_ids.cpu(), mask.cpu(), h_known)
             future = self.pool.submit(self._side, *args) if self.pool else None
             y_cold = None if future else self._side(*args)
         y = self._side(self.hot, x, hot_ids, mask, h_known) if hot_ids.numel() else torch.zeros(
             x.shape, dtype=torch.float32, device=x.device)
         if cold_ids.numel():
             y_cold = future.result() if future else y_cold
-            y = y + y_cold.to(y.device, non_blocking=True)
+            y = y + self._to_device(y_cold, y.device)
         if self.down_bias is not None:
             y = y + self.down_bias
         return y.to(x.dtype)
+
+    def _to_host(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden vector for the CPU side; from CUDA through a pinned buffer (a full-speed DMA)."""
+        buf = self._staging("x", x) if x.device.type == "cuda" else None
+        return x.to(self.cpu_device) if buf is None else buf.copy_(x)
+
+    def _to_device(self, y: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The CPU side's partial output back to the GPU side: pinned buffer, asynchronous copy."""
+        buf = self._staging("y", y) if device.type == "cuda" else None
+        if buf is None:
+            return y.to(device)
+        out = buf.copy_(y).to(device, non_blocking=True)
+        self._copied[buf.dtype] = torch.cuda.Event()
+        self._copied[buf.dtype].record()
+        return out
+
+    def _staging(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
+        """A pinned host buffer of this layer for t (None for chunks longer than max_sparse_tokens)."""
+        if t.dim() != 2 or t.shape[0] > self.cfg.max_sparse_tokens:
+            return None
+        key = (name, t.dtype)
+        if key not in self._pinned:
+            self._pinned[key] = torch.empty(self.cfg.max_sparse_tokens, t.shape[1], dtype=t.dtype, pin_memory=True)
+        if name == "y" and t.dtype in self._copied:  # the last asynchronous copy out of it must be done
+            self._copied[t.dtype].synchronize()
+        return self._pinned[key][: t.shape[0]]
 
     def _side(self, side: _Side, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
               h_known: torch.Tensor | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from hotcold.engine.model import Attention, Block, DenseFFN, MoEFFN, Norm, Trans
 from hotcold.engine.plan import compute_fingerprint
 from hotcold.engine.tokenizer import Tokenizer, from_gguf_metadata, from_hf_folder
 from hotcold.engine.weights import GGUFReader, SafetensorsReader
+from hotcold.kernels import native
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -100,7 +101,19 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
         tokenizer = from_hf_folder(path, gen.eos_token_ids)
     tensors = reader.tensor_names()
     model = build_model(cfg, reader, dtype, torch.device(device))
+    for weight in _large_weights(model):
+        native.use_huge_pages(weight)
     return LoadedModel(model, tokenizer, cfg, gen, str(path), model_fingerprint(cfg, tensors), tensors)
+
+
+def _large_weights(model: Transformer) -> list[torch.Tensor]:
+    """The matrices read every token: what the native kernels stream (they want 2 MiB pages)."""
+    out = [model.embed, model.lm_head]
+    for block in model.layers:
+        out += [block.attn.wqkv, block.attn.wo]
+        ffns = block.ffn.experts if isinstance(block.ffn, MoEFFN) else [block.ffn]
+        out += [t for ffn in ffns for t in (ffn.gate_up, ffn.down_t)]
+    return out
 
 
 def _generation_defaults(folder: Path) -> GenerationDefaults:

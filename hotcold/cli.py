@@ -35,10 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})")
     name = argv[0]
     module_name, helptext = COMMANDS[name]
-    # Weights on 2 MiB pages: the gathered kernels read scattered rows, and with 4 KiB pages every row start
-    # is a TLB miss (1.3-1.5x slower at 10% density, benchmarks/ffn_cpu.py). Read by torch's CPU allocator
-    # once, before its first allocation, so it is set before any module imports torch.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"hotcold {name}", description=helptext)
     module.add_arguments(parser)

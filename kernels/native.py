@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -83,6 +84,32 @@ MAX_TOKENS = {torch.float32: 8, torch.bfloat16: 2}
 def preferred(tokens: int, *weights: torch.Tensor) -> bool:
     """True when the native kernels are the faster way to run `tokens` tokens over these weights."""
     return supports(*weights) and tokens <= min(MAX_TOKENS[w.dtype] for w in weights)
+
+
+MADV_HUGEPAGE, MADV_COLLAPSE, HUGE = 14, 25, 2 << 20
+
+
+def use_huge_pages(t: torch.Tensor) -> bool:
+    """Back a CPU tensor's memory with 2 MiB pages (Linux): scattered rows on 4 KiB pages cost a TLB walk
+    each (1.3-1.5x slower gathers). MADV_HUGEPAGE marks the range, MADV_COLLAPSE (Linux >= 6.1) moves it
+    now. Only for long-lived weights: a global switch (THP_MEM_ALLOC_ENABLE) also gives every short-lived
+    activation a 2 MiB page to fault in and zero, which halved batched serving throughput. True on success."""
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    start = -(-t.data_ptr() // HUGE) * HUGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE * HUGE
+    if end <= start:
+        return False
+    libc = _libc()
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_COLLAPSE) == 0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def supports(*weights: torch.Tensor) -> bool:

@@ -140,3 +140,20 @@ def test_dense_fallback_gives_the_same_result(tiny_checkpoint):
                      loaded.fingerprint)
         results.append(loaded.model.forward_sequence(IDS))
     assert F.mse_loss(results[0], results[1]).item() < 1e-10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+@pytest.mark.parametrize("kind,activation", RELU_FAMILY)
+def test_hybrid_on_cuda_is_exact(kind, activation, tiny_checkpoint):
+    """Hot neurons in the Triton kernels on the GPU, cold ones on a CPU worker (pinned staging buffers),
+    prefill and decode-sized chunks: the dense CPU logits, in float32."""
+    path = tiny_checkpoint(kind)
+    dense = load_model(path, dtype="float32", activation=activation).model.forward_sequence(IDS)
+    loaded = load_model(path, dtype="float32", activation=activation)
+    apply_hybrid(loaded.model, make_plan(loaded, "random", seed=3), HybridConfig(mode="oracle"), loaded.fingerprint,
+                 gpu_device="cuda", workers=1)
+    assert loaded.model.layers[0].ffn.hot.gate_up.device.type == "cuda"
+    for ids in (IDS, IDS[:1], IDS[:5]):
+        got = loaded.model.forward_sequence(ids).cpu()
+        assert (got - dense[: len(ids)]).abs().max().item() <= 1e-4 * dense.abs().max().item()

@@ -216,6 +216,14 @@ def test_native_strided_rows_and_bad_ids(dtype):
             native.gathered_axpy(packed[:, 0], torch.tensor(bad), torch.randn(2, len(bad)))
 
 
+def test_huge_pages_keep_the_contents():
+    t = torch.randn(3 << 20)  # 12 MiB: several 2 MiB pages inside
+    before = t.clone()
+    ok = native.use_huge_pages(t)
+    assert isinstance(ok, bool) and torch.equal(t, before)
+    assert not native.use_huge_pages(torch.randn(10))  # no whole 2 MiB page inside
+
+
 def test_native_can_be_switched_off():
     out = _run_python("from hotcold.kernels import native; print(native.load())", {"HOTCOLD_NATIVE": "0"})
     assert out.strip() == "None"
