@@ -128,6 +128,9 @@ def main() -> None:
                "--cett", "0", "--tokens", str(args.profile_tokens), "--eval-tokens", str(args.profile_tokens // 4),
                "--gpu-memory", f"{budget // 2**20}MiB", "--gpu-dtype", gpu_dtype, "--context", str(context),
                "--batch", "1", "--no-report", "--quiet"]
+        if not args.tiny:  # one rank, twice the gates' (synthetic_model.py), trained longer (on the GPU)
+            rank = 2 * json.loads((folder / "config.json").read_text())["synthetic"]["gate_rank"]
+            cmd += ["--predictor-rank", str(rank), "--predictor-steps", "1500"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         print(f"profiled in {time.perf_counter() - t0:.0f} s")

@@ -35,6 +35,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_pos_weight: float = 20.0
     seed: int = 0
+    device: str = "auto"  # where to train: auto = CUDA when there is one (a 7B model's 32 layers take hours
+    #   on a CPU), else the CPU; the trained predictor always comes back to the CPU
 
 
 @dataclass
@@ -69,24 +71,26 @@ def train_predictor(x: Tensor, y: Tensor, rank: int, cfg: TrainConfig,
                     codes: Tensor | None = None) -> LowRankPredictor:
     """Fit hidden -> rank -> intermediate logits to the boolean mask y [N, I] from inputs x [N, H]
     (with `codes`, positives are weighted by their output energy)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x = x.float()
+    pos = float(y.float().mean())
+    pos_weight = min(cfg.max_pos_weight, max(1.0, (1 - pos) / max(pos, 1e-6)))
+    table = None if codes is None else weight_table(codes, pos_weight).to(device)
+    x, y = x.float().to(device), y.to(device)
+    codes = None if codes is None else codes.to(device)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - mean) / std
     N, H = x.shape
     I = y.shape[1]
     torch.manual_seed(cfg.seed)
-    model = LowRankPredictor(H, rank, I)
-    pos = float(y.float().mean())
-    pos_weight = torch.tensor(min(cfg.max_pos_weight, max(1.0, (1 - pos) / max(pos, 1e-6))))
+    model = LowRankPredictor(H, rank, I).to(device)
     with torch.no_grad():  # start from the base rate: logit(p) on every neuron
         rate = y.float().mean(0).clamp(1e-4, 1 - 1e-4)
         model.fc2.bias.copy_(torch.log(rate / (1 - rate)))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
-    table = None if codes is None else weight_table(codes, float(pos_weight))
     for _ in range(cfg.steps):
-        idx = torch.randint(0, N, (min(cfg.batch_size, N),), generator=gen)
+        idx = torch.randint(0, N, (min(cfg.batch_size, N),), generator=gen).to(device)
         target = y[idx].float()
         if table is None:
             weight = torch.where(target > 0, pos_weight, 1.0)
@@ -101,7 +105,7 @@ def train_predictor(x: Tensor, y: Tensor, rank: int, cfg: TrainConfig,
         w = model.fc1.weight / std
         model.fc1.bias.sub_(w @ mean)
         model.fc1.weight.copy_(w)
-    return model.eval()
+    return model.cpu().eval()
 
 
 def tune_tau(logits: Tensor, y: Tensor, recall_target: float) -> float:

@@ -1,4 +1,4 @@
-"""The GPU benchmarks must exist and run: their `--device cpu --tiny` smoke mode, as CI runs it."""
+"""The benchmarks must exist and run: the GPU ones in their `--device cpu --tiny` smoke mode, as CI runs it."""
 
 from __future__ import annotations
 
@@ -23,3 +23,19 @@ def test_hybrid_gpu_benchmark_smoke(tmp_path):
     assert [r["setup"].split()[0] for r in data["rows"]] == ["hybrid", "layer", "all"]
     assert all(r["tok_s"] > 0 for r in data["rows"])
     assert 0 < data["hot_share"] < 1  # the budget kept only part of the FFN on the "GPU"
+
+
+def test_decode_cpu_synthetic_smoke(tmp_path):
+    """decode_cpu.py --synthetic: builds, profiles and decodes a tiny sparse model; the ceiling row is there."""
+    out = tmp_path / "decode.json"
+    env = {**os.environ, "HOTCOLD_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/decode_cpu.py", "--synthetic", "tiny", "--dtypes", "float32",
+         "--no-transformers", "--eval-tokens", "200", "--new-tokens", "8", "--runs", "1", "--profile-tokens",
+         "1200", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["engine"]: r for r in json.loads(out.read_text())["rows"]}
+    predictor = rows["hotcold predictor float32 (plan)"]
+    assert 0 < predictor["ffn_sparsity"] < 1 and predictor["perplexity"] > 1
+    bound = rows["hotcold no FFN (ceiling) float32 (plan)"]["bound"]
+    assert 0 < bound["ffn_share_of_decode"] < 1 and bound["oracle_sparsity"] > 0.8  # --cett 0 on a 90%-sparse model
