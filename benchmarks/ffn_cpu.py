@@ -116,8 +116,8 @@ class Bench:
         def run(i, j):
             gate, up = (L[i].gate_up[:, 0], L[i].gate_up[:, 1]) if packed else (L[i].gate, L[i].up)
             m = masks[j] if masks else None
-            h = cpu_sparse.gathered_gate_up(x, up, sets[j], "swiglu", gate, None, m, config=config)
-            return cpu_sparse.gathered_down(h, L[i].down_t, sets[j], self.dtype, config=config)
+            return cpu_sparse.gathered_ffn(x, up, L[i].down_t, sets[j], "swiglu", gate, None, m, config,
+                                           out_dtype=self.dtype)
 
         return self.time(run, sets)
 

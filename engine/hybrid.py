@@ -229,13 +229,13 @@ class HybridFFN(nn.Module):
         backend = self.cfg.backend if side is self.hot else "cpu"
         T = x.shape[0]
         dense_side = T > self.cfg.max_sparse_tokens or (T > 1 and ids.numel() > self.cfg.dense_above * side.num)
+        if h_known is None and not dense_side:  # the sparse path proper: gather, activate, project down
+            return kernels.gathered_ffn(x, side.up, side.down_t, local, self.activation, side.gate, side.up_bias,
+                                        token_mask, gate_bias=side.gate_bias, backend=backend)
         if h_known is not None:
             h = _masked(h_known.to(side.device)[:, ids], token_mask)
-        elif dense_side:  # all rows of this side, then keep only the active (token, neuron) pairs
+        else:  # all rows of this side, then keep only the active (token, neuron) pairs
             h = _masked(self._dense_h(side, x)[:, local], token_mask)
-        else:
-            h = kernels.gathered_gate_up(x, side.up, local, self.activation, side.gate, side.up_bias, token_mask,
-                                         gate_bias=side.gate_bias, backend=backend)
         if dense_side:
             h_rows = torch.zeros(x.shape[0], side.num, dtype=h.dtype, device=side.device)
             h_rows[:, local] = h

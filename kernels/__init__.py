@@ -20,7 +20,7 @@ from .reference import ACTIVATIONS, ActivationSpec, activation_spec
 
 __all__ = [
     "ACTIVATIONS", "ActivationSpec", "CpuConfig", "activation_spec", "dense_ffn", "gathered_down",
-    "gathered_gate_up", "resolve_backend", "triton_available",
+    "gathered_ffn", "gathered_gate_up", "resolve_backend", "triton_available",
 ]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -64,6 +64,30 @@ def gathered_gate_up(
     """fp32 h [B,K] = act(gate/up rows idx at x), zero where token_mask is False (kernels.reference)."""
     impl = resolve_backend(backend, x.device)
     return impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias=gate_bias)
+
+
+def gathered_ffn(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    w_gate: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    *,
+    gate_bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y [B,H] = gathered_down(gathered_gate_up(...)): the FFN over the active neurons idx (one native call
+    on the CPU for a few tokens; the two kernels elsewhere)."""
+    impl = resolve_backend(backend, x.device)
+    if impl is cpu_sparse:
+        return cpu_sparse.gathered_ffn(x, w_up, w_down_t, idx, activation, w_gate, up_bias, token_mask,
+                                       gate_bias=gate_bias, out_dtype=out_dtype)
+    h = impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias=gate_bias)
+    return impl.gathered_down(h, w_down_t, idx, out_dtype)
 
 
 def gathered_down(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import native
-from .reference import activation_spec, apply_fn, check_down, check_gate_up
+from .reference import FUNCTIONS, activation_spec, apply_fn, check_down, check_gate_up
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,37 @@ def gathered_gate_up(
     if token_mask is not None:
         h = h.masked_fill(~token_mask, 0.0)
     return h.contiguous()
+
+
+def gathered_ffn(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    w_gate: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    config: CpuConfig = DEFAULT_CONFIG,
+    *,
+    gate_bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y [B,H]: gathered_gate_up then gathered_down. For a few tokens with native kernels, one native call
+    does both (no Python between them: ~25 us less per call, which is most of a small layer's time)."""
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias)
+    packed = _packed_view(w_gate, w_up) if spec.gated else None
+    one_call = (config.use_native and idx.numel() and (packed is not None or not spec.gated)
+                and w_down_t.dtype == w_up.dtype and w_down_t.shape == w_up.shape
+                and native.preferred(x.shape[0], w_up, w_down_t))
+    if not one_call:
+        h = gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, config, gate_bias=gate_bias)
+        return gathered_down(h, w_down_t, idx, out_dtype, config)
+    fp32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    y = native.gathered_ffn(packed if spec.gated else w_up, 2 if spec.gated else 1, w_down_t, idx,
+                            x.to(w_up.dtype).float(), FUNCTIONS[spec.gate_fn] if spec.gated else 0,
+                            FUNCTIONS[spec.up_fn], fp32(up_bias), fp32(gate_bias), token_mask)
+    return y.to(out_dtype)
 
 
 def gathered_down(

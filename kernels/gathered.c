@@ -108,3 +108,48 @@ DOTS(gathered_dots_f32, float, load_f32, f32_scalar)
 DOTS(gathered_dots_bf16, uint16_t, load_bf16, bf16_scalar)
 AXPY(gathered_axpy_f32, float, load_f32, f32_scalar)
 AXPY(gathered_axpy_bf16, uint16_t, load_bf16, bf16_scalar)
+
+/* The whole gathered FFN of a few tokens in one call (no Python between the two products):
+ * h[b,k] = gate_fn(g + gate_bias) * up_fn(u + up_bias)  (parts 2)  or  up_fn(u + up_bias)  (parts 1),
+ * zero where mask[b,k] == 0, rounded to bf16 when round_h (as the two-call path rounds h to the weights'
+ * dtype), then y[b] += sum_k h[b,k] * Wd[idx[k]]. Function codes are kernels.reference.FUNCTIONS.
+ * Biases are fp32 over all n_rows neurons (or NULL); h is scratch of B*K*parts floats; y is zeroed. */
+#include <math.h>
+
+static inline float act(int fn, float v) {
+    switch (fn) {
+    case 1: return v / (1.0f + expf(-v));
+    case 2: return v > 0.0f ? v : 0.0f;
+    case 3: return v > 0.0f ? v * v : 0.0f;
+    case 4: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case 5: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v;
+    }
+}
+
+static inline float round_bf16(float v) {
+    uint32_t u; memcpy(&u, &v, 4);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&v, &u, 4); return v;
+}
+
+#define FFN(NAME, T, DOTS_FN, AXPY_FN)                                                                     \
+int NAME(const T *Wgu, int64_t n_rows, int64_t stride_gu, int64_t parts, const T *Wd, int64_t stride_d,    \
+         const int64_t *idx, int64_t K, const float *x, int64_t B, int64_t H, const float *up_bias,        \
+         const float *gate_bias, const uint8_t *mask, int gate_fn, int up_fn, int round_h, float *h,       \
+         float *y) {                                                                                       \
+    if (DOTS_FN(Wgu, n_rows, stride_gu, parts, idx, K, x, B, H, h)) return -1;                             \
+    for (int64_t b = 0; b < B; b++)                                                                        \
+        for (int64_t k = 0; k < K; k++) {                                                                  \
+            const float *z = h + (b * K + k) * parts;                                                      \
+            float u = z[parts - 1] + (up_bias ? up_bias[idx[k]] : 0.0f);                                   \
+            float v = act(up_fn, u);                                                                       \
+            if (parts == 2) v *= act(gate_fn, z[0] + (gate_bias ? gate_bias[idx[k]] : 0.0f));              \
+            if (mask && !mask[b * K + k]) v = 0.0f;                                                        \
+            h[b * K + k] = round_h ? round_bf16(v) : v; /* k-th slot is read before it is overwritten */   \
+        }                                                                                                  \
+    return AXPY_FN(Wd, n_rows, stride_d, idx, K, h, B, H, y);                                              \
+}
+
+FFN(gathered_ffn_f32, float, gathered_dots_f32, gathered_axpy_f32)
+FFN(gathered_ffn_bf16, uint16_t, gathered_dots_bf16, gathered_axpy_bf16)

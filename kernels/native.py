@@ -29,6 +29,8 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "gathered_dots": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr],
     "gathered_axpy": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr],
+    "gathered_ffn": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr,
+                     ctypes.c_int, ctypes.c_int, ctypes.c_int, _ptr, _ptr],
 }
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -63,7 +65,8 @@ def load() -> ctypes.CDLL | None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # atomic: concurrent builders race safely
                 out = Path(tmp) / path.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True)
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True,
+                               capture_output=True)
                 out.replace(path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError):
@@ -148,6 +151,30 @@ def gathered_axpy(w: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.
     status = getattr(lib, f"gathered_axpy_{SUFFIX[w.dtype]}")(
         w.data_ptr(), w.shape[0], w.stride(0), idx.data_ptr(), K, h.data_ptr(), B, H, y.data_ptr())
     _check(status, idx, w.shape[0])
+    return y
+
+
+def gathered_ffn(w_gate_up: torch.Tensor, parts: int, w_down_t: torch.Tensor, idx: torch.Tensor, x: torch.Tensor,
+                 gate_fn: int, up_fn: int, up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
+                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 y [B, H] of the gathered FFN in one native call: rows idx[k] of w_gate_up (`parts` pieces: gate
+    then up, or up alone) dotted with x (fp32 [B, H]), biases (fp32 [I]) and activation codes
+    (reference.FUNCTIONS) applied, zero where token_mask is False, h rounded to the weights' dtype, then
+    summed over the rows of w_down_t."""
+    lib = load()
+    B, H = x.shape
+    K = idx.numel()
+    idx = idx.to(torch.int64).contiguous()
+    x = x.contiguous()
+    h = torch.empty(B * K * parts, dtype=torch.float32)
+    y = torch.zeros(B, w_down_t.shape[-1], dtype=torch.float32)
+    mask = None if token_mask is None else token_mask.contiguous().view(torch.uint8)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    status = getattr(lib, f"gathered_ffn_{SUFFIX[w_gate_up.dtype]}")(
+        w_gate_up.data_ptr(), w_gate_up.shape[0], w_gate_up.stride(0), parts, w_down_t.data_ptr(),
+        w_down_t.stride(0), idx.data_ptr(), K, x.data_ptr(), B, H, ptr(up_bias), ptr(gate_bias), ptr(mask),
+        gate_fn, up_fn, int(w_gate_up.dtype != torch.float32), h.data_ptr(), y.data_ptr())
+    _check(status, idx, w_gate_up.shape[0])
     return y
 
 

@@ -426,3 +426,29 @@ def test_ffn_cpu_benchmark_runs(tmp_path):
     result = json.loads(out.read_text())
     assert {r["path"] for r in result["sweep"]} == {"dense", "sparse", "sparse_separate"}
     assert result["crossover"][0]["batch"] == 2 and result["machine"]["read_gbs"] > 0
+
+
+@pytest.mark.parametrize("activation", sorted(SPECS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 2, 5])
+def test_gathered_ffn_every_activation(activation, dtype, B):
+    """The one-call FFN (native for a few tokens; the two kernels otherwise) against float64, biases and
+    per-token masks included; and the reference backend's composition."""
+    I, H = 90, 40
+    a = make(I, H, B, 37, dtype, activation, bias=True, mask=B > 1, packed=True, seed=B)
+    if SPECS[activation][0] is None:  # not gated: up rows alone, with a row stride of their own
+        a["w_up"] = torch.randn(I, 2, H).to(dtype)[:, 1]
+    w_down_t = torch.randn(I, H).to(dtype)
+    h64 = gate_up_ref(a)
+    want = h64.to(dtype).double() @ w_down_t.double()[a["idx"]]  # h rounded to the weights' dtype first
+    args = (a["x"], a["w_up"], w_down_t, a["idx"], activation, a["w_gate"], a["up_bias"], a["token_mask"])
+    one_call = B <= native.MAX_TOKENS[dtype]
+    tol = 1e-5 if dtype == torch.float32 else (2e-2 if one_call else 4e-2)  # bf16: h rounding flips
+    for backend in ("cpu", "reference"):
+        y = kernels.gathered_ffn(*args, gate_bias=a["gate_bias"], backend=backend)
+        check(y, want, tol, floor=1.0)
+    y16 = kernels.gathered_ffn(*args, gate_bias=a["gate_bias"], out_dtype=dtype)
+    check(y16, want, 2e-2 if dtype != torch.float32 else 1e-5, dtype, floor=1.0)
+    with pytest.raises(IndexError):
+        kernels.gathered_ffn(a["x"], a["w_up"], w_down_t, torch.tensor([I]), activation, a["w_gate"],
+                             a["up_bias"], None, gate_bias=a["gate_bias"])
