@@ -2,7 +2,7 @@
  *
  * A gathered dot product (gate/up of the active neurons) in torch has to copy the rows out first
  * (index_select) and read them again (matmul); here each active row is streamed once from memory, dotted
- * with every token of the batch while it sits in L1, and the next row is prefetched meanwhile.
+ * with every token of the batch while it sits in L1, and rows further on are prefetched meanwhile.
  * The down projection is the mirror image: y[b] += h[b,k] * row_k, the row read once for all tokens.
  *
  * Weights are fp32 or bf16 (read as uint16 and widened by a shift); accumulation is fp32. Written with
@@ -34,8 +34,16 @@ static inline int check_ids(const int64_t *idx, int64_t K, int64_t n_rows) {
     return 0;
 }
 
-/* The next row's lines are requested as the current row's same lines are consumed: one row ahead, a
- * steady stream the memory system can overlap (requesting a whole row at once overflows the fill buffers). */
+/* A row further on has its lines requested as the current row's same lines are consumed: a steady stream
+ * the memory system can overlap (requesting a whole row at once overflows the fill buffers). Rows shorter
+ * than AHEAD_BYTES are prefetched that many bytes ahead: at the default model's shape (2.3 KB bf16 rows)
+ * 8 KB ahead reads 1.6x faster than one row ahead; rows of 16 KB and more gain nothing from going further. */
+#define AHEAD_BYTES 8192
+static inline int64_t rows_ahead(int64_t row_bytes) {
+    int64_t a = AHEAD_BYTES / (row_bytes > 0 ? row_bytes : 1);
+    return a < 1 ? 1 : a;
+}
+
 static inline void prefetch_span(const void *p, int64_t nbytes) {
     for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 0);
 }
@@ -45,10 +53,10 @@ static inline void prefetch_span(const void *p, int64_t nbytes) {
 int NAME(const T *W, int64_t n_rows, int64_t stride, int64_t parts, const int64_t *idx, int64_t K,         \
          const float *x, int64_t B, int64_t H, float *out) {                                               \
     if (check_ids(idx, K, n_rows)) return -1;                                                              \
-    int64_t H4 = H - H % (4 * V), H1 = H - H % V;                                                          \
+    int64_t H4 = H - H % (4 * V), H1 = H - H % V, ahead = rows_ahead(parts * H * (int64_t)sizeof(T));     \
     for (int64_t k = 0; k < K; k++) {                                                                      \
         const T *row = W + idx[k] * stride;                                                                \
-        const T *next = k + 1 < K ? W + idx[k + 1] * stride : 0;                                           \
+        const T *next = k + ahead < K ? W + idx[k + ahead] * stride : 0;                                   \
         for (int64_t p = 0; p < parts; p++) {                                                              \
             const T *r = row + p * H;                                                                      \
             for (int64_t b = 0; b < B; b++) {                                                              \
@@ -78,10 +86,10 @@ int NAME(const T *W, int64_t n_rows, int64_t stride, int64_t parts, const int64_
 int NAME(const T *W, int64_t n_rows, int64_t stride, const int64_t *idx, int64_t K, const float *h,        \
          int64_t B, int64_t H, float *y) {                                                                 \
     if (check_ids(idx, K, n_rows)) return -1;                                                              \
-    int64_t H1 = H - H % V;                                                                                \
+    int64_t H1 = H - H % V, ahead = rows_ahead(H * (int64_t)sizeof(T));                                   \
     for (int64_t k = 0; k < K; k++) {                                                                      \
         const T *r = W + idx[k] * stride;                                                                  \
-        const T *next = k + 1 < K ? W + idx[k + 1] * stride : 0;                                           \
+        const T *next = k + ahead < K ? W + idx[k + ahead] * stride : 0;                                   \
         int first = 1;                                                                                     \
         for (int64_t b = 0; b < B; b++) {                                                                  \
             float c = h[b * K + k];                                                                        \
