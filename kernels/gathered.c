@@ -8,7 +8,8 @@
  * Weights are fp32 or bf16 (read as uint16 and widened by a shift); accumulation is fp32. Written with
  * GCC vector extensions, so the compiler emits AVX-512 / AVX2 / NEON for the machine it is built on
  * (kernels/native.py builds it with -march=native on first use). Each function is single-threaded and is
- * called with the GIL released (ctypes): the caller splits work across threads.
+ * called with the GIL released (ctypes), so the executor's CPU worker runs beside the GPU side. (Splitting
+ * one layer's rows over the two cores of the development machine was measured slower: one memory path.)
  */
 #include <stdint.h>
 #include <string.h>
