@@ -186,7 +186,8 @@ class HybridFFN(nn.Module):
         future = None
         if cold_ids.numel():
             args = (self.cold, self._to_host(x), cold_ids.cpu(), mask.cpu(), h_known)
-            future = self.pool.submit(self._side, *args) if self.pool else None
+            # a worker only when there is GPU-side work to overlap: otherwise the hop is pure overhead
+            future = self.pool.submit(self._side, *args) if self.pool and hot_ids.numel() else None
             y_cold = None if future else self._side(*args)
         y = self._side(self.hot, x, hot_ids, mask, h_known) if hot_ids.numel() else torch.zeros(
             x.shape, dtype=torch.float32, device=x.device)

@@ -355,8 +355,11 @@ def test_jsonl_dataset(tmp_path, capsys):
         rc, result = run_loadtest(server.url, tmp_path, "--endpoint", "/v1/chat/completions",
                                   "--dataset", str(data), "--num-prompts", "4")
     assert rc == 0 and result["summary"]["successful_requests"] == 4
-    assert server.bodies[2]["messages"] == rows[1]["messages"]
-    assert server.bodies[1]["messages"] == [{"role": "user", "content": "12345678"}]
+    # the test request (prompt 0), then prompts 0, 1, 0, 1 concurrently: in any order of arrival
+    first = [{"role": "user", "content": "12345678"}]
+    assert server.bodies[0]["messages"] == first
+    sent = sorted(json.dumps(b["messages"]) for b in server.bodies[1:])
+    assert sent == sorted(json.dumps(m) for m in [first, rows[1]["messages"]] * 2)
     for bad, message in (('{"prompt": 1}', "'prompt' or 'messages'"), ("{oops", "not JSON")):
         data.write_text(bad + "\n")
         rc, _ = run_loadtest("http://127.0.0.1:1", tmp_path, "--model", "m", "--dataset", str(data))
