@@ -16,7 +16,7 @@ from torch import nn
 
 from hotcold.engine.cache import KVCache
 from hotcold.engine.config import GATED, ModelConfig
-from hotcold.kernels import native
+from hotcold.kernels import cpu_sparse, native
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,21 +113,13 @@ class DenseFFN(nn.Module, NeuronRows):
         return self.project_down(self.activations(x))
 
     def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
-        """A few tokens on the CPU: every row through the native kernels, which stream each row once, where
-        torch's small-M product reaches half the memory bandwidth (1.2-2x faster: benchmarks/ffn_cpu.py).
+        """A few tokens on the CPU: every row through the native kernels (one call), which stream each row
+        once where torch's small-M product reaches half the memory bandwidth (2x: benchmarks/ffn_cpu.py).
         fp32 accumulation; h is rounded to the weights' dtype before the down projection, as torch's is."""
-        ids = torch.arange(self.intermediate_size)
-        z = native.gathered_dots(self.gate_up, 2 if self.gated else 1, ids, x.float())  # [T, I, parts]
-        if self.gate_up_bias is not None:
-            z = z + self.gate_up_bias.float().view(self.intermediate_size, -1)
-        if self.gated:
-            h = activate(self.activation, z[..., 1], z[..., 0], self.gelu_approximate)
-        else:
-            h = activate(self.activation, z[..., 0], None, self.gelu_approximate)
-        y = native.gathered_axpy(self.down_t, ids, h.to(self.down_t.dtype).float())
-        if self.down_bias is not None:
-            y = y + self.down_bias.float()
-        return y.to(x.dtype)
+        approx = "_tanh" if self.gelu_approximate == "tanh" and self.activation in ("gelu", "geglu") else ""
+        y = cpu_sparse.gathered_ffn(x, self.up, self.down_t, torch.arange(self.intermediate_size),
+                                    self.activation + approx, self.gate, self.up_bias, gate_bias=self.gate_bias)
+        return (y if self.down_bias is None else y + self.down_bias.float()).to(x.dtype)
 
 
 class MoEFFN(nn.Module):
