@@ -112,29 +112,29 @@ def plan_rows(path: Path, args: argparse.Namespace) -> list[dict]:
     from hotcold.engine.plan import load_plan
     from hotcold.profiler.corpus import builtin_texts
 
-    rows = []
+    rows, ids = [], []
     dtype = args.plan_dtype
     for mode in ("off", "predictor", "skip"):
         loaded = load_model(path, dtype=dtype)
         plan = load_plan(args.plan, loaded.fingerprint)
+        if not ids:  # the held-out text, tokenized once for the three rows
+            for doc in builtin_texts()[1]:
+                ids += loaded.tokenizer.encode(doc + "\n\n")
+                if len(ids) >= args.eval_tokens:
+                    break
+            ids = ids[: args.eval_tokens]
         if mode == "skip":  # the ceiling: no FFN at all (perplexity meaningless)
             for layer in loaded.model.layers:
                 layer.ffn = SkippedFFN()
         else:
             apply_hybrid(loaded.model, plan, HybridConfig(mode=mode, placement=args.placement), loaded.fingerprint,
                          workers=args.workers)
-        ids = []
-        for doc in builtin_texts()[1]:
-            ids += loaded.tokenizer.encode(doc + "\n\n")
-            if len(ids) >= args.eval_tokens:
-                break
-        ppl = None if mode == "skip" else perplexity(loaded.model, ids[: args.eval_tokens], context=512)
+        ppl = None if mode == "skip" else perplexity(loaded.model, ids, context=512)
         prompt_ids = loaded.tokenizer.encode(PROMPT)
         long_ids = loaded.tokenizer.encode(LONG_TEXT)[:512]
         result = time_hotcold(loaded, prompt_ids, long_ids, args.new_tokens, args.runs)
         name = {"off": "dense", "predictor": "predictor", "skip": "no FFN (ceiling)"}[mode]
-        rows.append({"engine": f"hotcold {name} {dtype} (plan)", "perplexity": ppl,
-                     "eval_tokens": len(ids[: args.eval_tokens]),
+        rows.append({"engine": f"hotcold {name} {dtype} (plan)", "perplexity": ppl, "eval_tokens": len(ids),
                      "ffn_sparsity": getattr(loaded.model, "ffn_counters", None) and loaded.model.ffn_counters.sparsity,
                      **result})
     dense, sparse, skipped = rows

@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hotcold import kernels
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, activate, linear
+from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, linear
 from hotcold.engine.plan import LayerPlan, Plan
 from hotcold.kernels import native
 
@@ -88,12 +87,11 @@ class _Side(NeuronRows):
             native.use_huge_pages(self.gate_up)
             native.use_huge_pages(self.down_t)
             self.gate_up_bias = None if dense.gate_up_bias is None else dense.gate_up_bias[ids].to(device)
-        self.gated = dense.gated
+        self.gated, self.activation, self.gelu_approximate = dense.gated, dense.activation, dense.gelu_approximate
         self.ids = ids.to(device)
         self.all_rows = full  # local row == global id: no translation needed
-        # the kernels' arguments, sliced once (a slice costs microseconds; a small layer's call ~30)
-        self.args = (self.up, self.down_t, self.gate, self.up_bias)
-        self.kwargs = {"gate_bias": self.gate_bias}
+        # the views the kernels take, sliced once (a slice costs microseconds; a small layer's call ~30)
+        self.views = (self.up, self.gate, self.up_bias, self.gate_bias)
 
 
 class HybridFFN(nn.Module):
@@ -138,12 +136,7 @@ class HybridFFN(nn.Module):
 
     def _dense_h(self, side: _Side, x: torch.Tensor) -> torch.Tensor:
         """fp32 activations of all of a side's rows (one GEMM), in the side's local order."""
-        z = F.linear(x.to(side.device, side.gate_up.dtype), side.gate_up.reshape(-1, x.shape[-1]),
-                     None if side.gate_up_bias is None else side.gate_up_bias.reshape(-1))
-        if side.gated:
-            z = z.view(x.shape[0], -1, 2)
-            return activate(self.activation, z[..., 1], z[..., 0]).float()
-        return activate(self.activation, z).float()
+        return side.activations(x.to(side.device, side.gate_up.dtype)).float()
 
     def active_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[T, I] bool of the neurons each token needs; in oracle mode also the dense activations."""
@@ -234,9 +227,9 @@ class HybridFFN(nn.Module):
         T = x.shape[0]
         dense_side = T > self.cfg.max_sparse_tokens or (T > 1 and ids.numel() > self.cfg.dense_above * side.num)
         if h_known is None and not dense_side:  # the sparse path proper: gather, activate, project down
-            up, down_t, gate, up_bias = side.args
-            return kernels.gathered_ffn(x, up, down_t, local, self.activation, gate, up_bias, token_mask,
-                                        backend=backend, **side.kwargs)
+            up, gate, up_bias, gate_bias = side.views
+            return kernels.gathered_ffn(x, up, side.down_t, local, self.activation, gate, up_bias, token_mask,
+                                        gate_bias=gate_bias, backend=backend)
         if h_known is not None:
             h = _masked(h_known.to(side.device)[:, ids], token_mask)
         else:  # all rows of this side, then keep only the active (token, neuron) pairs

@@ -51,9 +51,19 @@ def activate(activation: str, up: torch.Tensor, gate: torch.Tensor | None = None
 class NeuronRows:
     """Views of interleaved gate/up rows (`gate_up` [I, 2, H] when gated, else up [I, H]) and their biases."""
 
+    activation: str
+    gelu_approximate: str
     gated: bool
     gate_up: torch.Tensor
     gate_up_bias: torch.Tensor | None
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """h [.., I] of every row: one GEMM for gate and up."""
+        if self.gated:
+            bias = None if self.gate_up_bias is None else self.gate_up_bias.reshape(-1)
+            z = F.linear(x, self.gate_up.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1, 2)
+            return activate(self.activation, z[..., 1], z[..., 0], self.gelu_approximate)
+        return activate(self.activation, F.linear(x, self.gate_up, self.gate_up_bias), None, self.gelu_approximate)
 
     @property
     def gate(self) -> torch.Tensor | None:
@@ -95,13 +105,6 @@ class DenseFFN(nn.Module, NeuronRows):
             self.gate_up, self.gate_up_bias = up.contiguous(), up_bias
         self.down_t = down_t.contiguous()
         self.down_bias = down_bias
-
-    def activations(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            bias = None if self.gate_up_bias is None else self.gate_up_bias.view(-1)
-            z = F.linear(x, self.gate_up.view(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1, 2)
-            return activate(self.activation, z[..., 1], z[..., 0], self.gelu_approximate)
-        return activate(self.activation, F.linear(x, self.gate_up, self.gate_up_bias), None, self.gelu_approximate)
 
     def project_down(self, h: torch.Tensor) -> torch.Tensor:
         y = h @ self.down_t
