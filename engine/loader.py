@@ -12,11 +12,12 @@ import torch
 from hotcold.engine import config as configs
 from hotcold.engine.config import ModelConfig
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import Attention, Block, DenseFFN, MoEFFN, Norm, Transformer
+from hotcold.engine.model import Attention, Block, DenseFFN, MoEFFN, Norm, QuantFFN, Transformer
 from hotcold.engine.plan import compute_fingerprint
 from hotcold.engine.tokenizer import Tokenizer, from_gguf_metadata, from_hf_folder
 from hotcold.engine.weights import GGUFReader, SafetensorsReader
-from hotcold.kernels import native
+from hotcold.kernels import native, quant
+from hotcold.kernels.quant import QUANTIZE_TYPES, QuantTensor
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -64,10 +65,13 @@ def resolve_model_path(spec: str | Path | None) -> Path:
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bfloat16 on a GPU and on the CPU too: on the 2-core AVX-512 machine it decodes the default model 2.2x
-    faster than float32 (benchmarks/RESULTS.md) at the same held-out perplexity (14.363 vs 14.365).
-    The logits checks against transformers run in float32 (`--dtype float32`)."""
-    return torch.bfloat16
+    """bfloat16 on a GPU; on the CPU what the calibration chose for this machine (kernels.calibrate: bfloat16
+    unless torch lacks a fast bf16 product here). The logits checks against transformers run in float32."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    from hotcold.kernels import calibrate
+
+    return calibrate.default_dtype()
 
 
 def model_fingerprint(cfg: ModelConfig, tensors: dict[str, tuple[tuple[int, ...], str]]) -> str:
@@ -77,13 +81,28 @@ def model_fingerprint(cfg: ModelConfig, tensors: dict[str, tuple[tuple[int, ...]
 
 
 def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = None, device: str = "cpu",
-               activation: str | None = None) -> LoadedModel:
-    """Load a Hugging Face folder, a .gguf file or the default model onto `device`."""
+               activation: str | None = None, quantize: str | None = None) -> LoadedModel:
+    """Load a Hugging Face folder, a .gguf file or the default model onto `device`.
+
+    On the CPU, with no `dtype` given, a GGUF's quantized matrices stay in their blocks (kernels.quant) and
+    activations run in float32; an explicit `dtype` dequantizes them (what the sparse executor and the
+    profiler need). `quantize` (Q8_0, Q4_0, Q4_1) quantizes a checkpoint's float matrices at load."""
     path = resolve_model_path(spec)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise HotcoldError(f"unknown dtype {dtype!r} (choose from float32, bfloat16, float16)")
         dtype = DTYPES[dtype]
+    if quantize is not None:
+        quantize = quantize.upper()
+        if quantize not in QUANTIZE_TYPES:
+            raise HotcoldError(f"unknown --quantize {quantize.lower()!r} (choose from "
+                               f"{', '.join(t.lower() for t in QUANTIZE_TYPES)})")
+    cpu = torch.device(device).type == "cpu"
+    if quantize and not cpu:
+        raise HotcoldError("--quantize runs on the CPU only (the GPU kernels take 16/32-bit weights)")
+    keep_blocks = dtype is None and cpu and native.load() is not None
+    if quantize and native.load() is None:
+        raise HotcoldError("--quantize needs the native CPU kernels (a C compiler, HOTCOLD_NATIVE unset)")
     dtype = dtype or default_dtype(device)
     if path.suffix == ".gguf":
         reader = GGUFReader(path)
@@ -100,7 +119,7 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
         gen = _generation_defaults(path)
         tokenizer = from_hf_folder(path, gen.eos_token_ids)
     tensors = reader.tensor_names()
-    model = build_model(cfg, reader, dtype, torch.device(device))
+    model = build_model(cfg, reader, dtype, torch.device(device), keep_blocks=keep_blocks, quantize=quantize)
     for weight in _large_weights(model):
         native.use_huge_pages(weight)
     return LoadedModel(model, tokenizer, cfg, gen, str(path), model_fingerprint(cfg, tensors), tensors)
@@ -112,8 +131,8 @@ def _large_weights(model: Transformer) -> list[torch.Tensor]:
     for block in model.layers:
         out += [block.attn.wqkv, block.attn.wo]
         ffns = block.ffn.experts if isinstance(block.ffn, MoEFFN) else [block.ffn]
-        out += [t for ffn in ffns for t in (ffn.gate_up, ffn.down_t)]
-    return out
+        out += [t for ffn in ffns for t in (ffn.gate_up, ffn.down if isinstance(ffn, QuantFFN) else ffn.down_t)]
+    return [w.data if isinstance(w, QuantTensor) else w for w in out]
 
 
 def _generation_defaults(folder: Path) -> GenerationDefaults:
@@ -132,8 +151,22 @@ def _generation_defaults(folder: Path) -> GenerationDefaults:
 
 
 def build_model(cfg: ModelConfig, reader: SafetensorsReader | GGUFReader, dtype: torch.dtype,
-                device: torch.device) -> Transformer:
-    """Convert tensor by tensor into hotcold's layout (fused qkv and gate/up, down transposed)."""
+                device: torch.device, keep_blocks: bool = False, quantize: str | None = None) -> Transformer:
+    """Convert tensor by tensor into hotcold's layout (fused qkv and gate/up, down transposed; quantized
+    matrices keep their blocks with `keep_blocks`, float ones are quantized to `quantize`)."""
+    blocks = keep_blocks and isinstance(reader, GGUFReader) and any(
+        reader.is_quantized(n) for n in ("layers.0.up.weight", "layers.0.q.weight", "embed.weight"))
+    if blocks or quantize:
+        dtype = torch.float32  # activations, norms and biases next to quantized matrices
+
+    def matrix(name: str, required: bool = True) -> torch.Tensor | QuantTensor | None:
+        """A weight matrix: its GGUF blocks, or quantized from floats, or floats in `dtype`."""
+        if blocks and (kept := reader.get_quantized(name)) is not None:
+            return kept
+        t = get(name, required)
+        if quantize and t is not None and t.dim() == 2 and t.shape[1] % 32 == 0:
+            return quant.quantize(t, quantize)
+        return t
 
     def get(name: str, required: bool = True) -> torch.Tensor | None:
         tensor = reader.get(name)
@@ -147,8 +180,17 @@ def build_model(cfg: ModelConfig, reader: SafetensorsReader | GGUFReader, dtype:
         bias = get(f"{prefix}.bias", required=False) if cfg.norm == "layer" else None
         return Norm(cfg.norm, get(f"{prefix}.weight"), bias, cfg.norm_eps)
 
-    def ffn(prefix: str) -> DenseFFN:
+    def ffn(prefix: str) -> DenseFFN | QuantFFN:
         bias = cfg.mlp_bias
+        if blocks or quantize:
+            mats = [matrix(f"{prefix}.{n}.weight") for n in (("gate", "up") if cfg.gated else ("up",))]
+            down = matrix(f"{prefix}.down.weight")
+            if all(isinstance(m, QuantTensor) for m in [*mats, down]):
+                mats = _same_type(mats)
+                return QuantFFN(cfg.activation, mats[-1], down, gate=mats[0] if cfg.gated else None,
+                                up_bias=get(f"{prefix}.up.bias", bias),
+                                gate_bias=get(f"{prefix}.gate.bias", bias and cfg.gated),
+                                down_bias=get(f"{prefix}.down.bias", bias), gelu_approximate=cfg.gelu_approximate)
         down = get(f"{prefix}.down.weight")
         return DenseFFN(cfg.activation, get(f"{prefix}.up.weight"), down.t().contiguous(),
                         gate=get(f"{prefix}.gate.weight") if cfg.gated else None,
@@ -159,19 +201,34 @@ def build_model(cfg: ModelConfig, reader: SafetensorsReader | GGUFReader, dtype:
     layers = []
     for i in range(cfg.num_layers):
         p = f"layers.{i}"
-        wqkv = torch.cat([get(f"{p}.q.weight"), get(f"{p}.k.weight"), get(f"{p}.v.weight")])
+        wqkv = _cat_rows([matrix(f"{p}.{n}.weight") for n in "qkv"])
         bqkv = torch.cat([get(f"{p}.{n}.bias") for n in "qkv"]) if cfg.qkv_bias else None
-        attn = Attention(cfg, wqkv, bqkv, get(f"{p}.o.weight"), get(f"{p}.o.bias") if cfg.o_bias else None)
+        attn = Attention(cfg, wqkv, bqkv, matrix(f"{p}.o.weight"), get(f"{p}.o.bias") if cfg.o_bias else None)
         if cfg.num_experts:
             experts = [ffn(f"{p}.experts.{e}") for e in range(cfg.num_experts)]
             mlp = MoEFFN(get(f"{p}.router.weight"), experts, cfg.num_experts_per_tok)
         else:
             mlp = ffn(p)
         layers.append(Block(norm(f"{p}.attn_norm"), attn, norm(f"{p}.ffn_norm"), mlp, cfg.pre_norm))
-    embed = get("embed.weight")
-    lm_head = None if cfg.tie_word_embeddings else get("lm_head.weight", required=False)
+    embed = matrix("embed.weight")
+    lm_head = None if cfg.tie_word_embeddings else matrix("lm_head.weight", required=False)
     if lm_head is None:
         cfg.tie_word_embeddings = True  # GGUF models without output.weight share the embedding
         lm_head = embed
     pos = get("pos_embed.weight") if cfg.positional == "learned" else None
     return Transformer(cfg, embed, layers, norm("final_norm"), lm_head, pos).eval()
+
+
+def _same_type(mats: list[torch.Tensor | QuantTensor]) -> list[QuantTensor]:
+    """Quantized matrices that are fused must share a block type: mixed ones (a Q4_K_M file's Q4_K and Q6_K)
+    go to Q8_0, which holds every one of them almost exactly."""
+    if len({m.qtype for m in mats}) == 1:
+        return mats
+    return [m if m.qtype == "Q8_0" else quant.quantize(m.dequantize(), "Q8_0") for m in mats]
+
+
+def _cat_rows(mats: list[torch.Tensor | QuantTensor]) -> torch.Tensor | QuantTensor:
+    """q, k and v stacked into one matrix (one product), quantized when all three are."""
+    if all(isinstance(m, QuantTensor) for m in mats):
+        return quant.concat(_same_type(mats))
+    return torch.cat([m.dequantize() if isinstance(m, QuantTensor) else m for m in mats])

@@ -16,12 +16,19 @@ from torch import nn
 
 from hotcold.engine.cache import KVCache
 from hotcold.engine.config import GATED, ModelConfig
-from hotcold.kernels import cpu_sparse, native
+from hotcold.kernels import cpu_sparse, native, quant
+from hotcold.kernels.quant import QuantTensor
+
+Weight = torch.Tensor | QuantTensor
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, but a few tokens on the CPU go through the native kernels: torch's small-M product reads
-    [out, in] weights at about half the memory bandwidth (benchmarks/ffn_cpu.py). fp32 accumulation."""
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but quantized weights run in their blocks (kernels.quant), and a few tokens over float
+    weights on the CPU go through the native kernels where the calibration measured them faster than torch
+    (kernels.calibrate). fp32 accumulation."""
+    if isinstance(w, QuantTensor):
+        y = quant.linear(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
+        return (y if b is None else y + b.float()).to(x.dtype)
     if x.dim() == 2 and native.preferred(x.shape[0], w):
         y = native.linear(x, w)
         return (y if b is None else y + b.float()).to(x.dtype)
@@ -123,6 +130,35 @@ class DenseFFN(nn.Module, NeuronRows):
         y = cpu_sparse.gathered_ffn(x, self.up, self.down_t, torch.arange(self.intermediate_size),
                                     self.activation + approx, self.gate, self.up_bias, gate_bias=self.gate_bias)
         return (y if self.down_bias is None else y + self.down_bias.float()).to(x.dtype)
+
+
+class QuantFFN(nn.Module):
+    """The dense FFN over quantized weights, kept as the checkpoint stores them: gate and up rows interleaved
+    (one product for both, [2I, H]) and down as [H, I] rows (GGUF's own layout: no re-quantization)."""
+
+    def __init__(self, activation: str, up: QuantTensor, down: QuantTensor, gate: QuantTensor | None = None,
+                 up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
+                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none"):
+        super().__init__()
+        self.activation, self.gelu_approximate = activation, gelu_approximate
+        self.gated = activation in GATED
+        self.intermediate_size = up.shape[0]
+        self.gate_up = quant.interleave(gate, up) if self.gated else up
+        self.gate_up_bias = None
+        if up_bias is not None or gate_bias is not None:
+            self.gate_up_bias = torch.stack([gate_bias if gate_bias is not None else torch.zeros_like(up_bias),
+                                             up_bias if up_bias is not None else torch.zeros_like(gate_bias)],
+                                            dim=1).reshape(-1) if self.gated else up_bias
+        self.down, self.down_bias = down, down_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = linear(x, self.gate_up, self.gate_up_bias)
+        if self.gated:
+            z = z.view(*x.shape[:-1], -1, 2)
+            h = activate(self.activation, z[..., 1], z[..., 0], self.gelu_approximate)
+        else:
+            h = activate(self.activation, z, None, self.gelu_approximate)
+        return linear(h, self.down, self.down_bias)
 
 
 class MoEFFN(nn.Module):
@@ -288,7 +324,8 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The activations' dtype: the weights' float dtype, fp32 over quantized weights."""
+        return torch.float32 if isinstance(self.embed, QuantTensor) else self.embed.dtype
 
     @property
     def device(self) -> torch.device:
@@ -307,7 +344,8 @@ class Transformer(nn.Module):
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """Run the flattened tokens of one step; return float32 logits at `logits_indices` (default: all)."""
         positions = batch.token_positions().to(self.device)
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed.dequantize(input_ids) if isinstance(self.embed, QuantTensor) else F.embedding(
+            input_ids, self.embed)
         if self.pos_embed is not None:
             x = x + F.embedding(positions + 2, self.pos_embed)  # OPT's learned positions start at offset 2
         rope = self._rope(positions)

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from hotcold.engine.errors import HotcoldError
+from hotcold.kernels.quant import QuantTensor
 
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 _HF_LLAMA_GLOBAL = {"embed": "embed_tokens", "final_norm": "norm"}
@@ -114,7 +116,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 class GGUFReader:
-    """A .gguf file through the `gguf` package; quantized tensors are dequantized on access."""
+    """A .gguf file through the `gguf` package: `get` dequantizes, `get_quantized` keeps the blocks."""
 
     def __init__(self, path: Path):
         import gguf
@@ -142,6 +144,39 @@ class GGUFReader:
 
     def tensor_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {n: (tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name) for n, t in self._tensors.items()}
+
+    def _key(self, name: str) -> str | None:
+        base, _, suffix = name.rpartition(".")
+        if base in _GGUF_GLOBAL:
+            return f"{_GGUF_GLOBAL[base]}.{suffix}"
+        match = _LAYER.match(base)
+        if not match or match.group(2) not in _GGUF_LAYER:
+            return None
+        return f"blk.{match.group(1)}.{_GGUF_LAYER[match.group(2)]}.{suffix}"
+
+    def is_quantized(self, name: str) -> bool:
+        key = self._key(name)
+        tensor = self._tensors.get(key) if key else None
+        return tensor is not None and tensor.tensor_type.name not in FLOAT_TYPES
+
+    def get_quantized(self, name: str) -> QuantTensor | None:
+        """A quantized tensor kept in its blocks (kernels.quant; types the kernels do not run become Q8_0), in
+        transformers' row order; None when the tensor is absent or stored as floats."""
+        from hotcold.kernels.quant import from_gguf
+
+        key = self._key(name)
+        tensor = self._tensors.get(key) if key else None
+        if tensor is None or tensor.tensor_type.name in FLOAT_TYPES:
+            return None
+        cols = int(tensor.shape[0])  # GGUF lists the contiguous dimension first
+        try:
+            out = from_gguf(np.asarray(tensor.data), tensor.tensor_type.name, cols)
+        except (ValueError, NotImplementedError) as exc:
+            raise HotcoldError(f"{key}: cannot use its {tensor.tensor_type.name} data ({exc}); convert the model "
+                               "to Q8_0, Q4_0, Q4_1 or F16 with llama-quantize") from None
+        if self.arch == "llama" and name.endswith((".q.weight", ".k.weight")):
+            out.data = _unpermute(out.data, self.n_head if ".q." in name else self.n_head_kv).contiguous()
+        return out
 
     def get(self, name: str) -> torch.Tensor | None:
         import gguf

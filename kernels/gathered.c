@@ -6,12 +6,13 @@
  * The down projection is the mirror image: y[b] += h[b,k] * row_k, the row read once for all tokens.
  *
  * Weights are fp32 or bf16 (read as uint16 and widened by a shift); accumulation is fp32. Written with
- * GCC vector extensions, so the compiler emits AVX-512 / AVX2 / NEON for the machine it is built on
- * (kernels/native.py builds it with -march=native on first use). Each function is single-threaded and is
- * called with the GIL released (ctypes), so the executor's CPU worker runs beside the GPU side. (Splitting
- * one layer's rows over the two cores of the development machine was measured slower: one memory path.)
+ * GCC vector extensions, so the compiler emits AVX-512 / AVX2 / SSE / NEON for the ISA level it is built
+ * for (kernels/native.py builds one library per level and loads the best the CPU has). Rows (dots) or
+ * columns (axpy) are split over the thread pool (pool.c); each output is summed by one thread in a fixed
+ * order, so results do not depend on the thread count or on the other tokens of the batch.
  */
-#include <stdint.h>
+#include "native.h"
+
 #include <string.h>
 
 #define V 16
@@ -29,12 +30,6 @@ static inline float bf16_scalar(uint16_t h) { uint32_t u = (uint32_t)h << 16; fl
 static inline float hsum(vf v) { float s = 0; for (int i = 0; i < V; i++) s += v[i]; return s; }
 static inline void store_add(float *p, vf v) { vf o = load_f32(p); o += v; memcpy(p, &o, sizeof o); }
 
-/* 0, or -1 (nothing computed) when an id is outside [0, n_rows): a bad id must not read foreign memory. */
-static inline int check_ids(const int64_t *idx, int64_t K, int64_t n_rows) {
-    for (int64_t k = 0; k < K; k++) if (idx[k] < 0 || idx[k] >= n_rows) return -1;
-    return 0;
-}
-
 /* A row further on has its lines requested as the current row's same lines are consumed: a steady stream
  * the memory system can overlap (requesting a whole row at once overflows the fill buffers). Rows shorter
  * than AHEAD_BYTES are prefetched that many bytes ahead: at the default model's shape (2.3 KB bf16 rows)
@@ -45,19 +40,15 @@ static inline int64_t rows_ahead(int64_t row_bytes) {
     return a < 1 ? 1 : a;
 }
 
-static inline void prefetch_span(const void *p, int64_t nbytes) {
-    for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 0);
-}
-
-/* out[b, k, p] = sum_j W[idx[k] * stride + p * H + j] * x[b, j]   for p < parts (2: gate, up; 1: up). */
+/* out[b, k, p] = sum_j W[idx[k] * stride + p * H + j] * x[b, j]   for p < parts (2: gate, up; 1: up),
+ * for k in [k0, k1). idx == NULL means row k itself (a dense product). */
 #define DOTS(NAME, T, LOAD, SCALAR)                                                                        \
-int NAME(const T *W, int64_t n_rows, int64_t stride, int64_t parts, const int64_t *idx, int64_t K,         \
-         const float *x, int64_t B, int64_t H, float *out) {                                               \
-    if (check_ids(idx, K, n_rows)) return -1;                                                              \
+static void NAME##_range(const T *W, int64_t stride, int64_t parts, const int64_t *idx, int64_t K,         \
+                         const float *x, int64_t B, int64_t H, float *out, int64_t k0, int64_t k1) {      \
     int64_t H4 = H - H % (4 * V), H1 = H - H % V, ahead = rows_ahead(parts * H * (int64_t)sizeof(T));     \
-    for (int64_t k = 0; k < K; k++) {                                                                      \
-        const T *row = W + idx[k] * stride;                                                                \
-        const T *next = k + ahead < K ? W + idx[k + ahead] * stride : 0;                                   \
+    for (int64_t k = k0; k < k1; k++) {                                                                    \
+        const T *row = W + (idx ? idx[k] : k) * stride;                                                    \
+        const T *next = k + ahead < k1 ? W + (idx ? idx[k + ahead] : k + ahead) * stride : 0;              \
         for (int64_t p = 0; p < parts; p++) {                                                              \
             const T *r = row + p * H;                                                                      \
             for (int64_t b = 0; b < B; b++) {                                                              \
@@ -79,15 +70,15 @@ int NAME(const T *W, int64_t n_rows, int64_t stride, int64_t parts, const int64_
             }                                                                                              \
         }                                                                                                  \
     }                                                                                                      \
-    return 0;                                                                                              \
 }
 
-/* y[b, :] += sum_k h[b, k] * W[idx[k] * stride + :H]   (y fp32, zeroed by the caller). */
+/* y[b, c0:c1] += sum_k h[b, k] * W[idx[k] * stride + c0:c1]   (y fp32, zeroed by the caller). Threads split
+ * the columns (in whole vectors), so each y element sums its rows in k order whatever the split. */
 #define AXPY(NAME, T, LOAD, SCALAR)                                                                        \
-int NAME(const T *W, int64_t n_rows, int64_t stride, const int64_t *idx, int64_t K, const float *h,        \
-         int64_t B, int64_t H, float *y) {                                                                 \
-    if (check_ids(idx, K, n_rows)) return -1;                                                              \
-    int64_t H1 = H - H % V, ahead = rows_ahead(H * (int64_t)sizeof(T));                                   \
+static void NAME##_range(const T *W, int64_t stride, const int64_t *idx, int64_t K, const float *h,        \
+                         int64_t B, int64_t H, float *y, int64_t c0, int64_t c1) {                         \
+    int64_t span = c1 - c0, v1 = c0 + (span - span % V), ahead = rows_ahead(span * (int64_t)sizeof(T));  \
+    if (c1 < H) v1 = c1; /* only the last range has a scalar tail: H % V columns, the same for any split */ \
     for (int64_t k = 0; k < K; k++) {                                                                      \
         const T *r = W + idx[k] * stride;                                                                  \
         const T *next = k + ahead < K ? W + idx[k + ahead] * stride : 0;                                   \
@@ -98,31 +89,71 @@ int NAME(const T *W, int64_t n_rows, int64_t stride, const int64_t *idx, int64_t
             float *yb = y + b * H;                                                                         \
             vf cv = {0};                                                                                   \
             cv += c;                                                                                       \
-            int64_t j = 0;                                                                                 \
-            for (; j < H1; j += V) {                                                                       \
+            int64_t j = c0;                                                                                \
+            for (; j < v1; j += V) {                                                                       \
                 if (next && first) prefetch_span(next + j, V * (int64_t)sizeof(T));                        \
                 store_add(yb + j, cv * LOAD(r + j));                                                       \
             }                                                                                              \
-            if (next && first) prefetch_span(next + j, (H - j) * (int64_t)sizeof(T));                     \
             first = 0;                                                                                     \
-            for (; j < H; j++) yb[j] += c * SCALAR(r[j]);                                                  \
+            for (; j < c1; j++) yb[j] += c * SCALAR(r[j]);                                                 \
         }                                                                                                  \
     }                                                                                                      \
-    return 0;                                                                                              \
 }
 
 static inline float f32_scalar(float v) { return v; }
 
-DOTS(gathered_dots_f32, float, load_f32, f32_scalar)
-DOTS(gathered_dots_bf16, uint16_t, load_bf16, bf16_scalar)
-AXPY(gathered_axpy_f32, float, load_f32, f32_scalar)
-AXPY(gathered_axpy_bf16, uint16_t, load_bf16, bf16_scalar)
+DOTS(dots_f32, float, load_f32, f32_scalar)
+DOTS(dots_bf16, uint16_t, load_bf16, bf16_scalar)
+AXPY(axpy_f32, float, load_f32, f32_scalar)
+AXPY(axpy_bf16, uint16_t, load_bf16, bf16_scalar)
 
-/* The whole gathered FFN of a few tokens in one call (no Python between the two products):
- * h[b,k] = gate_fn(g + gate_bias) * up_fn(u + up_bias)  (parts 2)  or  up_fn(u + up_bias)  (parts 1),
- * zero where mask[b,k] == 0, rounded to bf16 when round_h (as the two-call path rounds h to the weights'
- * dtype), then y[b] += sum_k h[b,k] * Wd[idx[k]]. Function codes are kernels.reference.FUNCTIONS.
- * Biases are fp32 over all n_rows neurons (or NULL); h is scratch of B*K*parts floats; y is zeroed. */
+/* The arguments of one call, shared with the pool's workers. */
+typedef struct {
+    const void *W, *Wd;
+    int64_t stride, stride_d, parts, K, B, H, Hd;
+    const int64_t *idx;
+    const float *x, *up_bias, *gate_bias;
+    const uint8_t *mask;
+    int gate_fn, up_fn, round_h, bf16;
+    float *out, *y;
+} call_t;
+
+static void activate_range(const call_t *c, int64_t k0, int64_t k1);
+
+static void dots_task(void *p, int64_t k0, int64_t k1) {
+    const call_t *c = p;
+    if (c->bf16) dots_bf16_range(c->W, c->stride, c->parts, c->idx, c->K, c->x, c->B, c->H, c->out, k0, k1);
+    else dots_f32_range(c->W, c->stride, c->parts, c->idx, c->K, c->x, c->B, c->H, c->out, k0, k1);
+    if (c->y) activate_range(c, k0, k1);
+}
+
+static void axpy_task(void *p, int64_t c0, int64_t c1) {
+    const call_t *c = p;
+    if (c->bf16) axpy_bf16_range(c->Wd, c->stride_d, c->idx, c->K, c->out, c->B, c->Hd, c->y, c0, c1);
+    else axpy_f32_range(c->Wd, c->stride_d, c->idx, c->K, c->out, c->B, c->Hd, c->y, c0, c1);
+}
+
+#define ENTRY(SUFFIX, T, IS_BF16)                                                                          \
+int gathered_dots_##SUFFIX(const T *W, int64_t n_rows, int64_t stride, int64_t parts, const int64_t *idx, \
+                           int64_t K, const float *x, int64_t B, int64_t H, float *out) {                   \
+    if (idx && check_ids(idx, K, n_rows)) return -1;                                                       \
+    call_t c = {.W = W, .stride = stride, .parts = parts, .idx = idx, .K = K, .x = x, .B = B, .H = H,      \
+                .out = out, .bf16 = IS_BF16};                                                              \
+    pool_run(dots_task, &c, K, 8);                                                                         \
+    return 0;                                                                                              \
+}                                                                                                          \
+int gathered_axpy_##SUFFIX(const T *W, int64_t n_rows, int64_t stride, const int64_t *idx, int64_t K,    \
+                           const float *h, int64_t B, int64_t H, float *y) {                              \
+    if (check_ids(idx, K, n_rows)) return -1;                                                              \
+    call_t c = {.Wd = W, .stride_d = stride, .idx = idx, .K = K, .out = (float *)h, .B = B, .Hd = H,       \
+                .y = y, .bf16 = IS_BF16};                                                                  \
+    pool_run(axpy_task, &c, H, V);                                                                         \
+    return 0;                                                                                              \
+}
+
+ENTRY(f32, float, 0)
+ENTRY(bf16, uint16_t, 1)
+
 #include <math.h>
 
 static inline float act(int fn, float v) {
@@ -142,23 +173,42 @@ static inline float round_bf16(float v) {
     memcpy(&v, &u, 4); return v;
 }
 
-#define FFN(NAME, T, DOTS_FN, AXPY_FN)                                                                     \
-int NAME(const T *Wgu, int64_t n_rows, int64_t stride_gu, int64_t parts, const T *Wd, int64_t stride_d,    \
-         const int64_t *idx, int64_t K, const float *x, int64_t B, int64_t H, const float *up_bias,        \
-         const float *gate_bias, const uint8_t *mask, int gate_fn, int up_fn, int round_h, float *h,       \
-         float *y) {                                                                                       \
-    if (DOTS_FN(Wgu, n_rows, stride_gu, parts, idx, K, x, B, H, h)) return -1;                             \
-    for (int64_t b = 0; b < B; b++)                                                                        \
-        for (int64_t k = 0; k < K; k++) {                                                                  \
-            const float *z = h + (b * K + k) * parts;                                                      \
-            float u = z[parts - 1] + (up_bias ? up_bias[idx[k]] : 0.0f);                                   \
-            float v = act(up_fn, u);                                                                       \
-            if (parts == 2) v *= act(gate_fn, z[0] + (gate_bias ? gate_bias[idx[k]] : 0.0f));              \
-            if (mask && !mask[b * K + k]) v = 0.0f;                                                        \
-            h[b * K + k] = round_h ? round_bf16(v) : v; /* k-th slot is read before it is overwritten */   \
-        }                                                                                                  \
-    return AXPY_FN(Wd, n_rows, stride_d, idx, K, h, B, H, y);                                              \
+/* h[b, k] for k in [k0, k1), from the dots z = c->out of the same rows (written by the same thread). */
+static void activate_range(const call_t *c, int64_t k0, int64_t k1) {
+    int64_t parts = c->parts, K = c->K;
+    float *h = c->out + c->B * K * parts;
+    for (int64_t b = 0; b < c->B; b++)
+        for (int64_t k = k0; k < k1; k++) {
+            const float *z = c->out + (b * K + k) * parts;
+            int64_t id = c->idx[k];
+            float v = act(c->up_fn, z[parts - 1] + (c->up_bias ? c->up_bias[id] : 0.0f));
+            if (parts == 2) v *= act(c->gate_fn, z[0] + (c->gate_bias ? c->gate_bias[id] : 0.0f));
+            if (c->mask && !c->mask[b * K + k]) v = 0.0f;
+            h[b * K + k] = c->round_h ? round_bf16(v) : v;
+        }
 }
 
-FFN(gathered_ffn_f32, float, gathered_dots_f32, gathered_axpy_f32)
-FFN(gathered_ffn_bf16, uint16_t, gathered_dots_bf16, gathered_axpy_bf16)
+/* The whole gathered FFN of a few tokens in one call (no Python between the two products):
+ * h[b,k] = gate_fn(g + gate_bias) * up_fn(u + up_bias)  (parts 2)  or  up_fn(u + up_bias)  (parts 1),
+ * zero where mask[b,k] == 0, rounded to bf16 when round_h (as the two-call path rounds h to the weights'
+ * dtype), then y[b] += sum_k h[b,k] * Wd[idx[k]]. Function codes are kernels.reference.FUNCTIONS.
+ * Biases are fp32 over all n_rows neurons (or NULL); scratch holds B*K*(parts + 1) floats (the dots,
+ * then h); y is zeroed. */
+#define FFN(SUFFIX, T, IS_BF16)                                                                            \
+int gathered_ffn_##SUFFIX(const T *Wgu, int64_t n_rows, int64_t stride_gu, int64_t parts, const T *Wd,    \
+                          int64_t stride_d, const int64_t *idx, int64_t K, const float *x, int64_t B,      \
+                          int64_t H, const float *up_bias, const float *gate_bias, const uint8_t *mask,    \
+                          int gate_fn, int up_fn, int round_h, float *scratch, float *y) {                 \
+    if (check_ids(idx, K, n_rows)) return -1;                                                              \
+    call_t c = {.W = Wgu, .stride = stride_gu, .parts = parts, .idx = idx, .K = K, .x = x, .B = B, .H = H, \
+                .up_bias = up_bias, .gate_bias = gate_bias, .mask = mask, .gate_fn = gate_fn,              \
+                .up_fn = up_fn, .round_h = round_h, .out = scratch, .y = y, .bf16 = IS_BF16};             \
+    pool_run(dots_task, &c, K, 8);                                                                         \
+    c.out = scratch + B * K * parts; /* h */                                                               \
+    c.Wd = Wd; c.stride_d = stride_d; c.Hd = H;                                                            \
+    pool_run(axpy_task, &c, H, V);                                                                         \
+    return 0;                                                                                              \
+}
+
+FFN(f32, float, 0)
+FFN(bf16, uint16_t, 1)

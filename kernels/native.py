@@ -1,11 +1,16 @@
-"""The native CPU kernels (gathered.c): built once per machine with the system C compiler, called by ctypes.
+"""The native CPU kernels (pool.c, gathered.c, quant.c): built once per machine and ISA level, called by ctypes.
 
-Why C at all: torch has no gathered dot product, so the torch path copies the active rows out and reads
-them again, reaching about half the memory bandwidth (benchmarks/ffn_cpu.py); gathered.c streams each row
-once. The library is compiled with -march=native into HOTCOLD_CACHE (default ~/.cache/hotcold), keyed by
-the source, the compiler and the CPU, so a cache shared across machines never runs foreign instructions.
-With no compiler, or HOTCOLD_NATIVE=0, `load()` returns None and cpu_sparse keeps its torch path.
-ctypes releases the GIL for the call, so CPU workers run these in parallel with other Python threads.
+Why C at all: torch has no gathered dot product and no product over GGUF's quantized blocks; the C kernels
+stream each row once, over all cores (a thread pool that splits rows or columns; results bitwise the same
+for any thread count). One library is built per ISA level with the system C compiler into HOTCOLD_CACHE
+(default ~/.cache/hotcold/native), keyed by the sources, the compiler and the flags:
+- `avx512`: AVX-512 with VNNI (integer dot products by vpdpbusd);
+- `avx2`: AVX2 and FMA (x86-64-v3);
+- `portable`: whatever the compiler targets by default (SSE2 on x86-64, plain C elsewhere).
+The best level the CPU's flags (/proc/cpuinfo) allow is loaded; HOTCOLD_ISA forces one (tests use it to
+run every level this machine has). Threads: HOTCOLD_THREADS, else every CPU this process may run on.
+With no compiler, or HOTCOLD_NATIVE=0, `load()` returns None and the torch paths run instead.
+ctypes releases the GIL for each call.
 """
 
 from __future__ import annotations
@@ -23,70 +28,159 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gathered.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+HERE = Path(__file__).parent
+SOURCES = [HERE / "pool.c", HERE / "gathered.c", HERE / "quant.c"]
+HEADERS = [HERE / "native.h"]
+BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi"]
+OPENMP = ["-fopenmp"]  # dropped where the compiler has no OpenMP: the kernels then run on the calling thread
+ISA_FLAGS = {
+    "avx512": ["-march=x86-64-v4", "-mavx512vnni", "-mtune=native"],
+    "avx2": ["-march=x86-64-v3", "-mtune=native"],
+    "portable": [],
+}
+# CPU flags each level needs (Linux /proc/cpuinfo names).
+ISA_NEEDS = {
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni", "avx2", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c", "bmi2", "movbe"},
+    "portable": set(),
+}
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
-    "gathered_dots": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr],
-    "gathered_axpy": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr],
-    "gathered_ffn": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr,
-                     ctypes.c_int, ctypes.c_int, ctypes.c_int, _ptr, _ptr],
+    **{f"gathered_dots_{s}": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr] for s in ("f32", "bf16")},
+    **{f"gathered_axpy_{s}": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr] for s in ("f32", "bf16")},
+    **{f"gathered_ffn_{s}": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr,
+                             _int, _int, _int, _ptr, _ptr] for s in ("f32", "bf16")},
+    "quant_dots": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr],
+    "quant_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr, _i64, _ptr],
+    "quant_quantize": [_ptr, _int, _i64, _i64, _ptr],
+    "quant_block_bytes": [_int],
+    "quant_block_size": [_int],
+    "pool_configure": [_int, _i64],
+    "pool_threads": [],
 }
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-def _cpu_id() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo is not there)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
-        return "\n".join(sorted(set(lines)))
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return platform.processor()
-
-
-def _library_path(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_id(), " ".join(FLAGS)]).encode())
-    cache = Path(os.environ.get("HOTCOLD_CACHE") or Path.home() / ".cache" / "hotcold").expanduser()
-    return cache / "native" / f"gathered-{key.hexdigest()[:16]}.so"
+        pass
+    return frozenset()
 
 
 @functools.cache
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def best_isa() -> str:
+    """The ISA level to run: HOTCOLD_ISA if set (it must be one the CPU has), else the best one it has."""
+    return _best_isa(os.environ.get("HOTCOLD_ISA"))
+
+
+@functools.cache
+def _best_isa(forced: str | None) -> str:
+    have = available_isas()
+    if forced:
+        if forced not in ISA_FLAGS:
+            raise ValueError(f"HOTCOLD_ISA={forced!r}: choose from {', '.join(ISA_FLAGS)}")
+        if forced not in have:
+            raise ValueError(f"HOTCOLD_ISA={forced!r}: this CPU lacks it (it has {', '.join(have)})")
+        return forced
+    return have[0]
+
+
+def available_isas() -> list[str]:
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return [isa for isa, needs in ISA_NEEDS.items() if (x86 or not needs) and needs <= cpu_flags()]
+
+
+def default_threads() -> int:
+    env = os.environ.get("HOTCOLD_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _library_path(compiler: str, isa: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    text = [p.read_text() for p in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*text, version, " ".join(BASE_FLAGS + OPENMP + ISA_FLAGS[isa])]).encode())
+    return cache_dir() / "native" / f"hotcold-{isa}-{key.hexdigest()[:16]}.so"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HOTCOLD_CACHE") or Path.home() / ".cache" / "hotcold").expanduser()
+
+
+def source_hash() -> str:
+    """A hash of the kernels' sources: calibrations made for other kernels are not reused."""
+    return hashlib.sha256(b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
+
+
 def load() -> ctypes.CDLL | None:
-    """The compiled library (building it on first use), or None where it cannot be built."""
+    """The compiled library for this CPU's ISA level (built on first use), or None where it cannot be built."""
     if os.environ.get("HOTCOLD_NATIVE", "1") == "0":
         return None
+    return _load(best_isa())
+
+
+@functools.cache
+def _load(isa: str) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
     try:
-        path = _library_path(compiler)
+        path = _library_path(compiler, isa)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # atomic: concurrent builders race safely
                 out = Path(tmp) / path.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True,
-                               capture_output=True)
+                command = [compiler, *BASE_FLAGS, *ISA_FLAGS[isa], *map(str, SOURCES), "-o", str(out), "-lm"]
+                if subprocess.run([*command, *OPENMP], capture_output=True).returncode:
+                    subprocess.run(command, check=True, capture_output=True)
                 out.replace(path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError):
         return None
     for name, args in _SIGNATURES.items():
-        for suffix in SUFFIX.values():
-            fn = getattr(lib, f"{name}_{suffix}")
-            fn.argtypes, fn.restype = args, ctypes.c_int
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    lib.pool_configure(default_threads(), -1)
     return lib
 
 
-# Most tokens per call for which the native kernels beat torch (benchmarks/ffn_cpu.py, 2-core Zen 5: the
-# whole FFN at 576x1536 and 2048x5632, all rows): fp32 up to 8 tokens, bf16 up to 2 (each token re-widens
-# the bf16 row, while torch's bf16 GEMM amortises it).
-MAX_TOKENS = {torch.float32: 8, torch.bfloat16: 2}
+def set_threads(n: int) -> int:
+    """Threads for every later native call (the caller's included); returns the count now in force."""
+    lib = load()
+    return 1 if lib is None else lib.pool_configure(max(1, int(n)), -1)
+
+
+def threads() -> int:
+    lib = load()
+    return 1 if lib is None else lib.pool_threads()
 
 
 def preferred(tokens: int, *weights: torch.Tensor) -> bool:
-    """True when the native kernels are the faster way to run `tokens` tokens over these weights."""
-    return supports(*weights) and tokens <= min(MAX_TOKENS[w.dtype] for w in weights)
+    """True when the native kernels are the faster way to run `tokens` tokens over these weights: up to the
+    crossover that kernels.calibrate measured on this machine for each dtype."""
+    from hotcold.kernels import calibrate
+
+    return supports(*weights) and tokens <= min(calibrate.max_native_tokens(w.dtype) for w in weights)
 
 
 MADV_HUGEPAGE, MADV_COLLAPSE, HUGE = 14, 25, 2 << 20
@@ -121,23 +215,25 @@ def supports(*weights: torch.Tensor) -> bool:
         load() is not None)
 
 
-def gathered_dots(w: torch.Tensor, parts: int, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """fp32 [B, K, parts]: row idx[k] of w (`parts` consecutive H-long pieces) dotted with each x[b] (fp32)."""
+def gathered_dots(w: torch.Tensor, parts: int, idx: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, K, parts]: row idx[k] of w (`parts` consecutive H-long pieces) dotted with each x[b] (fp32);
+    idx None: every row (K = rows of w)."""
     lib = load()
     B, H = x.shape
-    K = idx.numel()
+    K = w.shape[0] if idx is None else idx.numel()
     out = torch.empty(B, K, parts, dtype=torch.float32)
-    idx = idx.to(torch.int64).contiguous()
+    idx = None if idx is None else idx.to(torch.int64).contiguous()
     x = x.contiguous()
     status = getattr(lib, f"gathered_dots_{SUFFIX[w.dtype]}")(
-        w.data_ptr(), w.shape[0], w.stride(0), parts, idx.data_ptr(), K, x.data_ptr(), B, H, out.data_ptr())
+        w.data_ptr(), w.shape[0], w.stride(0), parts, None if idx is None else idx.data_ptr(), K, x.data_ptr(), B,
+        H, out.data_ptr())
     _check(status, idx, w.shape[0])
     return out
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """fp32 [T, out] = x @ w.T over every row of w [out, in]: a dense product of a few tokens."""
-    return gathered_dots(w, 1, torch.arange(w.shape[0]), x.float())[..., 0]
+    return gathered_dots(w, 1, None, x.float())[..., 0]
 
 
 def gathered_axpy(w: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -166,7 +262,7 @@ def gathered_ffn(w_gate_up: torch.Tensor, parts: int, w_down_t: torch.Tensor, id
     K = idx.numel()
     idx = idx.to(torch.int64).contiguous()
     x = x.contiguous()
-    h = torch.empty(B * K * parts, dtype=torch.float32)
+    h = torch.empty(B * K * (parts + 1), dtype=torch.float32)
     y = torch.zeros(B, w_down_t.shape[-1], dtype=torch.float32)
     mask = None if token_mask is None else token_mask.contiguous().view(torch.uint8)
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731

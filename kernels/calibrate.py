@@ -1,0 +1,130 @@
+"""Which kernel path serves which shape, measured on the machine at hand (a second or two, once).
+
+No speed constant tuned on one CPU holds on the next (shared/README.md: the native kernels beat torch 2x on
+one machine and lost 3x on another). So at first use this times, on a matrix larger than the caches:
+- for fp32 and bf16 weights, the native kernels against torch's F.linear at 1..128 tokens: the native path
+  serves up to the largest token count where it wins at every count up to it;
+- for quantized weights, the integer-dot kernel against dequantized tiles through torch's GEMM;
+- the default dtype for checkpoints that are not quantized: bf16 unless its decode is slower than fp32's,
+  or its 128-token product (prefill) more than 1.5x slower (torch has no fast bf16 GEMM without avx512_bf16).
+The result is cached in HOTCOLD_CACHE per CPU model and flags, ISA level, thread count, kernel sources and
+torch version; `hotcold info` prints it. HOTCOLD_CALIBRATE=0 skips measuring and assumes the native path
+for up to 8 tokens and bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
+SHAPE = (2048, 1024)  # 8 MB in fp32: past the L2 caches, as real weights are
+
+
+@dataclass
+class Calibration:
+    cpu: str
+    isa: str
+    threads: int
+    max_native_tokens: dict[str, int]  # "float32", "bfloat16", "quant" -> tokens
+    default_dtype: str
+    seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # kind -> path -> time per T
+    measured: bool = True
+
+    def summary(self) -> str:
+        paths = ", ".join(f"{k} <= {v} tokens" for k, v in self.max_native_tokens.items())
+        how = "measured" if self.measured else "assumed (HOTCOLD_CALIBRATE=0)"
+        return (f"CPU {self.cpu}; ISA {self.isa}; {self.threads} threads; native kernels for {paths}; "
+                f"default dtype {self.default_dtype} ({how})")
+
+
+def _best(fn, reps: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _crossover(native_s: list[float], torch_s: list[float]) -> int:
+    best = 0
+    for T, a, b in zip(TOKENS, native_s, torch_s):
+        if a > b:
+            break
+        best = T
+    return best
+
+
+def measure() -> Calibration:
+    from . import quant
+
+    gen = torch.Generator().manual_seed(0)
+    w32 = torch.randn(*SHAPE, generator=gen) * 0.02
+    seconds: dict[str, dict[str, list[float]]] = {}
+    crossover: dict[str, int] = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        w = w32.to(dtype)
+        xs = [torch.randn(T, SHAPE[1], generator=gen).to(dtype) for T in TOKENS]
+        nat = [_best(lambda x=x: native.linear(x, w)) for x in xs]
+        tor = [_best(lambda x=x: F.linear(x, w)) for x in xs]
+        seconds[name] = {"native": nat, "torch": tor}
+        crossover[name] = _crossover(nat, tor)
+    wq = quant.quantize(w32, "Q4_0")
+    xs = [torch.randn(T, SHAPE[1], generator=gen) for T in TOKENS]
+    nat = [_best(lambda x=x: quant.dots(wq, x)) for x in xs]
+    tor = [_best(lambda x=x: quant.linear(x, wq, max_native_tokens=0)) for x in xs]
+    seconds["quant"] = {"native": nat, "torch": tor}
+    crossover["quant"] = _crossover(nat, tor)
+    fastest = {k: [min(a, b) for a, b in zip(v["native"], v["torch"])] for k, v in seconds.items()}
+    bf16_ok = fastest["bfloat16"][0] <= fastest["float32"][0] and fastest["bfloat16"][-1] <= 1.5 * fastest["float32"][-1]
+    return Calibration(native.cpu_model(), native.best_isa(), native.threads(), crossover,
+                       "bfloat16" if bf16_ok else "float32", seconds)
+
+
+def _path() -> str:
+    key = "\0".join([native.cpu_model(), " ".join(sorted(native.cpu_flags())), native.best_isa(),
+                     str(native.threads()), native.source_hash(), torch.__version__, repr(TOKENS), repr(SHAPE)])
+    return str(native.cache_dir() / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+
+
+@functools.cache
+def current() -> Calibration:
+    """This machine's calibration: read from the cache, else measured now (and cached)."""
+    if native.load() is None or os.environ.get("HOTCOLD_CALIBRATE", "1") == "0":
+        n = 8 if native.load() is not None else 0
+        return Calibration(native.cpu_model(), native.best_isa() if native.load() else "none", native.threads(),
+                           {"float32": n, "bfloat16": n, "quant": 8}, "bfloat16", measured=False)
+    path = _path()
+    try:
+        with open(path) as f:
+            return Calibration(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        pass
+    cal = measure()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(asdict(cal), f, indent=1)
+    os.replace(tmp, path)
+    return cal
+
+
+def max_native_tokens(kind: torch.dtype | str) -> int:
+    """Most tokens per call for which the native kernels are the faster path for weights of `kind`."""
+    name = kind if isinstance(kind, str) else {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(kind)
+    return current().max_native_tokens.get(name, 0) if name else 0
+
+
+def default_dtype() -> torch.dtype:
+    return torch.bfloat16 if current().default_dtype == "bfloat16" else torch.float32

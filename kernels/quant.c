@@ -1,0 +1,475 @@
+/* Quantized weights on the CPU, kept in GGUF's own blocks: products with integer dot products, as llama.cpp's
+ * CPU backend does.
+ *
+ * A weight row is a run of GGUF blocks along the input dimension (type codes are GGML's: Q4_0 2, Q4_1 3,
+ * Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13). Every one of these formats is, per 32 weights, an int8 code
+ * times a scale plus a minimum: w = d * q + m. A row is unpacked into that form (q as int8, d and m as
+ * floats) in a small per-thread buffer, then dotted with activations quantized the same way per 32 values
+ * (x = dx * qx, with the sum of qx kept):
+ *     sum w * x = sum_blocks (d * dx) * (sum q * qx) + m * (dx * sum qx)
+ * The inner sum is exact in int32; it is what AVX512-VNNI's vpdpbusd (or AVX2's maddubs) computes 32 pairs
+ * at a time. Rows are tiled by ROWS so that a tile's unpacked weights and one token's quantized activations
+ * stay in L1 while every token of the batch passes over them. Rows are split over the thread pool; each
+ * output sums its blocks in a fixed order, so results never depend on the thread count or the batch.
+ */
+#include "native.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define QK 32
+#define ROWS 8
+
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13 };
+
+/* 32 activations: x[j] ~= d * q[j]; ds = d * sum(q). */
+typedef struct {
+    float d, ds;
+    int8_t q[QK];
+} xblock;
+
+static inline float f16(const uint8_t *p) {
+#if defined(__F16C__)
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+#else
+    _Float16 h;
+    memcpy(&h, p, 2);
+    return (float)h;
+#endif
+}
+
+static inline void put_f16(uint8_t *p, float v) {
+    _Float16 h = (_Float16)v;
+    memcpy(p, &h, 2);
+}
+
+/* Bytes per block and weights per block of a type; 0 for a type these kernels do not run. */
+int quant_block_bytes(int type) {
+    switch (type) {
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q5_0: return 22;
+    case Q5_1: return 24;
+    case Q8_0: return 34;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    default: return 0;
+    }
+}
+
+int quant_block_size(int type) { return type == Q4_K || type == Q5_K ? 256 : QK; }
+
+static inline void scale_min_k4(int j, const uint8_t *s, uint8_t *d, uint8_t *m) {
+    if (j < 4) {
+        *d = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *d = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* One row of `cols` weights into q (int8), d and m (one each per 32 weights). */
+static void unpack_row(int type, const uint8_t *r, int64_t cols, int8_t *q, float *d, float *m) {
+    int64_t nb = cols / QK;
+    if (type == Q4_K || type == Q5_K) {
+        int bytes = quant_block_bytes(type);
+        for (int64_t s = 0; s < cols / 256; s++, r += bytes) {
+            const uint8_t *sc = r + 4, *qh = r + 16, *qs = r + (type == Q4_K ? 16 : 48);
+            float dd = f16(r), dmin = f16(r + 2);
+            for (int j = 0; j < 8; j++) {
+                uint8_t a, b;
+                scale_min_k4(j, sc, &a, &b);
+                int64_t blk = s * 8 + j;
+                d[blk] = dd * a;
+                m[blk] = -dmin * b;
+                const uint8_t *src = qs + (j / 2) * 32;
+                int shift = (j & 1) * 4;
+                int8_t *dst = q + blk * QK;
+                for (int l = 0; l < QK; l++) {
+                    int v = (src[l] >> shift) & 0xF;
+                    if (type == Q5_K) v += (qh[l] >> j) & 1 ? 16 : 0;
+                    dst[l] = (int8_t)v;
+                }
+            }
+        }
+        return;
+    }
+    int bytes = quant_block_bytes(type);
+    for (int64_t b = 0; b < nb; b++, r += bytes) {
+        int8_t *dst = q + b * QK;
+        d[b] = f16(r);
+        switch (type) {
+        case Q8_0:
+            m[b] = 0.0f;
+            memcpy(dst, r + 2, QK);
+            break;
+        case Q4_0:
+        case Q4_1: {
+            const uint8_t *qs = r + (type == Q4_0 ? 2 : 4);
+            int off = type == Q4_0 ? 8 : 0;
+            m[b] = type == Q4_0 ? 0.0f : f16(r + 2);
+#if defined(__AVX2__)
+            __m128i v = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0xF), o = _mm_set1_epi8(off);
+            _mm_storeu_si128((__m128i *)dst, _mm_sub_epi8(_mm_and_si128(v, mask), o));
+            _mm_storeu_si128((__m128i *)(dst + 16), _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), o));
+#else
+            for (int l = 0; l < 16; l++) {
+                dst[l] = (int8_t)((qs[l] & 0xF) - off);
+                dst[l + 16] = (int8_t)((qs[l] >> 4) - off);
+            }
+#endif
+            break;
+        }
+        default: { /* Q5_0, Q5_1 */
+            const uint8_t *qhp = r + (type == Q5_0 ? 2 : 4), *qs = qhp + 4;
+            uint32_t qh;
+            memcpy(&qh, qhp, 4);
+            int off = type == Q5_0 ? 16 : 0;
+            m[b] = type == Q5_0 ? 0.0f : f16(r + 2);
+            for (int l = 0; l < 16; l++) {
+                dst[l] = (int8_t)(((qs[l] & 0xF) | (((qh >> l) << 4) & 0x10)) - off);
+                dst[l + 16] = (int8_t)(((qs[l] >> 4) | ((qh >> (l + 12)) & 0x10)) - off);
+            }
+        }
+        }
+    }
+}
+
+/* sum_b (d[b] * x[b].d) * (sum_j q * x.q) + m[b] * x[b].ds over the nb blocks of one row and one token. */
+static inline float dot_row(const int8_t *q, const float *d, const float *m, const xblock *x, int64_t nb) {
+    float ms = 0.0f;
+    for (int64_t b = 0; b < nb; b++) ms += m[b] * x[b].ds;
+#if defined(__AVX2__)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t b = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define IDOT(w, v) _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w))
+#else
+#define IDOT(w, v) _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w)), \
+                                     _mm256_set1_epi16(1))
+#endif
+    for (; b + 1 < nb; b += 2) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + (b + 1) * QK));
+        __m256i p0 = IDOT(w0, _mm256_loadu_si256((const __m256i *)x[b].q));
+        __m256i p1 = IDOT(w1, _mm256_loadu_si256((const __m256i *)x[b + 1].q));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d[b] * x[b].d), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d[b + 1] * x[b + 1].d), acc1);
+    }
+    if (b < nb) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
+        __m256i p0 = IDOT(w0, _mm256_loadu_si256((const __m256i *)x[b].q));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d[b] * x[b].d), acc0);
+    }
+    acc0 = _mm256_add_ps(acc0, acc1);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s) + ms;
+#else
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t s = 0;
+        for (int j = 0; j < QK; j++) s += (int32_t)q[b * QK + j] * x[b].q[j];
+        acc += (float)s * (d[b] * x[b].d);
+    }
+    return acc + ms;
+#endif
+}
+
+#if defined(__AVX2__)
+/* The common formats dotted straight from their blocks (no unpacking pass): a few tokens, memory-bound. */
+static inline __m256i nibbles(const uint8_t *qs) { /* 32 x u8: the low nibbles, then the high ones */
+    __m128i v = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0xF);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define UDOT(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+#else
+#define UDOT(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+#endif
+
+/* One block's codes (u8, or |w| for Q8_0) and scales [d, m] (Q4_0's codes are unsigned nibbles with
+ * m = -8 d; Q8_0 has no m). */
+#define WEIGHTS(b)                                                                                         \
+    const uint8_t *blk = r + (b) * bytes;                                                                  \
+    __m256i w, aw;                                                                                         \
+    __m128 wdm;                                                                                            \
+    if (type == Q8_0) {                                                                                    \
+        w = _mm256_loadu_si256((const __m256i *)(blk + 2));                                                \
+        aw = _mm256_sign_epi8(w, w);                                                                       \
+        wdm = _mm_cvtph_ps(_mm_cvtsi32_si128(*(const uint16_t *)blk));                                     \
+    } else if (type == Q4_0) {                                                                             \
+        w = aw = nibbles(blk + 2);                                                                         \
+        wdm = _mm_mul_ps(_mm_cvtph_ps(_mm_set1_epi16((short)*(const uint16_t *)blk)),                      \
+                         _mm_setr_ps(1.0f, -8.0f, 0.0f, 0.0f));                                            \
+    } else {                                                                                               \
+        uint32_t dmb;                                                                                      \
+        memcpy(&dmb, blk, 4);                                                                              \
+        w = aw = nibbles(blk + 4);                                                                         \
+        wdm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dmb));                                                   \
+    }
+
+/* Token t's share of that block: (d dx) * (sum codes * qx) into ACC, m * (dx sum qx) into lane 1 of MS. */
+#define TOKEN(ACC, MS, b, x)                                                                               \
+    do {                                                                                                   \
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x)[b].q), p;                                     \
+        __m128 dm = _mm_mul_ps(wdm, _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)&(x)[b].d)));        \
+        p = UDOT(aw, type == Q8_0 ? _mm256_sign_epi8(xv, w) : xv);                                         \
+        if (type != Q8_0) MS = _mm_add_ps(MS, dm);                                                         \
+        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(dm), ACC);                      \
+    } while (0)
+
+static inline float finish(__m256 acc0, __m256 acc1, __m128 ms0, __m128 ms1) {
+    acc0 = _mm256_add_ps(acc0, acc1);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    ms0 = _mm_add_ps(ms0, ms1);
+    return _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_movehdup_ps(ms0));
+}
+
+/* out[t * stride] = row r dotted with tokens x + t * nb, for NT tokens at once: each block's codes are
+ * prepared once for all of them. Every token runs the same operations in the same order as with NT = 1,
+ * so its result is bitwise the same whatever else is in the batch. */
+#define DOT_DIRECT(NT)                                                                                     \
+static inline void dot_direct_##NT(const int type, const int bytes, const uint8_t *r, const xblock *x,    \
+                                   int64_t nb, float *out, int64_t stride) {                               \
+    __m256 acc0[NT], acc1[NT];                                                                             \
+    __m128 ms0[NT], ms1[NT];                                                                               \
+    for (int t = 0; t < NT; t++) {                                                                         \
+        acc0[t] = acc1[t] = _mm256_setzero_ps();                                                           \
+        ms0[t] = ms1[t] = _mm_setzero_ps();                                                                \
+    }                                                                                                      \
+    int64_t b = 0;                                                                                         \
+    for (; b + 1 < nb; b += 2) {                                                                           \
+        {                                                                                                  \
+            WEIGHTS(b);                                                                                    \
+            for (int t = 0; t < NT; t++) TOKEN(acc0[t], ms0[t], b, x + t * nb);                            \
+        }                                                                                                  \
+        {                                                                                                  \
+            WEIGHTS(b + 1);                                                                                \
+            for (int t = 0; t < NT; t++) TOKEN(acc1[t], ms1[t], b + 1, x + t * nb);                        \
+        }                                                                                                  \
+    }                                                                                                      \
+    if (b < nb) {                                                                                          \
+        WEIGHTS(b);                                                                                        \
+        for (int t = 0; t < NT; t++) TOKEN(acc0[t], ms0[t], b, x + t * nb);                                \
+    }                                                                                                      \
+    for (int t = 0; t < NT; t++) out[t * stride] = finish(acc0[t], acc1[t], ms0[t], ms1[t]);               \
+}
+DOT_DIRECT(1)
+DOT_DIRECT(4)
+
+/* Row r against B tokens (x: B * nb blocks), results at out[b * stride]. */
+static inline void dot_direct(const int type, const int bytes, const uint8_t *r, const xblock *x, int64_t nb,
+                              int64_t B, float *out, int64_t stride) {
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) dot_direct_4(type, bytes, r, x + b * nb, nb, out + b * stride, stride);
+    for (; b < B; b++) dot_direct_1(type, bytes, r, x + b * nb, nb, out + b * stride, stride);
+}
+#define HAS_DIRECT(type) ((type) == Q4_0 || (type) == Q4_1 || (type) == Q8_0)
+#else
+#define HAS_DIRECT(type) 0
+#define dot_direct(type, bytes, r, x, nb, B, out, stride) 0
+#endif
+
+/* Activations of one token, 32 at a time: d = amax / 127, q = round(x / d), as llama.cpp's Q8 blocks. */
+static void quantize_x(const float *x, int64_t nb, xblock *out) {
+    for (int64_t b = 0; b < nb; b++, x += QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int s = 0;
+        for (int j = 0; j < QK; j++) {
+            int v = (int)nearbyintf(x[j] * id);
+            out[b].q[j] = (int8_t)v;
+            s += v;
+        }
+        out[b].d = d;
+        out[b].ds = d * (float)s;
+    }
+}
+
+typedef struct {
+    const uint8_t *W;
+    int64_t row_bytes, cols, parts, K, B;
+    int type;
+    const int64_t *idx;
+    const float *x;
+    xblock *xq;
+    float *out;
+} qcall_t;
+
+static void quantize_task(void *p, int64_t t0, int64_t t1) {
+    const qcall_t *c = p;
+    int64_t nb = c->cols / QK;
+    for (int64_t t = t0; t < t1; t++) quantize_x(c->x + t * c->cols, nb, c->xq + t * nb);
+}
+
+/* Per-thread scratch for ROWS unpacked rows (grown on demand, kept for the thread's life). */
+typedef struct {
+    int8_t *q;
+    float *dm;
+    int64_t cap;
+} scratch_t;
+static _Thread_local scratch_t tls_scratch __attribute__((tls_model("initial-exec")));
+
+/* This thread's scratch, grown to hold ROWS rows of `cols` (NULL q on failure). Read once per task:
+ * thread-local storage in a shared library costs a call per access. */
+static scratch_t scratch(int64_t cols) {
+    scratch_t *s = &tls_scratch;
+    if (cols > s->cap) {
+        free(s->q);
+        free(s->dm);
+        s->q = malloc((size_t)(ROWS * cols));
+        s->dm = malloc(sizeof(float) * (size_t)(2 * ROWS * (cols / QK)));
+        s->cap = s->q && s->dm ? cols : 0;
+        if (!s->cap) s->q = 0;
+    }
+    return *s;
+}
+
+/* out[(b * K + k) * parts + p] = row (idx[k] or k) * parts + p of W, dotted with token b; k in [k0, k1). */
+/* The direct path: each row of the range streamed once and dotted with every token while in L1. */
+static void dots_direct_task(void *p, int64_t k0, int64_t k1) {
+    const qcall_t *c = p;
+    int64_t nb = c->cols / QK, parts = c->parts, rb = c->row_bytes;
+    const int type = c->type, bytes = quant_block_bytes(type);
+    int64_t ahead = 4096 / (parts * rb) + 1;
+    for (int64_t k = k0; k < k1; k++) {
+        if (k + ahead < k1) prefetch_span(c->W + (c->idx ? c->idx[k + ahead] : k + ahead) * parts * rb, parts * rb);
+        const uint8_t *row = c->W + (c->idx ? c->idx[k] : k) * parts * rb;
+        for (int64_t part = 0; part < parts; part++) {
+            float *out = c->out + k * parts + part;
+            int64_t stride = c->K * parts;
+            if (type == Q4_1) dot_direct(Q4_1, 20, row + part * rb, c->xq, nb, c->B, out, stride); /* folded */
+            else if (type == Q4_0) dot_direct(Q4_0, 18, row + part * rb, c->xq, nb, c->B, out, stride);
+            else dot_direct(Q8_0, 34, row + part * rb, c->xq, nb, c->B, out, stride);
+        }
+    }
+}
+
+static void dots_task(void *p, int64_t k0, int64_t k1) {
+    const qcall_t *c = p;
+    int64_t cols = c->cols, nb = cols / QK, parts = c->parts, n = (k1 - k0) * parts;
+    scratch_t s = scratch(cols);
+    int8_t *tq = s.q;
+    float *tdm = s.dm;
+    if (!tq) return;
+    for (int64_t t0 = 0; t0 < n; t0 += ROWS) {
+        int64_t tn = n - t0 < ROWS ? n - t0 : ROWS;
+        for (int64_t r = 0; r < tn; r++) {
+            int64_t k = k0 + (t0 + r) / parts, part = (t0 + r) % parts;
+            int64_t row = (c->idx ? c->idx[k] : k) * parts + part;
+            if (r == 0 && t0 + ROWS < n) { /* the next tile's rows, while this one is computed */
+                int64_t kn = k0 + (t0 + ROWS) / parts;
+                for (int64_t a = 0; a < ROWS && kn + a / parts < k1; a += parts)
+                    prefetch_span(c->W + ((c->idx ? c->idx[kn + a / parts] : kn + a / parts) * parts) *
+                                  c->row_bytes, parts * c->row_bytes);
+            }
+            unpack_row(c->type, c->W + row * c->row_bytes, cols, tq + r * cols, tdm + 2 * r * nb,
+                       tdm + (2 * r + 1) * nb);
+        }
+        for (int64_t b = 0; b < c->B; b++) {
+            const xblock *xb = c->xq + b * nb;
+            for (int64_t r = 0; r < tn; r++) {
+                int64_t k = k0 + (t0 + r) / parts, part = (t0 + r) % parts;
+                c->out[(b * c->K + k) * parts + part] =
+                    dot_row(tq + r * cols, tdm + 2 * r * nb, tdm + (2 * r + 1) * nb, xb, nb);
+            }
+        }
+    }
+}
+
+/* out [B, K, parts] fp32: rows of W [n_rows * parts, cols] (GGUF blocks of `type`) dotted with x [B, cols]
+ * fp32, which is first quantized into xq scratch (B * cols / 32 blocks of 40 bytes). idx NULL: all rows. */
+int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols, int64_t parts,
+               const int64_t *idx, int64_t K, const float *x, int64_t B, void *xq, float *out) {
+    int bytes = quant_block_bytes(type);
+    if (!bytes || cols % quant_block_size(type) || row_bytes != cols / quant_block_size(type) * bytes) return -2;
+    if (idx && check_ids(idx, K, n_rows)) return -1;
+    qcall_t c = {.W = W, .row_bytes = row_bytes, .cols = cols, .parts = parts, .K = K, .B = B, .type = type,
+                 .idx = idx, .x = x, .xq = xq, .out = out};
+    pool_run(quantize_task, &c, B, 1);
+    pool_run(HAS_DIRECT(type) ? dots_direct_task : dots_task, &c, K, (ROWS + parts - 1) / parts);
+    return 0;
+}
+
+static void dequant_task(void *p, int64_t r0, int64_t r1) {
+    const qcall_t *c = p;
+    int64_t cols = c->cols, nb = cols / QK;
+    scratch_t s = scratch(cols);
+    int8_t *tq = s.q;
+    float *tdm = s.dm;
+    if (!tq) return;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t row = c->idx ? c->idx[r] : r;
+        unpack_row(c->type, c->W + row * c->row_bytes, cols, tq, tdm, tdm + nb);
+        float *o = c->out + r * cols;
+        for (int64_t j = 0; j < cols; j++) o[j] = tdm[j / QK] * (float)tq[j] + tdm[nb + j / QK];
+    }
+}
+
+/* out [K, cols] fp32 = rows idx (or 0..K-1) of W, dequantized exactly as GGML does (d * q + m, fp32). */
+int quant_dequantize(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols,
+                     const int64_t *idx, int64_t K, float *out) {
+    int bytes = quant_block_bytes(type);
+    if (!bytes || cols % quant_block_size(type) || row_bytes != cols / quant_block_size(type) * bytes) return -2;
+    if (idx && check_ids(idx, K, n_rows)) return -1;
+    qcall_t c = {.W = W, .row_bytes = row_bytes, .cols = cols, .type = type, .idx = idx, .out = out};
+    pool_run(dequant_task, &c, K, 16);
+    return 0;
+}
+
+static void quantize_rows_task(void *p, int64_t r0, int64_t r1) {
+    const qcall_t *c = p;
+    int bytes = quant_block_bytes(c->type);
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = c->x + r * c->cols;
+        uint8_t *o = (uint8_t *)c->W + r * c->row_bytes;
+        for (int64_t b = 0; b < c->cols / QK; b++, x += QK, o += bytes) {
+            float amax = 0.0f, max = 0.0f, min = x[0], hi = x[0];
+            for (int j = 0; j < QK; j++) {
+                if (fabsf(x[j]) > amax) { amax = fabsf(x[j]); max = x[j]; }
+                min = fminf(min, x[j]);
+                hi = fmaxf(hi, x[j]);
+            }
+            if (c->type == Q8_0) {
+                float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+                put_f16(o, d);
+                for (int j = 0; j < QK; j++) o[2 + j] = (uint8_t)(int8_t)nearbyintf(x[j] * id);
+            } else if (c->type == Q4_0) {
+                float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+                put_f16(o, d);
+                for (int l = 0; l < 16; l++) {
+                    int a = (int)(x[l] * id + 8.5f), b2 = (int)(x[l + 16] * id + 8.5f);
+                    o[2 + l] = (uint8_t)((a > 15 ? 15 : a) | ((b2 > 15 ? 15 : b2) << 4));
+                }
+            } else { /* Q4_1 */
+                float d = (hi - min) / 15.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+                put_f16(o, d);
+                put_f16(o + 2, min);
+                for (int l = 0; l < 16; l++) {
+                    int a = (int)((x[l] - min) * id + 0.5f), b2 = (int)((x[l + 16] - min) * id + 0.5f);
+                    o[4 + l] = (uint8_t)((a > 15 ? 15 : a) | ((b2 > 15 ? 15 : b2) << 4));
+                }
+            }
+        }
+    }
+}
+
+/* out [n_rows, row_bytes] = x [n_rows, cols] fp32 quantized to Q8_0, Q4_0 or Q4_1 (GGML's reference rules). */
+int quant_quantize(const float *x, int type, int64_t n_rows, int64_t cols, uint8_t *out) {
+    if ((type != Q8_0 && type != Q4_0 && type != Q4_1) || cols % QK) return -2;
+    qcall_t c = {.W = out, .row_bytes = cols / QK * quant_block_bytes(type), .cols = cols, .type = type, .x = x};
+    pool_run(quantize_rows_task, &c, n_rows, 16);
+    return 0;
+}

@@ -1,0 +1,168 @@
+"""Quantized weights kept in GGUF's blocks (kernels/quant.c): the type, its products and its conversions.
+
+A `QuantTensor` is a matrix [rows, cols] stored as GGUF stores it: each row a run of blocks along the input
+dimension, so one row (one output, or one neuron) is contiguous. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K
+run natively; `to_runnable` turns any other GGUF type (Q6_K, Q2_K, Q3_K, IQ*) into Q8_0 once, at load.
+Products quantize the activations per 32 values to int8 and use integer dot products (as llama.cpp);
+past the calibrated token count (kernels.calibrate) they dequantize tiles of rows and let torch's GEMM run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import native
+
+# GGML type codes (gguf.GGMLQuantizationType) of the formats quant.c runs.
+NATIVE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13}
+QUANTIZE_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # what quant_quantize writes (--quantize)
+_BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+          "Q4_K": (256, 144), "Q5_K": (256, 176)}
+TILE_BYTES = 1 << 20  # fp32 rows dequantized per torch product in the large-batch path
+
+
+@dataclass
+class QuantTensor:
+    """Rows of GGUF blocks: `data` uint8 [rows, row_bytes] holding `cols` weights per row, of type `qtype`."""
+
+    data: torch.Tensor
+    qtype: str
+    cols: int
+
+    def __post_init__(self) -> None:
+        if self.qtype not in NATIVE_TYPES:
+            raise ValueError(f"quantized type {self.qtype} is not run natively (convert with to_runnable)")
+        block, nbytes = _BLOCK[self.qtype]
+        if self.cols % block or self.data.dtype != torch.uint8 or self.data.dim() != 2 or (
+                self.data.shape[1] != self.cols // block * nbytes):
+            raise ValueError(f"{self.qtype} rows of {self.cols} weights need {self.cols // block * nbytes} bytes "
+                             f"in blocks of {block}; got {tuple(self.data.shape)} {self.data.dtype}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.cols)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def rows(self, idx: torch.Tensor) -> QuantTensor:
+        return QuantTensor(self.data.index_select(0, idx.to(self.data.device)).contiguous(), self.qtype, self.cols)
+
+    def dequantize(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 [K, cols]: rows idx (default all), exactly as GGML dequantizes them."""
+        return dequantize_rows(self, idx)
+
+
+def _lib():
+    lib = native.load()
+    if lib is None:
+        raise RuntimeError("quantized weights need the native kernels (a C compiler; HOTCOLD_NATIVE unset)")
+    return lib
+
+
+def dequantize_rows(w: QuantTensor, idx: torch.Tensor | None = None, start: int = 0, stop: int | None = None
+                    ) -> torch.Tensor:
+    lib = _lib()
+    data = w.data
+    if idx is None and (start or stop is not None):
+        data = data[start:stop]
+    if idx is not None:
+        idx = idx.to(torch.int64).contiguous()
+    K = data.shape[0] if idx is None else idx.numel()
+    out = torch.empty(K, w.cols, dtype=torch.float32)
+    status = lib.quant_dequantize(data.data_ptr(), NATIVE_TYPES[w.qtype], data.shape[0], data.shape[1], w.cols,
+                                  None if idx is None else idx.data_ptr(), K, out.data_ptr())
+    _check(status, idx, data.shape[0])
+    return out
+
+
+def dots(w: QuantTensor, x: torch.Tensor, idx: torch.Tensor | None = None, parts: int = 1) -> torch.Tensor:
+    """fp32 [B, K, parts]: rows (idx[k] or k) * parts + p of w dotted with x [B, cols] (activations quantized
+    per 32 to int8, integer dot products)."""
+    lib = _lib()
+    x = x.float().contiguous()
+    B = x.shape[0]
+    if x.shape[-1] != w.cols:
+        raise ValueError(f"input has {x.shape[-1]} features; the weight has {w.cols}")
+    n_rows = w.data.shape[0] // parts
+    if idx is not None:
+        idx = idx.to(torch.int64).contiguous()
+    K = n_rows if idx is None else idx.numel()
+    out = torch.empty(B, K, parts, dtype=torch.float32)
+    xq = torch.empty(B * (w.cols // 32) * 40, dtype=torch.uint8)
+    status = lib.quant_dots(w.data.data_ptr(), NATIVE_TYPES[w.qtype], n_rows, w.data.shape[1], w.cols, parts,
+                            None if idx is None else idx.data_ptr(), K, x.data_ptr(), B, xq.data_ptr(),
+                            out.data_ptr())
+    _check(status, idx, n_rows)
+    return out
+
+
+def linear(x: torch.Tensor, w: QuantTensor, max_native_tokens: int | None = None) -> torch.Tensor:
+    """fp32 [T, rows] = x @ w.T: integer dot products up to `max_native_tokens` tokens (the calibrated
+    crossover by default), tiles of dequantized rows through torch's GEMM beyond."""
+    if max_native_tokens is None:
+        from . import calibrate
+
+        max_native_tokens = calibrate.max_native_tokens("quant")
+    if x.shape[0] <= max_native_tokens:
+        return dots(w, x)[..., 0]
+    x = x.float()
+    rows = max(16, TILE_BYTES // (4 * w.cols))
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    for s in range(0, w.shape[0], rows):
+        e = min(w.shape[0], s + rows)
+        torch.mm(x, dequantize_rows(w, start=s, stop=e).T, out=out[:, s:e])
+    return out
+
+
+def quantize(t: torch.Tensor, qtype: str) -> QuantTensor:
+    """A float matrix [rows, cols] in GGML's Q8_0, Q4_0 or Q4_1 blocks (its reference rounding rules)."""
+    if qtype not in QUANTIZE_TYPES:
+        raise ValueError(f"can quantize to {', '.join(QUANTIZE_TYPES)}, not {qtype}")
+    t = t.float().contiguous()
+    rows, cols = t.shape
+    block, nbytes = _BLOCK[qtype]
+    if cols % block:
+        raise ValueError(f"{qtype} needs rows whose length is a multiple of {block}; got {cols}")
+    out = torch.empty(rows, cols // block * nbytes, dtype=torch.uint8)
+    if _lib().quant_quantize(t.data_ptr(), NATIVE_TYPES[qtype], rows, cols, out.data_ptr()):
+        raise ValueError(f"cannot quantize to {qtype}")
+    return QuantTensor(out, qtype, cols)
+
+
+def from_gguf(raw: np.ndarray, qtype: str, cols: int) -> QuantTensor:
+    """A GGUF tensor's bytes ([rows, row_bytes] uint8, as gguf.GGUFReader gives them) as a QuantTensor; types
+    quant.c does not run are dequantized (gguf.quants) and re-quantized to Q8_0 once."""
+    raw = np.ascontiguousarray(raw).reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
+    if qtype in NATIVE_TYPES:
+        return QuantTensor(torch.from_numpy(raw.copy()), qtype, cols)
+    import gguf
+
+    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    return quantize(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(-1, cols), "Q8_0")
+
+
+def concat(parts: list[QuantTensor]) -> QuantTensor:
+    """Rows of several matrices stacked (all of one type and width)."""
+    return QuantTensor(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].cols)
+
+
+def interleave(a: QuantTensor, b: QuantTensor) -> QuantTensor:
+    """Rows a0, b0, a1, b1, ...: gate and up rows of one neuron side by side (hotcold's gate_up layout)."""
+    return QuantTensor(torch.stack([a.data, b.data], dim=1).reshape(-1, a.data.shape[1]).contiguous(), a.qtype,
+                       a.cols)
+
+
+def _check(status: int, idx: torch.Tensor | None, n_rows: int) -> None:
+    if status == -2:
+        raise ValueError("weight bytes do not match the quantized type's block layout")
+    if status:
+        raise IndexError(f"row ids must lie in [0, {n_rows}); got min {int(idx.min())}, max {int(idx.max())}")
