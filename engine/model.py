@@ -18,17 +18,24 @@ from hotcold.engine.cache import KVCache
 from hotcold.engine.config import GATED, ModelConfig
 from hotcold.kernels import cpu_sparse, native, quant
 from hotcold.kernels.quant import QuantTensor
+from hotcold.kernels.reference import FUNCTIONS, activation_spec
 
 Weight = torch.Tensor | QuantTensor
 
 
-def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, but quantized weights run in their blocks (kernels.quant), and a few tokens over float
-    weights on the CPU go through the native kernels where the calibration measured them faster than torch
-    (kernels.calibrate). fp32 accumulation."""
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
+    """F.linear(norm(x)), but quantized weights run in their blocks (kernels.quant, with an RMS norm folded
+    into the same call), and a few tokens over float weights on the CPU go through the native kernels where
+    the calibration measured them faster than torch (kernels.calibrate). fp32 accumulation."""
     if isinstance(w, QuantTensor):
-        y = quant.linear(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
+        fold = norm is not None and norm.kind == "rms"
+        if norm is not None and not fold:
+            x = norm(x)
+        y = quant.linear(x.reshape(-1, x.shape[-1]), w, norm=norm.weight if fold else None,
+                         eps=norm.eps if fold else 0.0).view(*x.shape[:-1], -1)
         return (y if b is None else y + b.float()).to(x.dtype)
+    if norm is not None:
+        x = norm(x)
     if x.dim() == 2 and native.preferred(x.shape[0], w):
         y = native.linear(x, w)
         return (y if b is None else y + b.float()).to(x.dtype)
@@ -150,15 +157,17 @@ class QuantFFN(nn.Module):
                                              up_bias if up_bias is not None else torch.zeros_like(gate_bias)],
                                             dim=1).reshape(-1) if self.gated else up_bias
         self.down, self.down_bias = down, down_bias
+        approx = "_tanh" if gelu_approximate == "tanh" and activation in ("gelu", "geglu") else ""
+        spec = activation_spec(activation + approx)
+        self.codes = (FUNCTIONS[spec.gate_fn], FUNCTIONS[spec.up_fn])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = linear(x, self.gate_up, self.gate_up_bias)
-        if self.gated:
-            z = z.view(*x.shape[:-1], -1, 2)
-            h = activate(self.activation, z[..., 1], z[..., 0], self.gelu_approximate)
-        else:
-            h = activate(self.activation, z, None, self.gelu_approximate)
-        return linear(h, self.down, self.down_bias)
+    def forward(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
+        """One native call: RMS norm (when given), gate/up product, activation, down product."""
+        if norm is not None and norm.kind != "rms":
+            x, norm = norm(x), None
+        y = quant.ffn(x, self.gate_up, self.down, 2 if self.gated else 1, self.codes[0], self.codes[1],
+                      self.gate_up_bias, None if norm is None else norm.weight, norm.eps if norm else 0.0)
+        return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)
 
 
 class MoEFFN(nn.Module):
@@ -242,9 +251,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: StepBatch,
                 cache: KVCache | None, layer: int, token_slots: torch.Tensor | None,
-                positions: torch.Tensor) -> torch.Tensor:
+                positions: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
+        """Attention over norm(x) (the norm folded into the qkv product where the kernels can)."""
         cfg, T = self.cfg, x.shape[0]
-        qkv = linear(x, self.wqkv, self.bqkv).to(attn_dtype(x.device, x.dtype))
+        qkv = linear(x, self.wqkv, self.bqkv, norm).to(attn_dtype(x.device, x.dtype))
         heads = cfg.num_heads + cfg.num_kv_heads
         qk = qkv[:, : self.q_size + self.kv_size].view(T, heads, cfg.head_dim)
         if rope is not None:
@@ -305,6 +315,9 @@ class Block(nn.Module):
         self.pre_norm = pre_norm
 
     def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
+        if self.pre_norm and isinstance(self.ffn, QuantFFN):  # the norms run inside the native calls
+            x = x + self.attn(x, *attn_args, norm=self.attn_norm)
+            return x + self.ffn(x, norm=self.ffn_norm)
         if self.pre_norm:
             x = x + self.attn(self.attn_norm(x), *attn_args)
             return x + self.ffn(self.ffn_norm(x))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import native
 
-TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 SHAPE = (2048, 1024)  # 8 MB in fp32: past the L2 caches, as real weights are
 
 
@@ -76,8 +76,8 @@ def measure() -> Calibration:
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         w = w32.to(dtype)
         xs = [torch.randn(T, SHAPE[1], generator=gen).to(dtype) for T in TOKENS]
-        nat = [_best(lambda x=x: native.linear(x, w)) for x in xs]
-        tor = [_best(lambda x=x: F.linear(x, w)) for x in xs]
+        nat = [_best(lambda x=x, w=w: native.linear(x, w)) for x in xs]
+        tor = [_best(lambda x=x, w=w: F.linear(x, w)) for x in xs]
         seconds[name] = {"native": nat, "torch": tor}
         crossover[name] = _crossover(nat, tor)
     wq = quant.quantize(w32, "Q4_0")
@@ -87,7 +87,8 @@ def measure() -> Calibration:
     seconds["quant"] = {"native": nat, "torch": tor}
     crossover["quant"] = _crossover(nat, tor)
     fastest = {k: [min(a, b) for a, b in zip(v["native"], v["torch"])] for k, v in seconds.items()}
-    bf16_ok = fastest["bfloat16"][0] <= fastest["float32"][0] and fastest["bfloat16"][-1] <= 1.5 * fastest["float32"][-1]
+    bf16, fp32 = fastest["bfloat16"], fastest["float32"]
+    bf16_ok = bf16[0] <= fp32[0] and bf16[-2] <= 1.5 * fp32[-2]
     return Calibration(native.cpu_model(), native.best_isa(), native.threads(), crossover,
                        "bfloat16" if bf16_ok else "float32", seconds)
 

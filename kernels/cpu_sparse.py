@@ -1,6 +1,6 @@
 """Gathered FFN on the CPU (the cold-neuron workers' compute): native kernels, else plain torch ops.
 
-Small batches (native.MAX_TOKENS: 8 fp32, 2 bf16) of fp32/bf16 weights go to kernels/gathered.c
+Small batches (up to the crossover kernels.calibrate measured) of fp32/bf16 weights go to kernels/gathered.c
 (kernels/native.py), which streams each active row once: gate/up dot products and the down axpy, fp32
 accumulation. Where it cannot be built (no C compiler, HOTCOLD_NATIVE=0), and for larger batches, the torch
 path below runs. Both release the GIL. What measured fastest for the torch path on a 2-core AVX-512
@@ -37,7 +37,7 @@ class CpuConfig:
     ebag_max_batch: int = 8
     # Fewest rows per embedding_bag bag when one token's sum is split across threads.
     min_bag: int = 32
-    # Native kernels where they are faster (native.MAX_TOKENS: they re-widen each row once per token).
+    # Native kernels where kernels.calibrate measured them faster than torch on this machine.
     use_native: bool = True
 
 

@@ -50,7 +50,9 @@ _SIGNATURES = {
     **{f"gathered_axpy_{s}": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr] for s in ("f32", "bf16")},
     **{f"gathered_ffn_{s}": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr,
                              _int, _int, _int, _ptr, _ptr] for s in ("f32", "bf16")},
-    "quant_dots": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr],
+    "quant_dots": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_float, _ptr, _ptr],
+    "quant_ffn": [_ptr, _int, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _ptr, _int,
+                  _int, _ptr, _ptr],
     "quant_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr, _i64, _ptr],
     "quant_quantize": [_ptr, _int, _i64, _i64, _ptr],
     "quant_block_bytes": [_int],
@@ -132,8 +134,10 @@ def source_hash() -> str:
     return hashlib.sha256(b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
 
 
+@functools.cache
 def load() -> ctypes.CDLL | None:
-    """The compiled library for this CPU's ISA level (built on first use), or None where it cannot be built."""
+    """The compiled library for this CPU's ISA level (built on first use), or None where it cannot be built.
+    HOTCOLD_NATIVE and HOTCOLD_ISA are read once per process."""
     if os.environ.get("HOTCOLD_NATIVE", "1") == "0":
         return None
     return _load(best_isa())

@@ -303,15 +303,29 @@ typedef struct {
     int64_t row_bytes, cols, parts, K, B;
     int type;
     const int64_t *idx;
-    const float *x;
+    const float *x, *norm;
+    float eps;
     xblock *xq;
     float *out;
 } qcall_t;
 
+/* Each token's activations quantized, after an RMS norm (x * rsqrt(mean(x^2) + eps) * norm) if norm is set:
+ * the norm before a projection costs no pass of its own. */
 static void quantize_task(void *p, int64_t t0, int64_t t1) {
     const qcall_t *c = p;
-    int64_t nb = c->cols / QK;
-    for (int64_t t = t0; t < t1; t++) quantize_x(c->x + t * c->cols, nb, c->xq + t * nb);
+    int64_t nb = c->cols / QK, H = c->cols;
+    float tmp[c->norm ? H : 1];
+    for (int64_t t = t0; t < t1; t++) {
+        const float *x = c->x + t * H;
+        if (c->norm) {
+            float ss = 0.0f;
+            for (int64_t j = 0; j < H; j++) ss += x[j] * x[j];
+            float r = 1.0f / sqrtf(ss / (float)H + c->eps);
+            for (int64_t j = 0; j < H; j++) tmp[j] = c->norm[j] * (x[j] * r);
+            x = tmp;
+        }
+        quantize_x(x, nb, c->xq + t * nb);
+    }
 }
 
 /* Per-thread scratch for ROWS unpacked rows (grown on demand, kept for the thread's life). */
@@ -342,7 +356,7 @@ static scratch_t scratch(int64_t cols) {
 static void dots_direct_task(void *p, int64_t k0, int64_t k1) {
     const qcall_t *c = p;
     int64_t nb = c->cols / QK, parts = c->parts, rb = c->row_bytes;
-    const int type = c->type, bytes = quant_block_bytes(type);
+    const int type = c->type;
     int64_t ahead = 4096 / (parts * rb) + 1;
     for (int64_t k = k0; k < k1; k++) {
         if (k + ahead < k1) prefetch_span(c->W + (c->idx ? c->idx[k + ahead] : k + ahead) * parts * rb, parts * rb);
@@ -390,14 +404,16 @@ static void dots_task(void *p, int64_t k0, int64_t k1) {
 }
 
 /* out [B, K, parts] fp32: rows of W [n_rows * parts, cols] (GGUF blocks of `type`) dotted with x [B, cols]
- * fp32, which is first quantized into xq scratch (B * cols / 32 blocks of 40 bytes). idx NULL: all rows. */
+ * fp32 (RMS-normed first when norm is set), which is first quantized into xq scratch (B * cols / 32 blocks of
+ * 40 bytes). idx NULL: all rows. */
 int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols, int64_t parts,
-               const int64_t *idx, int64_t K, const float *x, int64_t B, void *xq, float *out) {
+               const int64_t *idx, int64_t K, const float *x, int64_t B, const float *norm, float eps, void *xq,
+               float *out) {
     int bytes = quant_block_bytes(type);
     if (!bytes || cols % quant_block_size(type) || row_bytes != cols / quant_block_size(type) * bytes) return -2;
     if (idx && check_ids(idx, K, n_rows)) return -1;
     qcall_t c = {.W = W, .row_bytes = row_bytes, .cols = cols, .parts = parts, .K = K, .B = B, .type = type,
-                 .idx = idx, .x = x, .xq = xq, .out = out};
+                 .idx = idx, .x = x, .norm = norm, .eps = eps, .xq = xq, .out = out};
     pool_run(quantize_task, &c, B, 1);
     pool_run(HAS_DIRECT(type) ? dots_direct_task : dots_task, &c, K, (ROWS + parts - 1) / parts);
     return 0;
@@ -472,4 +488,48 @@ int quant_quantize(const float *x, int type, int64_t n_rows, int64_t cols, uint8
     qcall_t c = {.W = out, .row_bytes = cols / QK * quant_block_bytes(type), .cols = cols, .type = type, .x = x};
     pool_run(quantize_rows_task, &c, n_rows, 16);
     return 0;
+}
+
+static inline float act(int fn, float v) { /* kernels.reference.FUNCTIONS */
+    switch (fn) {
+    case 1: return v / (1.0f + expf(-v));
+    case 2: return v > 0.0f ? v : 0.0f;
+    case 3: return v > 0.0f ? v * v : 0.0f;
+    case 4: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case 5: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v;
+    }
+}
+
+typedef struct {
+    const float *z, *bias;
+    float *h;
+    int64_t I, parts;
+    int gate_fn, up_fn;
+} act_t;
+
+static void act_task(void *p, int64_t r0, int64_t r1) { /* rows r of z [B*I, parts] -> h [B*I] */
+    const act_t *a = p;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *z = a->z + r * a->parts;
+        const float *bias = a->bias ? a->bias + (r % a->I) * a->parts : 0;
+        float u = z[a->parts - 1] + (bias ? bias[a->parts - 1] : 0.0f), v = act(a->up_fn, u);
+        if (a->parts == 2) v *= act(a->gate_fn, z[0] + (bias ? bias[0] : 0.0f));
+        a->h[r] = v;
+    }
+}
+
+/* The dense FFN of B tokens in one call: y [B, H] = down . act(gate_up . rmsnorm(x)), gate and up rows
+ * interleaved in Wgu [I * parts, H], down as GGUF stores it [H, I]; biases of gate/up fp32 [I, parts] or NULL.
+ * scratch: B * (I * parts + I) floats and max(H, I) / 32 * 40 * B bytes, passed as one buffer. */
+int quant_ffn(const uint8_t *Wgu, int type_gu, int64_t rb_gu, const uint8_t *Wd, int type_d, int64_t rb_d,
+              int64_t I, int64_t H, int64_t parts, const float *x, int64_t B, const float *norm, float eps,
+              const float *gu_bias, int gate_fn, int up_fn, float *scratch, float *y) {
+    float *z = scratch, *h = scratch + B * I * parts;
+    void *xq = h + B * I;
+    int s = quant_dots(Wgu, type_gu, I, rb_gu, H, parts, 0, I, x, B, norm, eps, xq, z);
+    if (s) return s;
+    act_t a = {.z = z, .bias = gu_bias, .h = h, .I = I, .parts = parts, .gate_fn = gate_fn, .up_fn = up_fn};
+    pool_run(act_task, &a, B * I, 64);
+    return quant_dots(Wd, type_d, H, rb_d, I, 1, 0, H, h, B, 0, 0.0f, xq, y);
 }

@@ -84,9 +84,10 @@ def dequantize_rows(w: QuantTensor, idx: torch.Tensor | None = None, start: int 
     return out
 
 
-def dots(w: QuantTensor, x: torch.Tensor, idx: torch.Tensor | None = None, parts: int = 1) -> torch.Tensor:
+def dots(w: QuantTensor, x: torch.Tensor, idx: torch.Tensor | None = None, parts: int = 1,
+         norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """fp32 [B, K, parts]: rows (idx[k] or k) * parts + p of w dotted with x [B, cols] (activations quantized
-    per 32 to int8, integer dot products)."""
+    per 32 to int8, integer dot products), x RMS-normed first (times `norm`, fp32) when `norm` is given."""
     lib = _lib()
     x = x.float().contiguous()
     B = x.shape[0]
@@ -99,28 +100,68 @@ def dots(w: QuantTensor, x: torch.Tensor, idx: torch.Tensor | None = None, parts
     out = torch.empty(B, K, parts, dtype=torch.float32)
     xq = torch.empty(B * (w.cols // 32) * 40, dtype=torch.uint8)
     status = lib.quant_dots(w.data.data_ptr(), NATIVE_TYPES[w.qtype], n_rows, w.data.shape[1], w.cols, parts,
-                            None if idx is None else idx.data_ptr(), K, x.data_ptr(), B, xq.data_ptr(),
-                            out.data_ptr())
+                            None if idx is None else idx.data_ptr(), K, x.data_ptr(), B,
+                            None if norm is None else norm.data_ptr(), eps, xq.data_ptr(), out.data_ptr())
     _check(status, idx, n_rows)
     return out
 
 
-def linear(x: torch.Tensor, w: QuantTensor, max_native_tokens: int | None = None) -> torch.Tensor:
-    """fp32 [T, rows] = x @ w.T: integer dot products up to `max_native_tokens` tokens (the calibrated
-    crossover by default), tiles of dequantized rows through torch's GEMM beyond."""
-    if max_native_tokens is None:
-        from . import calibrate
+def _native_tokens() -> int:
+    from . import calibrate
 
-        max_native_tokens = calibrate.max_native_tokens("quant")
-    if x.shape[0] <= max_native_tokens:
-        return dots(w, x)[..., 0]
+    return calibrate.max_native_tokens("quant")
+
+
+def rms_norm(x: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """What the native kernels compute before a product when given a norm: x * rsqrt(mean(x^2) + eps) * norm."""
     x = x.float()
+    return norm * (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps))
+
+
+def linear(x: torch.Tensor, w: QuantTensor, max_native_tokens: int | None = None, norm: torch.Tensor | None = None,
+           eps: float = 0.0) -> torch.Tensor:
+    """fp32 [T, rows] = rmsnorm(x) @ w.T (no norm unless `norm` is given): integer dot products up to
+    `max_native_tokens` tokens (the calibrated crossover by default), tiles of dequantized rows through
+    torch's GEMM beyond."""
+    if x.shape[0] <= (_native_tokens() if max_native_tokens is None else max_native_tokens):
+        return dots(w, x, norm=norm, eps=eps)[..., 0]
+    x = x.float() if norm is None else rms_norm(x, norm, eps)
     rows = max(16, TILE_BYTES // (4 * w.cols))
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
     for s in range(0, w.shape[0], rows):
         e = min(w.shape[0], s + rows)
         torch.mm(x, dequantize_rows(w, start=s, stop=e).T, out=out[:, s:e])
     return out
+
+
+def ffn(x: torch.Tensor, gate_up: QuantTensor, down: QuantTensor, parts: int, gate_fn: int, up_fn: int,
+        gate_up_bias: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
+        max_native_tokens: int | None = None) -> torch.Tensor:
+    """fp32 y [T, H] = down . act(gate_up . rmsnorm(x)) in one native call: gate and up rows interleaved in
+    gate_up [I * parts, H] (parts 2; 1: up alone), down [H, I]; activation codes kernels.reference.FUNCTIONS;
+    gate_up_bias fp32 [I * parts]. Past the calibrated token count, the same through `linear`."""
+    from .reference import apply_fn, code_name
+
+    I, H = gate_up.shape[0] // parts, gate_up.cols
+    if x.shape[0] > (_native_tokens() if max_native_tokens is None else max_native_tokens):
+        z = linear(x, gate_up, norm=norm, eps=eps)
+        z = (z if gate_up_bias is None else z + gate_up_bias).view(-1, I, parts)
+        h = apply_fn(code_name(up_fn), z[..., -1])
+        if parts == 2:
+            h = apply_fn(code_name(gate_fn), z[..., 0]) * h
+        return linear(h, down)
+    lib = _lib()
+    x = x.float().contiguous()
+    B = x.shape[0]
+    scratch = torch.empty(B * I * (parts + 1) + (B * max(H, I) // 32 * 40 + 3) // 4, dtype=torch.float32)
+    y = torch.empty(B, down.shape[0], dtype=torch.float32)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    status = lib.quant_ffn(gate_up.data.data_ptr(), NATIVE_TYPES[gate_up.qtype], gate_up.data.shape[1],
+                           down.data.data_ptr(), NATIVE_TYPES[down.qtype], down.data.shape[1], I, H, parts,
+                           x.data_ptr(), B, ptr(norm), eps, ptr(gate_up_bias), gate_fn, up_fn, scratch.data_ptr(),
+                           y.data_ptr())
+    _check(status, None, 0)
+    return y
 
 
 def quantize(t: torch.Tensor, qtype: str) -> QuantTensor:

@@ -43,6 +43,11 @@ ACTIVATIONS: dict[str, ActivationSpec] = {
 }
 
 
+def code_name(code: int) -> str:
+    """The FUNCTIONS name of a code."""
+    return next(name for name, c in FUNCTIONS.items() if c == code)
+
+
 def apply_fn(name: str, v: torch.Tensor) -> torch.Tensor:
     """One element-wise function of FUNCTIONS (in the dtype of v)."""
     if name == "identity":

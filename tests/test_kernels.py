@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import hotcold.kernels as kernels
-from hotcold.kernels import cpu_sparse, native, reference
+from hotcold.kernels import calibrate, cpu_sparse, native, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # interpreter exp()
 
@@ -163,7 +163,7 @@ def test_cpu_shapes_and_layouts(B, K, dtype, packed, poison):
         assert cpu_sparse._packed_view(a["w_gate"], a["w_up"]) is not None
     for config in (cpu_sparse.CpuConfig(), cpu_sparse.CpuConfig(use_native=False),
                    cpu_sparse.CpuConfig(2000, 2000, ebag_max_batch=1, use_native=False)):
-        exact = dtype == torch.float32 or (config.use_native and B <= native.MAX_TOKENS[dtype])
+        exact = dtype == torch.float32 or (config.use_native and B <= calibrate.max_native_tokens(dtype))
         tol = 1e-5 if exact else 2e-2
         h = call_gate_up(cpu_sparse.gathered_gate_up, a, config=config)
         check(h, gate_up_ref(a), tol, floor=1.0)  # K = 1: one product of 72-term sums
@@ -442,7 +442,7 @@ def test_gathered_ffn_every_activation(activation, dtype, B):
     h64 = gate_up_ref(a)
     want = h64.to(dtype).double() @ w_down_t.double()[a["idx"]]  # h rounded to the weights' dtype first
     args = (a["x"], a["w_up"], w_down_t, a["idx"], activation, a["w_gate"], a["up_bias"], a["token_mask"])
-    one_call = B <= native.MAX_TOKENS[dtype]
+    one_call = B <= calibrate.max_native_tokens(dtype)
     tol = 1e-5 if dtype == torch.float32 else (2e-2 if one_call else 4e-2)  # bf16: h rounding flips
     for backend in ("cpu", "reference"):
         y = kernels.gathered_ffn(*args, gate_bias=a["gate_bias"], backend=backend)
