@@ -8,11 +8,19 @@ import sys
 from hotcold.engine.errors import HotcoldError
 
 
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize: how the weights are held (shared with `hotcold serve`)."""
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="dequantize every weight to this dtype (default: a GGUF's quantized blocks stay as "
+                             "they are; float checkpoints take the dtype calibrated for this CPU)")
+    parser.add_argument("--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
+                        help="quantize a checkpoint's float matrices at load (CPU)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that load a model."""
     parser.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default' (SmolLM2-135M)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weights' dtype (default bfloat16; float32 for exact comparisons)")
+    add_weight_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--activation", default=None,
                         choices=["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"],
@@ -31,12 +39,22 @@ def load_from_args(args: argparse.Namespace):
     import torch
 
     from hotcold.engine.loader import load_model
+    from hotcold.kernels import native
 
     if args.threads:
         torch.set_num_threads(args.threads)
+        native.set_threads(args.threads)
     if args.sparsity not in (None, "off") and not args.plan:
         raise HotcoldError(f"--sparsity {args.sparsity} needs --plan PLAN_DIR (make one with `hotcold profile`)")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, activation=args.activation)
+    dtype = args.dtype
+    if args.plan and dtype is None:  # the sparse executor gathers float rows (quantized rows: not yet)
+        from hotcold.engine.loader import default_dtype
+
+        dtype = default_dtype(args.device)
+    if args.plan and args.quantize:
+        raise HotcoldError("--plan runs on float weights: drop --quantize")
+    loaded = load_model(args.model, dtype=dtype, device=args.device, activation=args.activation,
+                        quantize=getattr(args, "quantize", None))
     if args.plan:
         from hotcold.engine.hybrid import HybridConfig, apply_hybrid
         from hotcold.engine.plan import load_plan

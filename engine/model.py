@@ -325,6 +325,20 @@ class Block(nn.Module):
         return self.ffn_norm(x + self.ffn(x))
 
 
+def native_block(block: Block) -> quant.BlockWeights | None:
+    """The block's weights for kernels.quant.block (one native call per block), or None where that kernel
+    does not apply: it runs pre-norm RMS blocks whose matrices are all quantized, on the CPU."""
+    attn, ffn, n1, n2 = block.attn, block.ffn, block.attn_norm, block.ffn_norm
+    if not (block.pre_norm and isinstance(ffn, QuantFFN) and isinstance(attn.wqkv, QuantTensor)
+            and isinstance(attn.wo, QuantTensor) and n1.kind == n2.kind == "rms" and n1.eps == n2.eps):
+        return None
+    return quant.BlockWeights(n1.weight, n2.weight, n1.eps, attn.wqkv, attn.bqkv, attn.wo, attn.bo, ffn.gate_up,
+                              ffn.down, 2 if ffn.gated else 1, ffn.gate_up_bias, ffn.down_bias, *ffn.codes)
+
+
+NATIVE_BLOCK_TOKENS = 64  # longer steps (prefill chunks) take torch's attention: the native one is plain loops
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[Block], final_norm: Norm,
                  lm_head: torch.Tensor, pos_embed: torch.Tensor | None = None):
@@ -343,6 +357,16 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.device
+
+    def _native_blocks(self) -> list[quant.BlockWeights] | None:
+        """Every block's weights for the one-call native block, or None unless all blocks qualify (cached
+        until a block's FFN is replaced, as the hybrid executor does)."""
+        key = tuple(id(layer.ffn) for layer in self.layers)
+        if getattr(self, "_native_key", None) != key:
+            blocks = [native_block(layer) for layer in self.layers]
+            cpu = self.device.type == "cpu" and attn_dtype(self.device, self.dtype) == torch.float32
+            self._native_key, self._native = key, blocks if cpu and all(b is not None for b in blocks) else None
+        return self._native
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.inv_freq is None:
@@ -363,8 +387,14 @@ class Transformer(nn.Module):
             x = x + F.embedding(positions + 2, self.pos_embed)  # OPT's learned positions start at offset 2
         rope = self._rope(positions)
         token_slots = batch.token_slots().to(self.device) if cache is not None else None
+        blocks = self._native_blocks() if cache is not None and x.shape[0] <= NATIVE_BLOCK_TOKENS else None
+        cfg = self.config
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, batch, cache, i, token_slots, positions)
+            if blocks is not None:
+                x = quant.block(x, blocks[i], rope, cache.k[i], cache.v[i], token_slots, positions, cfg.num_heads,
+                                cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window)
+            else:
+                x = layer(x, rope, batch, cache, i, token_slots, positions)
         if logits_indices is not None:
             x = x[logits_indices]
         return linear(self.final_norm(x), self.lm_head).float()

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("hotcold.profiler.commands", "profile activations and write a hot/cold plan"),
     "serve": ("hotcold.server.commands", "OpenAI-compatible HTTP server"),
     "loadtest": ("hotcold.server.loadtest", "load-test an OpenAI-compatible server"),
+    "info": ("hotcold.engine.commands_info", "the CPU, ISA level, threads and kernel paths chosen here"),
 }
 
 

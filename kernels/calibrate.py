@@ -47,14 +47,21 @@ class Calibration:
                 f"default dtype {self.default_dtype} ({how})")
 
 
-def _best(fn, reps: int = 3) -> float:
-    fn()
-    best = float("inf")
+def _race(a, b, reps: int = 5) -> tuple[float, float]:
+    """Best times of two ways to do one thing, run alternately (a busy machine slows both alike)."""
+    best = [float("inf"), float("inf")]
+    a(), b()
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        for i, fn in enumerate((a, b)):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best[0], best[1]
+
+
+def _race_all(native_fn, torch_fn, xs) -> tuple[list[float], list[float]]:
+    pairs = [_race(lambda x=x: native_fn(x), lambda x=x: torch_fn(x)) for x in xs]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _crossover(native_s: list[float], torch_s: list[float]) -> int:
@@ -76,14 +83,12 @@ def measure() -> Calibration:
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         w = w32.to(dtype)
         xs = [torch.randn(T, SHAPE[1], generator=gen).to(dtype) for T in TOKENS]
-        nat = [_best(lambda x=x, w=w: native.linear(x, w)) for x in xs]
-        tor = [_best(lambda x=x, w=w: F.linear(x, w)) for x in xs]
+        nat, tor = _race_all(lambda x, w=w: native.linear(x, w), lambda x, w=w: F.linear(x, w), xs)
         seconds[name] = {"native": nat, "torch": tor}
         crossover[name] = _crossover(nat, tor)
     wq = quant.quantize(w32, "Q4_0")
     xs = [torch.randn(T, SHAPE[1], generator=gen) for T in TOKENS]
-    nat = [_best(lambda x=x: quant.dots(wq, x)) for x in xs]
-    tor = [_best(lambda x=x: quant.linear(x, wq, max_native_tokens=0)) for x in xs]
+    nat, tor = _race_all(lambda x: quant.dots(wq, x), lambda x: quant.linear(x, wq, max_native_tokens=0), xs)
     seconds["quant"] = {"native": nat, "torch": tor}
     crossover["quant"] = _crossover(nat, tor)
     fastest = {k: [min(a, b) for a, b in zip(v["native"], v["torch"])] for k, v in seconds.items()}
@@ -119,6 +124,15 @@ def current() -> Calibration:
         json.dump(asdict(cal), f, indent=1)
     os.replace(tmp, path)
     return cal
+
+
+def forget() -> None:
+    """Drop this machine's cached calibration: the next `current()` measures again."""
+    current.cache_clear()
+    try:
+        os.remove(_path())
+    except OSError:
+        pass
 
 
 def max_native_tokens(kind: torch.dtype | str) -> int:

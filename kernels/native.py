@@ -53,6 +53,8 @@ _SIGNATURES = {
     "quant_dots": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_float, _ptr, _ptr],
     "quant_ffn": [_ptr, _int, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _ptr, _int,
                   _int, _ptr, _ptr],
+    "quant_block": [_ptr, _i64, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
+                    _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr],
     "quant_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr, _i64, _ptr],
     "quant_quantize": [_ptr, _int, _i64, _i64, _ptr],
     "quant_block_bytes": [_int],

@@ -533,3 +533,109 @@ int quant_ffn(const uint8_t *Wgu, int type_gu, int64_t rb_gu, const uint8_t *Wd,
     pool_run(act_task, &a, B * I, 64);
     return quant_dots(Wd, type_d, H, rb_d, I, 1, 0, H, h, B, 0, 0.0f, xq, y);
 }
+
+/* ---- One pre-norm transformer block over quantized weights, for the tokens of one step ----
+ * x [B, H] += o . attn(rope(qkv . rmsnorm(x)));  x += ffn(rmsnorm(x)): the Llama-family block, where each
+ * token attends to the cached keys of its own sequence (slot) up to its own position. All tokens' keys and
+ * values are written first, so prefill chunks are causal too. Attention runs in fp32, one (token, head)
+ * per work item, scores scaled by 1/sqrt(D), softmax with the maximum subtracted. */
+typedef struct {
+    const float *qkv;
+    float *out, *k_cache, *v_cache;
+    const int64_t *slots, *pos;
+    int64_t B, n_heads, n_kv, D, max_len, window, qkv_dim;
+} attn_t;
+
+static void attn_task(void *p, int64_t i0, int64_t i1) {
+    const attn_t *a = p;
+    int64_t D = a->D, group = a->n_heads / a->n_kv;
+    float scale = 1.0f / sqrtf((float)D);
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t b = i / a->n_heads, h = i % a->n_heads, kvh = h / group, pos = a->pos[b];
+        int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0, n = pos + 1 - lo;
+        const float *q = a->qkv + b * a->qkv_dim + h * D;
+        size_t base = ((size_t)a->slots[b] * a->n_kv + kvh) * a->max_len * D;
+        const float *K = a->k_cache + base + lo * D, *Vc = a->v_cache + base + lo * D;
+        float *s = malloc(sizeof(float) * (size_t)n), mx = -INFINITY, sum = 0.0f;
+        float *o = a->out + b * a->n_heads * D + h * D;
+        if (!s) continue;
+        for (int64_t j = 0; j < n; j++) {
+            float d = 0.0f;
+            for (int64_t e = 0; e < D; e++) d += q[e] * K[j * D + e];
+            s[j] = d * scale;
+            mx = fmaxf(mx, s[j]);
+        }
+        for (int64_t j = 0; j < n; j++) sum += (s[j] = expf(s[j] - mx));
+        for (int64_t e = 0; e < D; e++) o[e] = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            float w = s[j] / sum;
+            for (int64_t e = 0; e < D; e++) o[e] += w * Vc[j * D + e];
+        }
+        free(s);
+    }
+}
+
+/* rope (rotate-half, cos/sin [B, D]) on q and k heads, then k and v into the cache at (slot, kv head, pos). */
+static void rope_and_store(float *qkv, int64_t B, int64_t qkv_dim, int64_t n_heads, int64_t n_kv, int64_t D,
+                           const float *cos, const float *sin, float *k_cache, float *v_cache,
+                           const int64_t *slots, const int64_t *pos, int64_t max_len) {
+    int64_t half = D / 2;
+    float tmp[D];
+    for (int64_t b = 0; b < B; b++) {
+        float *t = qkv + b * qkv_dim;
+        if (cos)
+            for (int64_t h = 0; h < n_heads + n_kv; h++) {
+                float *x = t + h * D;
+                const float *c = cos + b * D, *sn = sin + b * D;
+                for (int64_t e = 0; e < half; e++) {
+                    tmp[e] = x[e] * c[e] + (-x[e + half]) * sn[e];
+                    tmp[e + half] = x[e + half] * c[e + half] + x[e] * sn[e + half];
+                }
+                memcpy(x, tmp, sizeof(float) * (size_t)D);
+            }
+        for (int64_t h = 0; h < n_kv; h++) {
+            size_t at = (((size_t)slots[b] * n_kv + h) * max_len + pos[b]) * D;
+            memcpy(k_cache + at, t + (n_heads + h) * D, sizeof(float) * (size_t)D);
+            memcpy(v_cache + at, t + (n_heads + n_kv + h) * D, sizeof(float) * (size_t)D);
+        }
+    }
+}
+
+typedef struct { /* one quantized matrix, as Python passes it */
+    const uint8_t *data;
+    int64_t type, rows, row_bytes, cols;
+} qmat_t;
+
+/* x [B, H] updated in place. scratch: enough floats for qkv [B, qkv_dim], the attention output [B, nh * D],
+ * the projections' [B, max(H, qkv_dim)] and the FFN's scratch (kernels/quant.py sizes it). */
+int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const float *ffn_norm, float eps,
+                const qmat_t *wqkv, const float *bqkv, const qmat_t *wo, const float *bo,
+                const qmat_t *gate_up, const qmat_t *down, int64_t parts, const float *gu_bias,
+                const float *down_bias, int gate_fn, int up_fn, const float *cos, const float *sin,
+                float *k_cache, float *v_cache, const int64_t *slots, const int64_t *pos, int64_t n_heads,
+                int64_t n_kv, int64_t D, int64_t max_len, int64_t window, float *scratch) {
+    int64_t qkv_dim = wqkv->rows, I = gate_up->rows / parts, q_size = n_heads * D;
+    float *qkv = scratch, *att = qkv + B * qkv_dim, *proj = att + B * q_size, *rest = proj + B * H;
+    void *xq = rest;
+    int s = quant_dots(wqkv->data, (int)wqkv->type, qkv_dim, wqkv->row_bytes, H, 1, 0, qkv_dim, x, B, attn_norm,
+                       eps, xq, qkv);
+    if (s) return s;
+    if (bqkv)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < qkv_dim; j++) qkv[b * qkv_dim + j] += bqkv[j];
+    rope_and_store(qkv, B, qkv_dim, n_heads, n_kv, D, cos, sin, k_cache, v_cache, slots, pos, max_len);
+    attn_t a = {.qkv = qkv, .out = att, .k_cache = k_cache, .v_cache = v_cache, .slots = slots, .pos = pos,
+                .B = B, .n_heads = n_heads, .n_kv = n_kv, .D = D, .max_len = max_len, .window = window,
+                .qkv_dim = qkv_dim};
+    pool_run(attn_task, &a, B * n_heads, 1);
+    s = quant_dots(wo->data, (int)wo->type, H, wo->row_bytes, q_size, 1, 0, H, att, B, 0, 0.0f, xq, proj);
+    if (s) return s;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < H; j++) x[b * H + j] += proj[b * H + j] + (bo ? bo[j] : 0.0f);
+    s = quant_ffn(gate_up->data, (int)gate_up->type, gate_up->row_bytes, down->data, (int)down->type,
+                  down->row_bytes, I, H, parts, x, B, ffn_norm, eps, gu_bias, gate_fn, up_fn, rest, proj);
+    if (s) return s;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < H; j++) x[b * H + j] += proj[b * H + j] + (down_bias ? down_bias[j] : 0.0f);
+    return 0;
+}

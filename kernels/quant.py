@@ -9,6 +9,7 @@ past the calibrated token count (kernels.calibrate) they dequantize tiles of row
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,6 +163,72 @@ def ffn(x: torch.Tensor, gate_up: QuantTensor, down: QuantTensor, parts: int, ga
                            y.data_ptr())
     _check(status, None, 0)
     return y
+
+
+class _QMat(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("type", ctypes.c_int64), ("rows", ctypes.c_int64),
+                ("row_bytes", ctypes.c_int64), ("cols", ctypes.c_int64)]
+
+
+def _qmat(w: QuantTensor) -> _QMat:
+    return _QMat(w.data.data_ptr(), NATIVE_TYPES[w.qtype], w.data.shape[0], w.data.shape[1], w.cols)
+
+
+@dataclass
+class BlockWeights:
+    """One pre-norm block's weights as `block` takes them (RMS norms; fused qkv; gate/up interleaved)."""
+
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    eps: float
+    wqkv: QuantTensor
+    bqkv: torch.Tensor | None
+    wo: QuantTensor
+    bo: torch.Tensor | None
+    gate_up: QuantTensor
+    down: QuantTensor
+    parts: int
+    gate_up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    gate_fn: int
+    up_fn: int
+
+    def __post_init__(self) -> None:  # the C reads these as plain fp32 arrays
+        for name in ("attn_norm", "ffn_norm", "bqkv", "bo", "gate_up_bias", "down_bias"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.float().contiguous())
+        self._mats = [_qmat(m) for m in (self.wqkv, self.wo, self.gate_up, self.down)]
+
+
+def block(x: torch.Tensor, w: BlockWeights, rope: tuple[torch.Tensor, torch.Tensor] | None,
+          k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+          n_heads: int, n_kv_heads: int, head_dim: int, window: int | None) -> torch.Tensor:
+    """x [T, H] fp32 after one pre-norm transformer block, in one native call: RMS norm, qkv, rotate-half
+    RoPE (cos/sin [T, head_dim]), keys/values stored into the fp32 caches [slots, kv_heads, max_len, head_dim]
+    at (slots[t], positions[t]), attention of each token over its own slot up to its position (within
+    `window`), o, residual, then the FFN and its residual. Why one call: the Python and torch dispatch
+    between ~12 small ops per block cost as much as the weights' reads on a small model."""
+    lib = _lib()
+    x = x.float().contiguous().clone()
+    T, H = x.shape
+    qkv_dim, I = w.wqkv.shape[0], w.gate_up.shape[0] // w.parts
+    widest = max(H, I, qkv_dim, n_heads * head_dim)
+    n = T * (qkv_dim + n_heads * head_dim + H + I * (w.parts + 1)) + (T * widest // 32 * 40) // 4 + 64
+    scratch = torch.empty(n, dtype=torch.float32)
+    cos, sin = (None, None) if rope is None else (rope[0].reshape(T, head_dim).float().contiguous(),
+                                                  rope[1].reshape(T, head_dim).float().contiguous())
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    slots, positions = slots.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
+    m = w._mats
+    status = lib.quant_block(
+        x.data_ptr(), T, H, ptr(w.attn_norm), ptr(w.ffn_norm), w.eps, ctypes.byref(m[0]), ptr(w.bqkv),
+        ctypes.byref(m[1]), ptr(w.bo), ctypes.byref(m[2]), ctypes.byref(m[3]), w.parts, ptr(w.gate_up_bias),
+        ptr(w.down_bias), w.gate_fn, w.up_fn, ptr(cos), ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(),
+        slots.data_ptr(), positions.data_ptr(), n_heads, n_kv_heads, head_dim, k_cache.shape[2], window or 0,
+        scratch.data_ptr())
+    _check(status, None, 0)
+    return x
 
 
 def quantize(t: torch.Tensor, qtype: str) -> QuantTensor:

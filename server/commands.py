@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from hotcold.engine.commands_generate import add_weight_arguments
 from hotcold.engine.errors import HotcoldError
 
 log = logging.getLogger("hotcold.server")
@@ -33,10 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences that may wait beyond the running batch; more get 429")
     parser.add_argument("--api-key", default=os.environ.get("HOTCOLD_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $HOTCOLD_API_KEY)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weights' dtype (default bfloat16; float32 for exact comparisons)")
+    add_weight_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--sparsity", default=None, choices=["off", "oracle", "predictor"],
                         help="with --plan: which neurons run (default predictor)")
     parser.add_argument("--placement", default="hybrid", choices=["hybrid", "gpu", "cpu"],
@@ -118,6 +118,9 @@ def build_backend(args: argparse.Namespace) -> Any:
     if args.plan == "auto":
         args.plan = str(auto_plan(args.model, args.activation))
     loaded = load_from_args(args)  # with --plan: the hybrid executor (engine/hybrid.py)
+    from hotcold.kernels import calibrate
+
+    log.info("kernels: %s", calibrate.current().summary())
     engine = LLMEngine(loaded, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_num_batched_tokens=args.max_num_batched_tokens)
     return Backend(engine=engine, tokenizer=loaded.tokenizer, model=loaded.model,

@@ -76,3 +76,40 @@ def test_chat_template_from_gguf(ours, theirs):
     messages = [{"role": "user", "content": "Hi there"}]
     assert ours.tokenizer.apply_chat_template(messages) == theirs[1].apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def blocks(default_model_path):
+    """The default model as `hotcold serve` loads it: GGUF blocks kept, integer dot products."""
+    return load_model(default_model_path)
+
+
+def test_gguf_blocks_kept_and_logits_near_transformers(blocks, theirs, default_model_path):
+    from hotcold.engine.model import QuantFFN
+    from hotcold.kernels.quant import QuantTensor
+
+    model = blocks.model
+    assert isinstance(model.embed, QuantTensor) and model.embed.qtype == "Q8_0" and model.lm_head is model.embed
+    assert isinstance(model.layers[0].ffn, QuantFFN) and model.layers[0].ffn.down.qtype == "Q4_1"
+    assert model._native_blocks() is not None
+    held = model.embed.nbytes + sum(t.nbytes for b in model.layers for t in (b.attn.wqkv, b.attn.wo,
+                                                                            b.ffn.gate_up, b.ffn.down))
+    assert held <= default_model_path.stat().st_size  # nothing dequantized: about the file's size
+    ids = blocks.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        expected = theirs[0](torch.tensor([ids])).logits[0]
+    from hotcold.engine.cache import KVCache
+    from hotcold.engine.model import StepBatch
+
+    cfg = blocks.config
+    cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, 32, cfg.head_dim, torch.float32)
+    logits = model(torch.tensor(ids), StepBatch([0], [0], [len(ids)]), cache)
+    # int8 activations (per 32 values, as llama.cpp) move the logits by ~2.5% of their scale here
+    assert (logits - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+def test_greedy_says_paris_on_gguf_blocks(blocks):
+    engine = LLMEngine(blocks, max_num_seqs=1, max_model_len=64)
+    out = engine.generate([blocks.tokenizer.encode(PROMPT)], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert blocks.tokenizer.decode(out.output_ids).startswith(" Paris")
