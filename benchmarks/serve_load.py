@@ -1,8 +1,10 @@
-"""Serving throughput and latency at several concurrencies: starts `hotcold serve` on 127.0.0.1, runs
-`hotcold loadtest` against it at each concurrency, prints one table and writes benchmarks/results/serve_load.json.
+"""Serving throughput and latency at several concurrencies, hotcold against llama.cpp's llama-server on the
+same GGUF and thread count: starts both on 127.0.0.1, runs `hotcold loadtest` against each in turn at every
+concurrency (A/B, one client for both), with fresh prompts in every run (llama-server reuses the KV of
+prompts it has seen), prints one table and writes benchmarks/results/serve_load.json.
 
     python benchmarks/serve_load.py [--model default] [--plan PLAN_DIR] [--concurrency 1,4,16]
-        [--num-prompts 32] [--input-len 128] [--output-len 64]
+        [--num-prompts 32] [--input-len 128] [--output-len 64] [--threads 2] [--no-llama]
 """
 
 from __future__ import annotations
@@ -30,14 +32,29 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"hotcold serve exited with code {proc.returncode}")
+            raise SystemExit(f"{proc.args[0]} exited with code {proc.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit("hotcold serve did not become ready in time")
+    raise SystemExit(f"{proc.args[0]} did not become ready in time")
+
+
+def load(url: str, c: int, seed: int, args: argparse.Namespace) -> dict:
+    """One loadtest run at concurrency c; the summary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "result.json"
+        num = max(args.num_prompts, 2 * c)
+        run = subprocess.run(
+            [sys.executable, "-m", "hotcold.cli", "loadtest", "--base-url", url, "--num-prompts", str(num),
+             "--max-concurrency", str(c), "--request-rate", "inf", "--input-len", str(args.input_len),
+             "--output-len", str(args.output_len), "--ignore-eos", "--no-progress", "--seed", str(seed),
+             "--tokenizer", args.model, "--save-result", str(result_file)], capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"loadtest failed at concurrency {c} against {url}: {run.stderr.strip()}")
+        return json.loads(result_file.read_text())["summary"]
 
 
 def main() -> None:
@@ -49,50 +66,65 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-llama", action="store_true", help="skip llama-server")
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args()
 
+    from hotcold.engine.loader import resolve_model_path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode_cpu import cpu_line
+
+    concurrencies = [int(v) for v in args.concurrency.split(",")]
+    servers = {}
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "hotcold.cli", "serve", "--model", args.model, "--port", str(port),
-           "--max-num-seqs", str(args.max_num_seqs)]
+           "--max-num-seqs", str(args.max_num_seqs), "--threads", str(args.threads)]
     if args.plan:
         cmd += ["--plan", args.plan]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    servers["hotcold"] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           env=os.environ.copy()), f"http://127.0.0.1:{port}")
+    path = resolve_model_path(args.model)
+    if not args.no_llama and path.suffix == ".gguf":
+        from peer import tool
+
+        port = free_port()
+        ctx = max(concurrencies) * (args.input_len + args.output_len + 64)
+        servers["llama-server"] = (subprocess.Popen(
+            [tool("llama-server"), "-m", str(path), "--port", str(port), "-t", str(args.threads), "-np",
+             str(max(concurrencies)), "-cb", "-c", str(ctx)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            f"http://127.0.0.1:{port}")
     rows = []
     try:
-        wait_ready(url, server)
-        for c in [int(v) for v in args.concurrency.split(",")]:
-            with tempfile.TemporaryDirectory() as tmp:
-                result_file = Path(tmp) / "result.json"
-                num = max(args.num_prompts, 2 * c)
-                run = subprocess.run(
-                    [sys.executable, "-m", "hotcold.cli", "loadtest", "--base-url", url, "--num-prompts", str(num),
-                     "--max-concurrency", str(c), "--request-rate", "inf", "--input-len", str(args.input_len),
-                     "--output-len", str(args.output_len), "--ignore-eos", "--no-progress", "--seed", "0",
-                     "--save-result", str(result_file)], capture_output=True, text=True)
-                if run.returncode:
-                    raise SystemExit(f"loadtest failed at concurrency {c}: {run.stderr.strip()}")
-                summary = json.loads(result_file.read_text())["summary"]
-            rows.append({"concurrency": c, **summary})
+        for proc, url in servers.values():
+            wait_ready(url, proc)
+        seed = 1000 * int(time.time()) % 1_000_000_000  # prompts no server has seen: fresh in every run
+        for c in concurrencies:
+            for name, (_, url) in servers.items():  # A/B at each concurrency
+                seed += 1
+                rows.append({"server": name, "concurrency": c, **load(url, c, seed, args)})
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
 
-    base = rows[0]["output_throughput"]
-    print(f"\nmodel {args.model}{' plan ' + args.plan if args.plan else ''}: input {args.input_len} tokens, "
-          f"output {args.output_len} tokens, request rate inf")
-    print(f"{'conc':>4s} {'ok':>4s} {'fail':>4s} {'out tok/s':>10s} {'vs c=1':>7s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
-          f"{'TPOT p50':>9s} {'TPOT p99':>9s}  (ms)")
+    peer = {r["concurrency"]: r["output_throughput"] for r in rows if r["server"] == "llama-server"}
+    print(f"\n{cpu_line()}")
+    print(f"model {args.model}{' plan ' + args.plan if args.plan else ''}: input {args.input_len} tokens, "
+          f"output {args.output_len} tokens, request rate inf, {args.threads} threads")
+    print(f"{'server':12s} {'conc':>4s} {'ok':>4s} {'fail':>4s} {'out tok/s':>10s} {'vs peer':>7s} {'TTFT p50':>9s} "
+          f"{'TTFT p99':>9s} {'TPOT p50':>9s} {'TPOT p99':>9s}  (ms)")
     for r in rows:
         ttft, tpot = r["ttft_ms"], r["tpot_ms"]
-        print(f"{r['concurrency']:4d} {r['successful_requests']:4d} {r['failed_requests']:4d} "
-              f"{r['output_throughput']:10.1f} {r['output_throughput'] / base:6.2f}x {ttft['median']:9.0f} "
+        ratio = f"{r['output_throughput'] / peer[r['concurrency']]:6.2f}x" if r["concurrency"] in peer else "      -"
+        print(f"{r['server']:12s} {r['concurrency']:4d} {r['successful_requests']:4d} {r['failed_requests']:4d} "
+              f"{r['output_throughput']:10.1f} {ratio} {ttft['median']:9.0f} "
               f"{ttft['p99']:9.0f} {tpot['median']:9.1f} {tpot['p99']:9.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "time": time.strftime("%Y-%m-%d %H:%M:%S")},
-                              indent=2))
+    out.write_text(json.dumps({"args": vars(args), "machine": cpu_line(), "rows": rows,
+                               "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
     print(f"wrote {out}")
 
 

@@ -141,11 +141,12 @@ def test_activation_table_is_covered():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_and_cpu_every_activation(activation, dtype, poison):
     poison(cpu_sparse)
-    a = make(96, 40, 2, 61, dtype, activation, bias=True, mask=True)  # 2 tokens: native for fp32 and bf16
+    a = make(96, 40, 2, 61, dtype, activation, bias=True, mask=True)  # 2 tokens
     ref = gate_up_ref(a)
     check(call_gate_up(reference.gathered_gate_up, a), ref, 1e-5)
-    check(call_gate_up(cpu_sparse.gathered_gate_up, a), ref, 1e-5)  # native: fp32 accumulation
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # torch's matmul rounds 16-bit products' sums
+    native_here = calibrate.max_native_tokens(dtype) >= 2  # the calibration picks the path on this machine
+    check(call_gate_up(cpu_sparse.gathered_gate_up, a), ref, 1e-5 if native_here else tol)  # native: fp32 sums
     config = cpu_sparse.CpuConfig(chunk_bytes=1000, chunk_bytes_16bit=1000, use_native=False)  # chunks + tail
     check(call_gate_up(cpu_sparse.gathered_gate_up, a, config=config), ref, tol)
     assert (call_gate_up(cpu_sparse.gathered_gate_up, a)[~a["token_mask"]] == 0).all()
