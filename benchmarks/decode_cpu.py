@@ -163,7 +163,7 @@ def plan_rows(path: Path, args: argparse.Namespace) -> list[dict]:
                          workers=args.workers)
         ppl = None if mode == "skip" else perplexity(loaded.model, ids, context=512)
         prompt_ids = loaded.tokenizer.encode(PROMPT)
-        long_ids = loaded.tokenizer.encode(LONG_TEXT)[:512]
+        long_ids = loaded.tokenizer.encode(LONG_TEXT)[: args.prefill]
         result = time_hotcold(loaded, prompt_ids, long_ids, args.new_tokens, args.runs)
         name = {"off": "dense", "predictor": "predictor", "skip": "no FFN (ceiling)"}[mode]
         rows.append({"engine": f"hotcold {name} {dtype} (plan)", "perplexity": ppl, "eval_tokens": len(ids),
@@ -226,6 +226,7 @@ def main() -> None:
                     help="weights: auto (as `hotcold serve` loads them: GGUF blocks kept), float32, bfloat16")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
     ap.add_argument("--plan", default=None, help="also time predictor mode with this plan")
     ap.add_argument("--plan-dtype", default="float32", help="dtype of the dense / predictor / ceiling rows")
     ap.add_argument("--synthetic", default=None, metavar="SHAPE",
@@ -252,7 +253,7 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         loaded = load_model(path, dtype=None if dtype == "auto" else dtype)
         prompt_ids = loaded.tokenizer.encode(PROMPT)
-        long_ids = loaded.tokenizer.encode(LONG_TEXT)[:512]
+        long_ids = loaded.tokenizer.encode(LONG_TEXT)[: args.prefill]
         size = weight_bytes_per_token(loaded)
         name = "hotcold dense " + ("auto (GGUF blocks)" if dtype == "auto" and path.suffix == ".gguf" else dtype)
         engines.append((name, lambda lo=loaded, p=prompt_ids, lg=long_ids: time_hotcold(lo, p, lg, args.new_tokens, 1),
@@ -277,7 +278,7 @@ def main() -> None:
     if not args.no_transformers:
         loaded = load_model(path, dtype="float32")
         prompt_ids = loaded.tokenizer.encode(PROMPT)
-        long_ids = loaded.tokenizer.encode(LONG_TEXT)[:512]
+        long_ids = loaded.tokenizer.encode(LONG_TEXT)[: args.prefill]
         rows.append({"engine": "transformers generate float32", **time_transformers(
             path, prompt_ids, long_ids, args.new_tokens, args.runs)})
 

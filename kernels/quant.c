@@ -359,7 +359,9 @@ static void dots_direct_task(void *p, int64_t k0, int64_t k1) {
     const int type = c->type;
     int64_t ahead = 4096 / (parts * rb) + 1;
     for (int64_t k = k0; k < k1; k++) {
-        if (k + ahead < k1) prefetch_span(c->W + (c->idx ? c->idx[k + ahead] : k + ahead) * parts * rb, parts * rb);
+        /* gathered rows are prefetched ahead; consecutive rows are left to the hardware prefetcher (measured:
+         * software prefetches of dense rows cost ~10% of decode time on a 2-core EPYC) */
+        if (c->idx && k + ahead < k1) prefetch_span(c->W + c->idx[k + ahead] * parts * rb, parts * rb);
         const uint8_t *row = c->W + (c->idx ? c->idx[k] : k) * parts * rb;
         for (int64_t part = 0; part < parts; part++) {
             float *out = c->out + k * parts + part;
