@@ -95,3 +95,30 @@ def test_quantize_flag_errors(tiny_checkpoint):
 
     with pytest.raises(HotcoldError, match="unknown --quantize"):
         load_model(tiny_checkpoint("llama"), quantize="q3_x")
+
+
+def test_gguf_with_a_type_nothing_runs_names_it(tmp_path):
+    """Q8_1 (an activation format that gguf cannot dequantize) in a weight: one clear error naming it."""
+    from hotcold.engine.errors import HotcoldError
+    from hotcold.engine.weights import GGUFReader
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_head_count(4)
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((64, 2 * 40), dtype=np.uint8),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(HotcoldError, match="Q8_1.*convert the model"):
+        GGUFReader(path).get_quantized("layers.0.q.weight")
+
+
+def test_truncated_gguf_is_one_clean_error(tmp_path, default_model_path):
+    from hotcold.engine.errors import HotcoldError
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(default_model_path.read_bytes()[: 40_000_000])
+    with pytest.raises(HotcoldError, match="cannot read GGUF"):
+        load_model(cut)
