@@ -83,6 +83,21 @@ def time_llama_cpp(path: Path, threads: int, new_tokens: int, prompt_tokens: int
     return {"decode_tok_s": tg, "prefill_tok_s": pp}
 
 
+def skipped_products(run):
+    """Run with every native product and block replaced by one that returns at once (zeros, or x unchanged):
+    what is left is the per-token floor of Python, dispatch, sampling and scheduling."""
+    from hotcold.kernels import quant
+
+    saved = quant.dots, quant.ffn, quant.block
+    quant.dots = lambda w, x, idx=None, parts=1, **k: torch.zeros(x.shape[0], w.shape[0] // parts, parts)
+    quant.ffn = lambda x, gate_up, down, *a, **k: torch.zeros(x.shape[0], down.shape[0])
+    quant.block = lambda x, *a, **k: x.float()
+    try:
+        return run()
+    finally:
+        quant.dots, quant.ffn, quant.block = saved
+
+
 def cpu_line() -> str:
     from hotcold.kernels import native
 
@@ -227,6 +242,8 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
     ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
+    ap.add_argument("--floor", action="store_true",
+                    help="also decode with every product skipped: the per-token floor of everything else")
     ap.add_argument("--plan", default=None, help="also time predictor mode with this plan")
     ap.add_argument("--plan-dtype", default="float32", help="dtype of the dense / predictor / ceiling rows")
     ap.add_argument("--synthetic", default=None, metavar="SHAPE",
@@ -258,6 +275,13 @@ def main() -> None:
         name = "hotcold dense " + ("auto (GGUF blocks)" if dtype == "auto" and path.suffix == ".gguf" else dtype)
         engines.append((name, lambda lo=loaded, p=prompt_ids, lg=long_ids: time_hotcold(lo, p, lg, args.new_tokens, 1),
                         {"bytes_per_token": size, "floor_tok_s": bandwidth * 1e9 / size}))
+    if args.floor:
+        loaded = load_model(path)
+        prompt_ids = loaded.tokenizer.encode(PROMPT)
+        long_ids = loaded.tokenizer.encode(LONG_TEXT)[: args.prefill]
+        engines.append(("hotcold, products skipped (floor)",
+                        lambda lo=loaded, p=prompt_ids, lg=long_ids: skipped_products(
+                            lambda: time_hotcold(lo, p, lg, args.new_tokens, 1)), {}))
     if path.suffix == ".gguf" and not args.no_llama:
         engines.append(("llama.cpp llama-bench (same GGUF)",
                         lambda: time_llama_cpp(path, args.threads, args.new_tokens, len(long_ids)),

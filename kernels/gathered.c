@@ -156,16 +156,6 @@ ENTRY(bf16, uint16_t, 1)
 
 #include <math.h>
 
-static inline float act(int fn, float v) {
-    switch (fn) {
-    case 1: return v / (1.0f + expf(-v));
-    case 2: return v > 0.0f ? v : 0.0f;
-    case 3: return v > 0.0f ? v * v : 0.0f;
-    case 4: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    case 5: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    default: return v;
-    }
-}
 
 static inline float round_bf16(float v) {
     uint32_t u; memcpy(&u, &v, 4);

@@ -1,6 +1,7 @@
 /* Shared by the native CPU kernels (pool.c, gathered.c, quant.c), built into one library by kernels/native.py. */
 #ifndef HOTCOLD_NATIVE_H
 #define HOTCOLD_NATIVE_H
+#include <math.h>
 #include <stdint.h>
 
 /* fn(ctx, begin, end) over [0, n) split into one contiguous range per thread, each range a multiple of
@@ -18,5 +19,16 @@ static inline int check_ids(const int64_t *idx, int64_t K, int64_t n_rows) {
     for (int64_t k = 0; k < K; k++)
         if (idx[k] < 0 || idx[k] >= n_rows) return -1;
     return 0;
+}
+/* The element-wise functions of kernels.reference.FUNCTIONS, by code. */
+static inline float act(int fn, float v) {
+    switch (fn) {
+    case 1: return v / (1.0f + expf(-v));
+    case 2: return v > 0.0f ? v : 0.0f;
+    case 3: return v > 0.0f ? v * v : 0.0f;
+    case 4: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case 5: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v;
+    }
 }
 #endif

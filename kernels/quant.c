@@ -32,6 +32,12 @@ typedef struct {
     int8_t q[QK];
 } xblock;
 
+/* Two blocks' activations as the 512-bit path reads them (see make_pairs). */
+typedef struct {
+    int8_t q[64];
+    float s[4];
+} xpair;
+
 static inline float f16(const uint8_t *p) {
 #if defined(__F16C__)
     uint16_t h;
@@ -282,10 +288,6 @@ static inline void dot_direct(const int type, const int bytes, const uint8_t *r,
  * the 256-bit path per block. A token's activations are laid out for it once per call: for blocks 2p and
  * 2p+1, codes [x0[0:16], x1[0:16], x0[16:32], x1[16:32]] (the order in which a 128-bit load of two blocks'
  * nibbles unpacks) and scales [dx0, dx0 * sum0, dx1, dx1 * sum1]. */
-typedef struct {
-    int8_t q[64];
-    float s[4];
-} xpair;
 #define HAS_PAIRS(type, nb) (HAS_DIRECT(type) && (nb) % 2 == 0)
 
 static void make_pairs(const xblock *x, int64_t nb, xpair *out) {
@@ -376,24 +378,14 @@ static inline void dot_pairs(const int type, const int bytes, const uint8_t *r, 
     for (; b + 4 <= B; b += 4) dot_pairs_4(type, bytes, r, xp + b * np, nb, out + b * stride, stride);
     for (; b < B; b++) dot_pairs_1(type, bytes, r, xp + b * np, nb, out + b * stride, stride);
 }
-#else
-#define HAS_PAIRS(type, nb) 0
-typedef struct {
-    int8_t q[64];
-    float s[4];
-} xpair;
-static void make_pairs(const xblock *x, int64_t nb, xpair *out) { (void)x, (void)nb, (void)out; }
-#define dot_pairs(type, bytes, r, xp, nb, B, out, stride) ((void)0)
 #endif
 #else
 #define HAS_DIRECT(type) 0
-#define HAS_PAIRS(type, nb) 0
-typedef struct {
-    int8_t q[64];
-    float s[4];
-} xpair;
-static void make_pairs(const xblock *x, int64_t nb, xpair *out) { (void)x, (void)nb, (void)out; }
 #define dot_direct(type, bytes, r, x, nb, B, out, stride) ((void)0)
+#endif
+#if !(defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)) /* no 512-bit pair path */
+#define HAS_PAIRS(type, nb) 0
+static void make_pairs(const xblock *x, int64_t nb, xpair *out) { (void)x, (void)nb, (void)out; }
 #define dot_pairs(type, bytes, r, xp, nb, B, out, stride) ((void)0)
 #endif
 
@@ -616,17 +608,6 @@ int quant_quantize(const float *x, int type, int64_t n_rows, int64_t cols, uint8
     qcall_t c = {.W = out, .row_bytes = cols / QK * quant_block_bytes(type), .cols = cols, .type = type, .x = x};
     pool_run(quantize_rows_task, &c, n_rows, 16);
     return 0;
-}
-
-static inline float act(int fn, float v) { /* kernels.reference.FUNCTIONS */
-    switch (fn) {
-    case 1: return v / (1.0f + expf(-v));
-    case 2: return v > 0.0f ? v : 0.0f;
-    case 3: return v > 0.0f ? v * v : 0.0f;
-    case 4: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    case 5: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    default: return v;
-    }
 }
 
 typedef struct {
