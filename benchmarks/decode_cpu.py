@@ -279,7 +279,7 @@ def main() -> None:
         loaded = load_model(path)
         prompt_ids = loaded.tokenizer.encode(PROMPT)
         long_ids = loaded.tokenizer.encode(LONG_TEXT)[: args.prefill]
-        engines.append(("hotcold, products skipped (floor)",
+        engines.append(("hotcold, blocks+products skipped",
                         lambda lo=loaded, p=prompt_ids, lg=long_ids: skipped_products(
                             lambda: time_hotcold(lo, p, lg, args.new_tokens, 1)), {}))
     if path.suffix == ".gguf" and not args.no_llama:
