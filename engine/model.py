@@ -32,7 +32,7 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, norm: Norm
         if norm is not None and not fold:
             x = norm(x)
         y = quant.linear(x.reshape(-1, x.shape[-1]), w, norm=norm.weight if fold else None,
-                         eps=norm.eps if fold else 0.0).view(*x.shape[:-1], -1)
+                         eps=norm.eps if fold else 0.0).view(*x.shape[:-1], w.shape[0])
         return (y if b is None else y + b.float()).to(x.dtype)
     if norm is not None:
         x = norm(x)
@@ -336,7 +336,8 @@ def native_block(block: Block) -> quant.BlockWeights | None:
                               ffn.down, 2 if ffn.gated else 1, ffn.gate_up_bias, ffn.down_bias, *ffn.codes)
 
 
-NATIVE_BLOCK_TOKENS = 64  # longer steps (prefill chunks) take torch's attention: the native one is plain loops
+NATIVE_BLOCKS = True  # quantized pre-norm blocks as one native call each, for steps of any length (tests turn
+#   it off to compare with the per-op path): one code path for every token, so results do not depend on load
 
 
 class Transformer(nn.Module):
@@ -387,7 +388,7 @@ class Transformer(nn.Module):
             x = x + F.embedding(positions + 2, self.pos_embed)  # OPT's learned positions start at offset 2
         rope = self._rope(positions)
         token_slots = batch.token_slots().to(self.device) if cache is not None else None
-        blocks = self._native_blocks() if cache is not None and x.shape[0] <= NATIVE_BLOCK_TOKENS else None
+        blocks = self._native_blocks() if cache is not None and NATIVE_BLOCKS else None
         cfg = self.config
         for i, layer in enumerate(self.layers):
             if blocks is not None:

@@ -655,6 +655,73 @@ typedef struct {
     int64_t B, n_heads, n_kv, D, max_len, window, qkv_dim;
 } attn_t;
 
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    int64_t e = 0;
+    if (n % 16 == 0) {
+        v16 acc = {0};
+        for (; e < n; e += 16) {
+            v16 x, y;
+            memcpy(&x, a + e, sizeof x);
+            memcpy(&y, b + e, sizeof y);
+            acc += x * y;
+        }
+        typedef float v8 __attribute__((vector_size(32), aligned(4)));
+        typedef float v4 __attribute__((vector_size(16), aligned(4)));
+        v8 h8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+        v4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+        s = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+    }
+    for (; e < n; e++) s += a[e] * b[e];
+    return s;
+}
+
+static inline void axpy_f32(float *y, float w, const float *x, int64_t n) {
+    int64_t e = 0;
+    if (n % 16 == 0)
+        for (; e < n; e += 16) {
+            v16 a, b;
+            memcpy(&a, y + e, sizeof a);
+            memcpy(&b, x + e, sizeof b);
+            a += w * b;
+            memcpy(y + e, &a, sizeof a);
+        }
+    for (; e < n; e++) y[e] += w * x[e];
+}
+
+/* One (token, head): attention of q over n keys/values (rows of D floats), online softmax over chunks of
+ * KCHUNK keys (no allocation, any context length, the same operations whatever else the step holds).
+ * Inlined with D a constant (64, 128) the accumulator stays in registers. */
+#define KCHUNK 256
+static inline void attend(const float *q, const float *K, const float *Vc, int64_t n, int64_t D, float scale,
+                          float *o) {
+    float s[KCHUNK], acc[D], mx = -INFINITY, sum = 0.0f;
+    for (int64_t e = 0; e < D; e++) acc[e] = 0.0f;
+    for (int64_t j0 = 0; j0 < n; j0 += KCHUNK) {
+        int64_t jn = n - j0 < KCHUNK ? n - j0 : KCHUNK;
+        float cmax = -INFINITY;
+        for (int64_t j = 0; j < jn; j++) {
+            s[j] = dot_f32(q, K + (j0 + j) * D, D) * scale;
+            cmax = s[j] > cmax ? s[j] : cmax;
+        }
+        if (cmax > mx) { /* rescale what was summed under the old maximum */
+            float r = expf(mx - cmax);
+            sum *= r;
+            for (int64_t e = 0; e < D; e++) acc[e] *= r;
+            mx = cmax;
+        }
+        for (int64_t j = 0; j < jn; j++) {
+            float w = expf(s[j] - mx);
+            sum += w;
+            axpy_f32(acc, w, Vc + (j0 + j) * D, D);
+        }
+    }
+    for (int64_t e = 0; e < D; e++) o[e] = acc[e] / sum;
+}
+
 static void attn_task(void *p, int64_t i0, int64_t i1) {
     const attn_t *a = p;
     int64_t D = a->D, group = a->n_heads / a->n_kv;
@@ -665,22 +732,10 @@ static void attn_task(void *p, int64_t i0, int64_t i1) {
         const float *q = a->qkv + b * a->qkv_dim + h * D;
         size_t base = ((size_t)a->slots[b] * a->n_kv + kvh) * a->max_len * D;
         const float *K = a->k_cache + base + lo * D, *Vc = a->v_cache + base + lo * D;
-        float *s = malloc(sizeof(float) * (size_t)n), mx = -INFINITY, sum = 0.0f;
         float *o = a->out + b * a->n_heads * D + h * D;
-        if (!s) continue;
-        for (int64_t j = 0; j < n; j++) {
-            float d = 0.0f;
-            for (int64_t e = 0; e < D; e++) d += q[e] * K[j * D + e];
-            s[j] = d * scale;
-            mx = fmaxf(mx, s[j]);
-        }
-        for (int64_t j = 0; j < n; j++) sum += (s[j] = expf(s[j] - mx));
-        for (int64_t e = 0; e < D; e++) o[e] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            float w = s[j] / sum;
-            for (int64_t e = 0; e < D; e++) o[e] += w * Vc[j * D + e];
-        }
-        free(s);
+        if (D == 64) attend(q, K, Vc, n, 64, scale, o);
+        else if (D == 128) attend(q, K, Vc, n, 128, scale, o);
+        else attend(q, K, Vc, n, D, scale, o);
     }
 }
 

@@ -70,8 +70,8 @@ def test_torch_path_and_native_block_agree(tiny_checkpoint, monkeypatch):
     loaded = load_model(tiny_checkpoint("llama"), quantize="q4_0")
     model, cfg = loaded.model, loaded.config
     outs = []
-    for limit in (64, 0):
-        monkeypatch.setattr(model_module, "NATIVE_BLOCK_TOKENS", limit)
+    for native in (True, False):
+        monkeypatch.setattr(model_module, "NATIVE_BLOCKS", native)
         cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, 64, cfg.head_dim, torch.float32)
         outs.append(model(torch.tensor(PROMPT), StepBatch([0], [0], [len(PROMPT)]), cache))
     scale = outs[1].abs().max().item()
@@ -80,13 +80,14 @@ def test_torch_path_and_native_block_agree(tiny_checkpoint, monkeypatch):
 
 
 def test_batch_does_not_change_results(tiny_checkpoint):
-    """Greedy decoding of three prompts together gives exactly what each gives alone."""
+    """Greedy decoding of three prompts together (one long: its prefill shares steps with the others'
+    decoding) gives exactly what each gives alone."""
     loaded = load_model(tiny_checkpoint("qwen2"), quantize="q4_1")
-    prompts = [PROMPT[:7], PROMPT[3:20], PROMPT[10:13]]
+    prompts = [PROMPT[:7], PROMPT[3:20], (PROMPT * 5)[:110]]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    together = LLMEngine(loaded, max_num_seqs=4, max_model_len=64).generate(prompts, params)
+    together = LLMEngine(loaded, max_num_seqs=4, max_model_len=128).generate(prompts, params)
     for prompt, seq in zip(prompts, together):
-        alone = LLMEngine(loaded, max_num_seqs=1, max_model_len=64).generate([prompt], params)[0]
+        alone = LLMEngine(loaded, max_num_seqs=1, max_model_len=128).generate([prompt], params)[0]
         assert alone.output_ids == seq.output_ids
 
 
