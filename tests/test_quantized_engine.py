@@ -123,3 +123,15 @@ def test_truncated_gguf_is_one_clean_error(tmp_path, default_model_path):
     cut.write_bytes(default_model_path.read_bytes()[: 40_000_000])
     with pytest.raises(HotcoldError, match="cannot read GGUF"):
         load_model(cut)
+
+
+def test_chunked_prefill_gives_the_same_tokens(tiny_checkpoint):
+    """A long prompt prefilled in chunks of 16 tokens (steps whose chunks have no logits to compute, the
+    case that once crashed the quantized head) decodes exactly as when prefilled at once."""
+    loaded = load_model(tiny_checkpoint("llama"), quantize="q8_0")
+    prompt = (PROMPT * 5)[:100]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    whole = LLMEngine(loaded, max_num_seqs=1, max_model_len=128).generate([prompt], params)[0]
+    chunked = LLMEngine(loaded, max_num_seqs=1, max_model_len=128, max_num_batched_tokens=16).generate(
+        [prompt], params)[0]
+    assert chunked.output_ids == whole.output_ids
