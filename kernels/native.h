@@ -20,6 +20,11 @@ static inline int check_ids(const int64_t *idx, int64_t K, int64_t n_rows) {
         if (idx[k] < 0 || idx[k] >= n_rows) return -1;
     return 0;
 }
+/* kernels/quant.c: out [B, K, parts] = quantized rows . (rmsnorm of) x; see there. */
+int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols, int64_t parts,
+               const int64_t *idx, int64_t K, const float *x, int64_t B, const float *norm, float eps, void *xq,
+               float *out);
+
 /* The element-wise functions of kernels.reference.FUNCTIONS, by code. */
 static inline float act(int fn, float v) {
     switch (fn) {

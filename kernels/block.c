@@ -1,0 +1,201 @@
+/* The FFN and the whole pre-norm transformer block over quantized matrices, one native call each: the Python
+ * and torch dispatch between a block's ~12 small ops cost as much as reading its weights on a small model.
+ * The products are kernels/quant.c's (quant_dots); attention and RoPE are plain fp32 C here. */
+#include "native.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const float *z, *bias;
+    float *h;
+    int64_t I, parts;
+    int gate_fn, up_fn;
+} act_t;
+
+static void act_task(void *p, int64_t r0, int64_t r1) { /* rows r of z [B*I, parts] -> h [B*I] */
+    const act_t *a = p;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *z = a->z + r * a->parts;
+        const float *bias = a->bias ? a->bias + (r % a->I) * a->parts : 0;
+        float u = z[a->parts - 1] + (bias ? bias[a->parts - 1] : 0.0f), v = act(a->up_fn, u);
+        if (a->parts == 2) v *= act(a->gate_fn, z[0] + (bias ? bias[0] : 0.0f));
+        a->h[r] = v;
+    }
+}
+
+/* The dense FFN of B tokens in one call: y [B, H] = down . act(gate_up . rmsnorm(x)), gate and up rows
+ * interleaved in Wgu [I * parts, H], down as GGUF stores it [H, I]; biases of gate/up fp32 [I, parts] or NULL.
+ * scratch: B * (I * parts + I) floats and max(H, I) / 32 * 40 * B bytes, passed as one buffer. */
+int quant_ffn(const uint8_t *Wgu, int type_gu, int64_t rb_gu, const uint8_t *Wd, int type_d, int64_t rb_d,
+              int64_t I, int64_t H, int64_t parts, const float *x, int64_t B, const float *norm, float eps,
+              const float *gu_bias, int gate_fn, int up_fn, float *scratch, float *y) {
+    float *z = scratch, *h = scratch + B * I * parts;
+    void *xq = h + B * I;
+    int s = quant_dots(Wgu, type_gu, I, rb_gu, H, parts, 0, I, x, B, norm, eps, xq, z);
+    if (s) return s;
+    act_t a = {.z = z, .bias = gu_bias, .h = h, .I = I, .parts = parts, .gate_fn = gate_fn, .up_fn = up_fn};
+    pool_run(act_task, &a, B * I, 64);
+    return quant_dots(Wd, type_d, H, rb_d, I, 1, 0, H, h, B, 0, 0.0f, xq, y);
+}
+
+/* ---- One pre-norm transformer block over quantized weights, for the tokens of one step ----
+ * x [B, H] += o . attn(rope(qkv . rmsnorm(x)));  x += ffn(rmsnorm(x)): the Llama-family block, where each
+ * token attends to the cached keys of its own sequence (slot) up to its own position. All tokens' keys and
+ * values are written first, so prefill chunks are causal too. Attention runs in fp32, one (token, head)
+ * per work item, scores scaled by 1/sqrt(D), softmax with the maximum subtracted. */
+typedef struct {
+    const float *qkv;
+    float *out, *k_cache, *v_cache;
+    const int64_t *slots, *pos;
+    int64_t B, n_heads, n_kv, D, max_len, window, qkv_dim;
+} attn_t;
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    int64_t e = 0;
+    if (n % 16 == 0) {
+        v16 acc = {0};
+        for (; e < n; e += 16) {
+            v16 x, y;
+            memcpy(&x, a + e, sizeof x);
+            memcpy(&y, b + e, sizeof y);
+            acc += x * y;
+        }
+        typedef float v8 __attribute__((vector_size(32), aligned(4)));
+        typedef float v4 __attribute__((vector_size(16), aligned(4)));
+        v8 h8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+        v4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+        s = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+    }
+    for (; e < n; e++) s += a[e] * b[e];
+    return s;
+}
+
+static inline void axpy_f32(float *y, float w, const float *x, int64_t n) {
+    int64_t e = 0;
+    if (n % 16 == 0)
+        for (; e < n; e += 16) {
+            v16 a, b;
+            memcpy(&a, y + e, sizeof a);
+            memcpy(&b, x + e, sizeof b);
+            a += w * b;
+            memcpy(y + e, &a, sizeof a);
+        }
+    for (; e < n; e++) y[e] += w * x[e];
+}
+
+/* One (token, head): attention of q over n keys/values (rows of D floats), online softmax over chunks of
+ * KCHUNK keys (no allocation, any context length, the same operations whatever else the step holds).
+ * Inlined with D a constant (64, 128) the accumulator stays in registers. */
+#define KCHUNK 256
+static inline void attend(const float *q, const float *K, const float *Vc, int64_t n, int64_t D, float scale,
+                          float *o) {
+    float s[KCHUNK], acc[D], mx = -INFINITY, sum = 0.0f;
+    for (int64_t e = 0; e < D; e++) acc[e] = 0.0f;
+    for (int64_t j0 = 0; j0 < n; j0 += KCHUNK) {
+        int64_t jn = n - j0 < KCHUNK ? n - j0 : KCHUNK;
+        float cmax = -INFINITY;
+        for (int64_t j = 0; j < jn; j++) {
+            s[j] = dot_f32(q, K + (j0 + j) * D, D) * scale;
+            cmax = s[j] > cmax ? s[j] : cmax;
+        }
+        if (cmax > mx) { /* rescale what was summed under the old maximum */
+            float r = expf(mx - cmax);
+            sum *= r;
+            for (int64_t e = 0; e < D; e++) acc[e] *= r;
+            mx = cmax;
+        }
+        for (int64_t j = 0; j < jn; j++) {
+            float w = expf(s[j] - mx);
+            sum += w;
+            axpy_f32(acc, w, Vc + (j0 + j) * D, D);
+        }
+    }
+    for (int64_t e = 0; e < D; e++) o[e] = acc[e] / sum;
+}
+
+static void attn_task(void *p, int64_t i0, int64_t i1) {
+    const attn_t *a = p;
+    int64_t D = a->D, group = a->n_heads / a->n_kv;
+    float scale = 1.0f / sqrtf((float)D);
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t b = i / a->n_heads, h = i % a->n_heads, kvh = h / group, pos = a->pos[b];
+        int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0, n = pos + 1 - lo;
+        const float *q = a->qkv + b * a->qkv_dim + h * D;
+        size_t base = ((size_t)a->slots[b] * a->n_kv + kvh) * a->max_len * D;
+        const float *K = a->k_cache + base + lo * D, *Vc = a->v_cache + base + lo * D;
+        float *o = a->out + b * a->n_heads * D + h * D;
+        if (D == 64) attend(q, K, Vc, n, 64, scale, o);
+        else if (D == 128) attend(q, K, Vc, n, 128, scale, o);
+        else attend(q, K, Vc, n, D, scale, o);
+    }
+}
+
+/* rope (rotate-half, cos/sin [B, D]) on q and k heads, then k and v into the cache at (slot, kv head, pos). */
+static void rope_and_store(float *qkv, int64_t B, int64_t qkv_dim, int64_t n_heads, int64_t n_kv, int64_t D,
+                           const float *cos, const float *sin, float *k_cache, float *v_cache,
+                           const int64_t *slots, const int64_t *pos, int64_t max_len) {
+    int64_t half = D / 2;
+    float tmp[D];
+    for (int64_t b = 0; b < B; b++) {
+        float *t = qkv + b * qkv_dim;
+        if (cos)
+            for (int64_t h = 0; h < n_heads + n_kv; h++) {
+                float *x = t + h * D;
+                const float *c = cos + b * D, *sn = sin + b * D;
+                for (int64_t e = 0; e < half; e++) {
+                    tmp[e] = x[e] * c[e] + (-x[e + half]) * sn[e];
+                    tmp[e + half] = x[e + half] * c[e + half] + x[e] * sn[e + half];
+                }
+                memcpy(x, tmp, sizeof(float) * (size_t)D);
+            }
+        for (int64_t h = 0; h < n_kv; h++) {
+            size_t at = (((size_t)slots[b] * n_kv + h) * max_len + pos[b]) * D;
+            memcpy(k_cache + at, t + (n_heads + h) * D, sizeof(float) * (size_t)D);
+            memcpy(v_cache + at, t + (n_heads + n_kv + h) * D, sizeof(float) * (size_t)D);
+        }
+    }
+}
+
+typedef struct { /* one quantized matrix, as Python passes it */
+    const uint8_t *data;
+    int64_t type, rows, row_bytes, cols;
+} qmat_t;
+
+/* x [B, H] updated in place. scratch: enough floats for qkv [B, qkv_dim], the attention output [B, nh * D],
+ * the projections' [B, max(H, qkv_dim)] and the FFN's scratch (kernels/quant.py sizes it). */
+int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const float *ffn_norm, float eps,
+                const qmat_t *wqkv, const float *bqkv, const qmat_t *wo, const float *bo,
+                const qmat_t *gate_up, const qmat_t *down, int64_t parts, const float *gu_bias,
+                const float *down_bias, int gate_fn, int up_fn, const float *cos, const float *sin,
+                float *k_cache, float *v_cache, const int64_t *slots, const int64_t *pos, int64_t n_heads,
+                int64_t n_kv, int64_t D, int64_t max_len, int64_t window, float *scratch) {
+    int64_t qkv_dim = wqkv->rows, I = gate_up->rows / parts, q_size = n_heads * D;
+    float *qkv = scratch, *att = qkv + B * qkv_dim, *proj = att + B * q_size, *rest = proj + B * H;
+    void *xq = rest;
+    int s = quant_dots(wqkv->data, (int)wqkv->type, qkv_dim, wqkv->row_bytes, H, 1, 0, qkv_dim, x, B, attn_norm,
+                       eps, xq, qkv);
+    if (s) return s;
+    if (bqkv)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < qkv_dim; j++) qkv[b * qkv_dim + j] += bqkv[j];
+    rope_and_store(qkv, B, qkv_dim, n_heads, n_kv, D, cos, sin, k_cache, v_cache, slots, pos, max_len);
+    attn_t a = {.qkv = qkv, .out = att, .k_cache = k_cache, .v_cache = v_cache, .slots = slots, .pos = pos,
+                .B = B, .n_heads = n_heads, .n_kv = n_kv, .D = D, .max_len = max_len, .window = window,
+                .qkv_dim = qkv_dim};
+    pool_run(attn_task, &a, B * n_heads, 1);
+    s = quant_dots(wo->data, (int)wo->type, H, wo->row_bytes, q_size, 1, 0, H, att, B, 0, 0.0f, xq, proj);
+    if (s) return s;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < H; j++) x[b * H + j] += proj[b * H + j] + (bo ? bo[j] : 0.0f);
+    s = quant_ffn(gate_up->data, (int)gate_up->type, gate_up->row_bytes, down->data, (int)down->type,
+                  down->row_bytes, I, H, parts, x, B, ffn_norm, eps, gu_bias, gate_fn, up_fn, rest, proj);
+    if (s) return s;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < H; j++) x[b * H + j] += proj[b * H + j] + (down_bias ? down_bias[j] : 0.0f);
+    return 0;
+}
