@@ -62,6 +62,19 @@ def activate(activation: str, up: torch.Tensor, gate: torch.Tensor | None = None
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def kernel_activation(activation: str, gelu_approximate: str) -> str:
+    """The kernels' name of the activation (kernels.reference.ACTIVATIONS): tanh GELU has its own."""
+    return activation + ("_tanh" if gelu_approximate == "tanh" and activation in ("gelu", "geglu") else "")
+
+
+def gate_up_bias(gated: bool, up_bias: torch.Tensor | None, gate_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Biases in the gate/up layout: [I, 2] (gate, up) when gated, with zeros for the missing one; else up's."""
+    if not gated or (up_bias is None and gate_bias is None):
+        return up_bias
+    return torch.stack([gate_bias if gate_bias is not None else torch.zeros_like(up_bias),
+                        up_bias if up_bias is not None else torch.zeros_like(gate_bias)], dim=1).contiguous()
+
+
 class NeuronRows:
     """Views of interleaved gate/up rows (`gate_up` [I, 2, H] when gated, else up [I, H]) and their biases."""
 
@@ -110,13 +123,8 @@ class DenseFFN(nn.Module, NeuronRows):
         self.gelu_approximate = gelu_approximate
         self.intermediate_size = up.shape[0]
         self.gated = activation in GATED
-        if self.gated:
-            self.gate_up = torch.stack([gate, up], dim=1).contiguous()
-            self.gate_up_bias = None if up_bias is None and gate_bias is None else torch.stack(
-                [gate_bias if gate_bias is not None else torch.zeros_like(up_bias),
-                 up_bias if up_bias is not None else torch.zeros_like(gate_bias)], dim=1).contiguous()
-        else:
-            self.gate_up, self.gate_up_bias = up.contiguous(), up_bias
+        self.gate_up = torch.stack([gate, up], dim=1).contiguous() if self.gated else up.contiguous()
+        self.gate_up_bias = gate_up_bias(self.gated, up_bias, gate_bias)
         self.down_t = down_t.contiguous()
         self.down_bias = down_bias
 
@@ -133,9 +141,9 @@ class DenseFFN(nn.Module, NeuronRows):
         """A few tokens on the CPU: every row through the native kernels (one call), which stream each row
         once where torch's small-M product reaches half the memory bandwidth (2x: benchmarks/ffn_cpu.py).
         fp32 accumulation; h is rounded to the weights' dtype before the down projection, as torch's is."""
-        approx = "_tanh" if self.gelu_approximate == "tanh" and self.activation in ("gelu", "geglu") else ""
         y = cpu_sparse.gathered_ffn(x, self.up, self.down_t, torch.arange(self.intermediate_size),
-                                    self.activation + approx, self.gate, self.up_bias, gate_bias=self.gate_bias)
+                                    kernel_activation(self.activation, self.gelu_approximate), self.gate,
+                                    self.up_bias, gate_bias=self.gate_bias)
         return (y if self.down_bias is None else y + self.down_bias.float()).to(x.dtype)
 
 
@@ -151,14 +159,10 @@ class QuantFFN(nn.Module):
         self.gated = activation in GATED
         self.intermediate_size = up.shape[0]
         self.gate_up = quant.interleave(gate, up) if self.gated else up
-        self.gate_up_bias = None
-        if up_bias is not None or gate_bias is not None:
-            self.gate_up_bias = torch.stack([gate_bias if gate_bias is not None else torch.zeros_like(up_bias),
-                                             up_bias if up_bias is not None else torch.zeros_like(gate_bias)],
-                                            dim=1).reshape(-1) if self.gated else up_bias
+        bias = gate_up_bias(self.gated, up_bias, gate_bias)
+        self.gate_up_bias = None if bias is None else bias.reshape(-1)  # matches gate_up's interleaved rows
         self.down, self.down_bias = down, down_bias
-        approx = "_tanh" if gelu_approximate == "tanh" and activation in ("gelu", "geglu") else ""
-        spec = activation_spec(activation + approx)
+        spec = activation_spec(kernel_activation(activation, gelu_approximate))
         self.codes = (FUNCTIONS[spec.gate_fn], FUNCTIONS[spec.up_fn])
 
     def forward(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:

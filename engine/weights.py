@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hotcold.engine.errors import HotcoldError
-from hotcold.kernels.quant import QuantTensor
+from hotcold.kernels.quant import QuantTensor, from_gguf
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -154,47 +154,41 @@ class GGUFReader:
             return None
         return f"blk.{match.group(1)}.{_GGUF_LAYER[match.group(2)]}.{suffix}"
 
-    def is_quantized(self, name: str) -> bool:
+    def _tensor(self, name: str):
         key = self._key(name)
-        tensor = self._tensors.get(key) if key else None
+        return self._tensors.get(key) if key else None
+
+    def _unpermute_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of q/k back in transformers' order (llama.cpp's converter interleaves them for RoPE)."""
+        if self.arch == "llama" and name.endswith((".q.weight", ".k.weight")):
+            return _unpermute(rows, self.n_head if ".q." in name else self.n_head_kv).contiguous()
+        return rows
+
+    def is_quantized(self, name: str) -> bool:
+        tensor = self._tensor(name)
         return tensor is not None and tensor.tensor_type.name not in FLOAT_TYPES
 
     def get_quantized(self, name: str) -> QuantTensor | None:
         """A quantized tensor kept in its blocks (kernels.quant; types the kernels do not run become Q8_0), in
         transformers' row order; None when the tensor is absent or stored as floats."""
-        from hotcold.kernels.quant import from_gguf
-
-        key = self._key(name)
-        tensor = self._tensors.get(key) if key else None
+        tensor = self._tensor(name)
         if tensor is None or tensor.tensor_type.name in FLOAT_TYPES:
             return None
         cols = int(tensor.shape[0])  # GGUF lists the contiguous dimension first
         try:
             out = from_gguf(np.asarray(tensor.data), tensor.tensor_type.name, cols)
         except (ValueError, NotImplementedError) as exc:
-            raise HotcoldError(f"{key}: cannot use its {tensor.tensor_type.name} data ({exc}); convert the model "
-                               "to Q8_0, Q4_0, Q4_1 or F16 with llama-quantize") from None
-        if self.arch == "llama" and name.endswith((".q.weight", ".k.weight")):
-            out.data = _unpermute(out.data, self.n_head if ".q." in name else self.n_head_kv).contiguous()
+            raise HotcoldError(f"{tensor.name}: cannot use its {tensor.tensor_type.name} data ({exc}); convert the "
+                               "model to Q8_0, Q4_0, Q4_1 or F16 with llama-quantize") from None
+        out.data = self._unpermute_rows(name, out.data)
         return out
 
     def get(self, name: str) -> torch.Tensor | None:
         import gguf
 
-        base, _, suffix = name.rpartition(".")
-        if base in _GGUF_GLOBAL:
-            key = f"{_GGUF_GLOBAL[base]}.{suffix}"
-        else:
-            match = _LAYER.match(base)
-            if not match or match.group(2) not in _GGUF_LAYER:
-                return None
-            key = f"blk.{match.group(1)}.{_GGUF_LAYER[match.group(2)]}.{suffix}"
-        tensor = self._tensors.get(key)
+        tensor = self._tensor(name)
         if tensor is None:
             return None
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         data = np.ascontiguousarray(data, dtype=np.float32)
-        out = torch.from_numpy(data if data.flags.writeable else data.copy())
-        if self.arch == "llama" and base.endswith((".q", ".k")):
-            out = _unpermute(out, self.n_head if base.endswith(".q") else self.n_head_kv)
-        return out
+        return self._unpermute_rows(name, torch.from_numpy(data if data.flags.writeable else data.copy()))
