@@ -15,7 +15,7 @@ from hotcold.engine.errors import HotcoldError
 from hotcold.engine.model import Attention, Block, DenseFFN, MoEFFN, Norm, QuantFFN, Transformer
 from hotcold.engine.plan import compute_fingerprint
 from hotcold.engine.tokenizer import Tokenizer, from_gguf_metadata, from_hf_folder
-from hotcold.engine.weights import GGUFReader, SafetensorsReader
+from hotcold.engine.weights import GGUFReader, HFReader
 from hotcold.kernels import native, quant
 from hotcold.kernels.quant import QUANTIZE_TYPES, QuantTensor
 
@@ -115,7 +115,7 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
         except ValueError as exc:
             raise HotcoldError(f"{path / 'config.json'}: invalid JSON ({exc})") from None
         cfg = configs.from_hf_config(raw, activation)
-        reader = SafetensorsReader(path, cfg.arch)
+        reader = HFReader(path, cfg.arch)
         gen = _generation_defaults(path)
         tokenizer = from_hf_folder(path, gen.eos_token_ids)
     tensors = reader.tensor_names()
@@ -150,7 +150,7 @@ def _generation_defaults(folder: Path) -> GenerationDefaults:
     )
 
 
-def build_model(cfg: ModelConfig, reader: SafetensorsReader | GGUFReader, dtype: torch.dtype,
+def build_model(cfg: ModelConfig, reader: HFReader | GGUFReader, dtype: torch.dtype,
                 device: torch.device, keep_blocks: bool = False, quantize: str | None = None) -> Transformer:
     """Convert tensor by tensor into hotcold's layout (fused qkv and gate/up, down transposed; quantized
     matrices keep their blocks with `keep_blocks`, float ones are quantized to `quantize`)."""

@@ -1,4 +1,5 @@
-"""Checkpoint readers: Hugging Face safetensors (single or sharded) and GGUF, behind one name scheme.
+"""Checkpoint readers: Hugging Face safetensors or pytorch_model*.bin (single or sharded) and GGUF, behind one
+name scheme.
 
 Both readers answer `get(canonical_name)` with a float tensor in transformers' layout (so GGUF q/k rows are
 un-permuted back to the rotate-half RoPE order). Tensors are read lazily from memory maps, one at a time,
@@ -8,7 +9,10 @@ so a model is converted into hotcold's layout with at most one extra tensor in f
 from __future__ import annotations
 
 import json
+import math
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,34 +47,143 @@ _GGUF_LAYER = {
 }
 
 
-class SafetensorsReader:
-    """config.json + model.safetensors (or shards listed in model.safetensors.index.json), memory-mapped."""
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_TORCH_DTYPE_NAME = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                     torch.bool: "BOOL"}
 
-    def __init__(self, folder: Path, arch: str):
-        from safetensors import safe_open
 
-        index = folder / "model.safetensors.index.json"
+def _weight_files(folder: Path) -> tuple[str, list[str]]:
+    """Which weights a folder holds: safetensors first (never unpickled), then pytorch_model*.bin."""
+    for kind, index_name, pattern in (("safetensors", "model.safetensors.index.json", "*.safetensors"),
+                                      ("bin", "pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        index = folder / index_name
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise HotcoldError(f"{index}: not a valid safetensors index ({exc})") from None
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in folder.glob("*.safetensors"))
-            if not files:
-                raise HotcoldError(f"{folder}: no *.safetensors weights found")
-        self._handles = {}
+            except (ValueError, KeyError, TypeError) as exc:
+                raise HotcoldError(f"{index}: not a valid weights index ({exc})") from None
+            return kind, sorted(set(weight_map.values()))
+        files = sorted(p.name for p in folder.glob(pattern))
+        if files:
+            return kind, files
+    raise HotcoldError(f"{folder}: no *.safetensors or pytorch_model*.bin weights found")
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file in one line with the bytes expected and found (the
+    library's own errors name neither, and a short file otherwise fails later as a bad reshape)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise HotcoldError(f"{path}: truncated safetensors file: expected at least 8 bytes, found {size}")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise HotcoldError(f"{path}: truncated or corrupt safetensors file: its header says {n} header bytes, "
+                               f"so expected at least {8 + n} bytes, found {size}")
+        try:
+            header = json.loads(f.read(n))
+            entries = [(k, v["dtype"], v["shape"], v["data_offsets"]) for k, v in header.items()
+                       if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise HotcoldError(f"{path}: corrupt safetensors file: unreadable header ({exc})") from None
+    end = 0
+    for name, dtype, shape, (begin, stop) in entries:
+        want = math.prod(shape) * _ST_ITEMSIZE.get(dtype, 0)
+        if stop < begin or (dtype in _ST_ITEMSIZE and stop - begin != want):
+            raise HotcoldError(f"{path}: corrupt safetensors file: tensor {name!r} ({dtype} {list(shape)}) needs "
+                               f"{want} bytes, its header gives it {stop - begin}")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise HotcoldError(f"{path}: truncated safetensors file: expected {8 + n + end} bytes, found {size} "
+                           f"({8 + n + end - size} missing)")
+
+
+class _SafetensorsFile:
+    """One safetensors file, checked, memory-mapped by the safetensors library."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        check_safetensors(path)
+        try:
+            self._handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise HotcoldError(f"{path}: cannot read safetensors file ({exc})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def info(self, key: str) -> tuple[tuple[int, ...], str]:
+        sl = self._handle.get_slice(key)
+        return tuple(sl.get_shape()), str(sl.get_dtype())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(key)
+
+
+def load_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model*.bin state dict through torch's weights-only unpickler: tensors, containers and plain
+    values only, so a pickle that asks for a callable (os.system, ...) is refused before anything runs.
+    Memory-mapped when the file is in torch's zip format; the pre-1.6 format is read into memory."""
+    def load(mmap: bool) -> Any:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: errors stay one line
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            state = load(mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            state = load(mmap=False)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines()]
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), "not a tensor").rstrip(".")
+        raise HotcoldError(f"{path}: refused to unpickle: it holds something other than tensors ({reason}); "
+                           "hotcold reads .bin weights only through torch's weights-only unpickler") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HotcoldError(f"{path}: cannot read PyTorch checkpoint, truncated or corrupt ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise HotcoldError(f"{path}: not a state dict of tensors")
+    return state
+
+
+class _TorchBinFile:
+    """One pytorch_model*.bin file, loaded weights-only (see load_torch_bin)."""
+
+    def __init__(self, path: Path):
+        self._tensors = load_torch_bin(path)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, key: str) -> tuple[tuple[int, ...], str]:
+        t = self._tensors[key]
+        return tuple(t.shape), _TORCH_DTYPE_NAME.get(t.dtype, str(t.dtype))
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class HFReader:
+    """config.json + weights: model.safetensors or shards listed in model.safetensors.index.json (preferred when
+    present), else pytorch_model.bin or shards listed in pytorch_model.bin.index.json; memory-mapped."""
+
+    def __init__(self, folder: Path, arch: str):
+        self._files: dict[str, _SafetensorsFile | _TorchBinFile] = {}
         self._where: dict[str, str] = {}
-        for name in files:
+        kind, names = _weight_files(folder)
+        for name in names:
             path = folder / name
             if not path.exists():
                 raise HotcoldError(f"{path}: shard listed in the index is missing")
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types for corrupt headers
-                raise HotcoldError(f"{path}: cannot read safetensors file ({exc})") from None
-            self._handles[name] = handle
+            handle = _SafetensorsFile(path) if kind == "safetensors" else _TorchBinFile(path)
+            self._files[name] = handle
             for key in handle.keys():
                 self._where[key] = name
         self.arch = arch
@@ -78,11 +191,7 @@ class SafetensorsReader:
         self._prefix = prefix
 
     def tensor_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        out = {}
-        for key, file in self._where.items():
-            sl = self._handles[file].get_slice(key)
-            out[key] = (tuple(sl.get_shape()), str(sl.get_dtype()))
-        return out
+        return {key: self._files[file].info(key) for key, file in self._where.items()}
 
     def _hf_name(self, name: str) -> str | None:
         opt = self.arch == "opt"
@@ -106,7 +215,10 @@ class SafetensorsReader:
         key = self._hf_name(name)
         if key is None or key not in self._where:
             return None
-        return self._handles[self._where[key]].get_tensor(key)
+        return self._files[self._where[key]].get(key)
+
+
+SafetensorsReader = HFReader  # the name it had before it read .bin checkpoints too
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -115,16 +227,52 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+class _Damaged(Exception):
+    """A GGUF file that ends before what its own header describes."""
+
+
+def _checked_gguf_reader(path: Path) -> Any:
+    """gguf.GGUFReader with every read bounds-checked against the file's size: a truncated or corrupt file is
+    reported with the bytes expected and found, not as numpy's "cannot reshape array of size ..."."""
+    import gguf
+
+    class Checked(gguf.GGUFReader):
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise _Damaged(f"truncated or corrupt: its header runs past the end of the file (expected at "
+                               f"least {end} bytes, found {len(self.data)})")
+            return super()._get(offset, dtype, count, override_order)
+
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            end = 0
+            for field in fields:
+                _, _, _, dims, raw_type, offset = field.parts
+                try:
+                    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+                except (ValueError, KeyError):
+                    raise _Damaged(f"corrupt: tensor {bytes(field.parts[1]).decode(errors='replace')!r} has "
+                                   f"unknown type {int(raw_type[0])}") from None
+                nbytes = int(np.prod(dims.astype(np.int64))) * type_size // block
+                end = max(end, int(start_offs) + int(offset[0]) + nbytes)
+            if end > len(self.data):
+                raise _Damaged(f"truncated: its tensors need {end} bytes, found {len(self.data)} "
+                               f"({end - len(self.data)} missing)")
+            super()._build_tensors(start_offs, fields)
+
+    return Checked(str(path))
+
+
 class GGUFReader:
     """A .gguf file through the `gguf` package: `get` dequantizes, `get_quantized` keeps the blocks."""
 
     def __init__(self, path: Path):
-        import gguf
-
         try:
-            self._reader = gguf.GGUFReader(str(path))
+            self._reader = _checked_gguf_reader(path)
+        except _Damaged as exc:
+            raise HotcoldError(f"{path}: cannot read GGUF file: {exc}") from None
         except Exception as exc:
-            raise HotcoldError(f"{path}: cannot read GGUF file ({type(exc).__name__}: {exc})") from None
+            raise HotcoldError(f"{path}: cannot read GGUF file, corrupt ({type(exc).__name__}: {exc})") from None
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.metadata = self._read_metadata()
         self.arch = self.metadata.get("general.architecture")

@@ -163,3 +163,35 @@ def reference_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def make_bin_checkpoint(src: Path, out_dir: Path, num_shards: int = 1) -> Path:
+    """A copy of the safetensors checkpoint ``src`` as ``pytorch_model.bin`` (one shard) or as
+    ``pytorch_model-0000i-of-0000N.bin`` shards with ``pytorch_model.bin.index.json``, as transformers 4 and
+    ReluLLaMA publish them (torch.save of the state dict, zip format); no safetensors left in ``out_dir``."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if not f.name.endswith((".safetensors", ".safetensors.index.json")):
+            shutil.copy(f, out_dir / f.name)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(src).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if num_shards == 1:
+        torch.save(state, out_dir / "pytorch_model.bin")
+        return out_dir
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(num_shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
+        part = keys[i::num_shards]
+        torch.save({k: state[k] for k in part}, out_dir / name)
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    return out_dir
