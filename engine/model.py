@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hotcold.engine.cache import KVCache
+from hotcold.engine.cache import KVCache, rows_of
 from hotcold.engine.config import GATED, ModelConfig
 from hotcold.kernels import cpu_sparse, native, quant
 from hotcold.kernels.quant import QuantTensor
@@ -231,17 +231,23 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 @dataclass
 class StepBatch:
-    """Where each sequence of a step sits: its KV-cache slot, its first new position, its token count."""
+    """Where each sequence of a step sits: its KV block table, its first new position, its token count."""
 
-    slots: list[int]
+    tables: list[list[int]]
     starts: list[int]
     lengths: list[int]
 
     def token_positions(self) -> torch.Tensor:
         return torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, self.lengths)])
 
-    def token_slots(self) -> torch.Tensor:
-        return torch.cat([torch.full((n,), slot) for slot, n in zip(self.slots, self.lengths)])
+    def token_seqs(self) -> torch.Tensor:
+        """Each token's sequence (its row in `table_tensor`)."""
+        return torch.cat([torch.full((n,), i) for i, n in enumerate(self.lengths)])
+
+    def table_tensor(self) -> torch.Tensor:
+        """The block tables as one int64 tensor [sequences, longest table] (padded with block 0)."""
+        width = max(1, max(len(t) for t in self.tables))
+        return torch.tensor([t + [0] * (width - len(t)) for t in self.tables], dtype=torch.long)
 
 
 class Attention(nn.Module):
@@ -254,7 +260,7 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: StepBatch,
-                cache: KVCache | None, layer: int, token_slots: torch.Tensor | None,
+                cache: KVCache | None, layer: int, cache_rows: torch.Tensor | None,
                 positions: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
         """Attention over norm(x) (the norm folded into the qkv product where the kernels can)."""
         cfg, T = self.cfg, x.shape[0]
@@ -266,16 +272,17 @@ class Attention(nn.Module):
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
         if cache is not None:
-            cache.write(layer, token_slots, positions, k, v)
+            cache.write(layer, cache_rows, k, v)
+            tables = batch.table_tensor().to(x.device)
         out = torch.empty(T, cfg.num_heads, cfg.head_dim, dtype=q.dtype, device=q.device)
         offset = 0
-        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
+        for i, (start, n) in enumerate(zip(batch.starts, batch.lengths)):
             qs = q[offset: offset + n].transpose(0, 1).unsqueeze(0)
             if cache is None:
                 ks = k[offset: offset + n].transpose(0, 1).unsqueeze(0)
                 vs = v[offset: offset + n].transpose(0, 1).unsqueeze(0)
             else:
-                ks, vs = cache.view(layer, slot, start + n)
+                ks, vs = cache.gather(layer, tables[i], start + n)
             mask, causal = _mask(start, n, cfg.sliding_window, x.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
             out[offset: offset + n] = o[0].transpose(0, 1)
@@ -391,15 +398,19 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + F.embedding(positions + 2, self.pos_embed)  # OPT's learned positions start at offset 2
         rope = self._rope(positions)
-        token_slots = batch.token_slots().to(self.device) if cache is not None else None
         blocks = self._native_blocks() if cache is not None and NATIVE_BLOCKS else None
         cfg = self.config
+        if blocks is not None:
+            tables, token_seqs = batch.table_tensor(), batch.token_seqs()
+            _check_tables(batch, cache)
+        elif cache is not None:
+            rows = rows_of(batch.tables, batch.starts, batch.lengths, cache.block_size).to(self.device)
         for i, layer in enumerate(self.layers):
             if blocks is not None:
-                x = quant.block(x, blocks[i], rope, cache.k[i], cache.v[i], token_slots, positions, cfg.num_heads,
-                                cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window)
+                x = quant.block(x, blocks[i], rope, cache.k[i], cache.v[i], tables, token_seqs, positions,
+                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window)
             else:
-                x = layer(x, rope, batch, cache, i, token_slots, positions)
+                x = layer(x, rope, batch, cache, i, rows if cache is not None else None, positions)
         if logits_indices is not None:
             x = x[logits_indices]
         return linear(self.final_norm(x), self.lm_head).float()
@@ -407,4 +418,13 @@ class Transformer(nn.Module):
     def forward_sequence(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [L, V] for one sequence without a KV cache (profiling, perplexity)."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).flatten()
-        return self.forward(ids, StepBatch([0], [0], [ids.numel()]))
+        return self.forward(ids, StepBatch([[]], [0], [ids.numel()]))
+
+
+def _check_tables(batch: StepBatch, cache: KVCache) -> None:
+    """The native block writes through the block tables unchecked: a table too short for its positions or a
+    block id out of range would write outside the cache, so refuse them here, once per step."""
+    for table, start, n in zip(batch.tables, batch.starts, batch.lengths):
+        in_range = not table or 0 <= min(table) <= max(table) < cache.num_blocks
+        if len(table) * cache.block_size < start + n or not in_range:
+            raise ValueError(f"a KV block table of {len(table)} blocks cannot hold positions up to {start + n}")

@@ -1,4 +1,6 @@
-"""A request's life in the engine: its tokens, KV slot, sampler state, and its text with stop strings cut."""
+"""A request's life in the engine: its tokens, KV blocks, sampler state, and its text, detokenized one token
+at a time (`tokenizers`' DecodeStream: each token costs the same however long the output) with stop strings
+cut exactly."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers.decoders import DecodeStream
 
+from hotcold.engine.block_manager import BlockTable
 from hotcold.engine.sampling import SamplingParams, TokenLogprob
 from hotcold.engine.tokenizer import Tokenizer
 
@@ -30,6 +34,9 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, when asked for
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    error: str | None = None  # this request failed (finish_reason "error"); others in the step did not
 
 
 @dataclass
@@ -40,13 +47,17 @@ class Sequence:
     eos_ids: set[int]
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    slot: int | None = None
+    table: BlockTable | None = None
     num_computed: int = 0  # tokens whose keys/values are in the cache
+    num_cached: int = 0  # of those, the prompt tokens reused from the prefix cache
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
-    _text: str = ""
-    _emitted: int = 0  # characters of _text already handed out
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    _pieces: list[str] = field(default_factory=list)  # text handed out
+    _pending: str = ""  # decoded text held back: it may still become a stop string
+    _decoder: DecodeStream | None = None
+    _undecoded: int = 0  # trailing tokens the decoder holds (an incomplete UTF-8 character so far)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
@@ -54,6 +65,7 @@ class Sequence:
             self.generator.manual_seed(self.params.seed)
         else:
             self.generator.seed()
+        self._decoder = DecodeStream(skip_special_tokens=True)
 
     @property
     def all_ids(self) -> list[int]:
@@ -62,6 +74,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
     @property
     def num_pending(self) -> int:
@@ -77,29 +93,42 @@ class Sequence:
         params = self.params
         if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
             self.finish_reason = "stop"
-            return self._flush(self._text)
-        text = tokenizer.decode(self.output_ids)
-        cut = min((i for i in (text.find(s) for s in params.stop if s) if i >= 0), default=-1)
+            self._flush_undecoded(tokenizer, self.output_ids[:-1])
+            return self._emit(len(self._pending))
+        piece = self._decoder.step(tokenizer.backend, token)
+        self._undecoded = self._undecoded + 1 if piece is None else 0  # None: a partial UTF-8 character
+        self._pending += piece or ""
+        pending = self._pending
+        cut = min((i for i in (pending.find(s) for s in params.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.finish_reason = "stop"
-            return self._flush(text[:cut])
+            self._pending = pending[:cut]
+            return self._emit(cut)
         if len(self.output_ids) >= params.max_tokens or self.num_tokens >= max_model_len:
             self.finish_reason = "length"
-            return self._flush(text)
-        self._text = text
-        safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence waits for its next token
-        for stop in params.stop:  # hold back a tail that may still become a stop string
-            for k in range(min(len(stop) - 1, safe), 0, -1):
-                if text[:safe].endswith(stop[:k]):
-                    safe -= k
-                    break
-        delta, self._emitted = text[self._emitted: max(safe, self._emitted)], max(safe, self._emitted)
-        return delta
+            self._flush_undecoded(tokenizer, self.output_ids)
+            return self._emit(len(self._pending))
+        held = max((k for s in params.stop for k in range(min(len(s) - 1, len(pending)), 0, -1)
+                    if pending.endswith(s[:k])), default=0)  # a tail that may still grow into a stop string
+        return self._emit(len(pending) - held)
 
-    def _flush(self, text: str) -> str:
-        delta, self._text, self._emitted = text[self._emitted:], text, len(text)
+    def finish_without_output(self) -> None:
+        """A prompt-only request (echo with max_tokens 0): done after its prefill."""
+        self.finish_reason = "length"
+
+    def _flush_undecoded(self, tokenizer: Tokenizer, ids: list[int]) -> None:
+        """At the end, the bytes of an unfinished character come out as U+FFFD, as a whole decode gives them."""
+        if self._undecoded:
+            context = ids[-self._undecoded - 4: -self._undecoded]
+            self._pending += tokenizer.decode(context + ids[-self._undecoded:])[len(tokenizer.decode(context)):]
+            self._undecoded = 0
+
+    def _emit(self, n: int) -> str:
+        delta, self._pending = self._pending[:n], self._pending[n:]
+        if delta:
+            self._pieces.append(delta)
         return delta
 
     @property
     def text(self) -> str:
-        return self._text
+        return "".join(self._pieces)

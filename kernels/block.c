@@ -41,15 +41,22 @@ int quant_ffn(const uint8_t *Wgu, int type_gu, int64_t rb_gu, const uint8_t *Wd,
 
 /* ---- One pre-norm transformer block over quantized weights, for the tokens of one step ----
  * x [B, H] += o . attn(rope(qkv . rmsnorm(x)));  x += ffn(rmsnorm(x)): the Llama-family block, where each
- * token attends to the cached keys of its own sequence (slot) up to its own position. All tokens' keys and
- * values are written first, so prefill chunks are causal too. Attention runs in fp32, one (token, head)
- * per work item, scores scaled by 1/sqrt(D), softmax with the maximum subtracted. */
+ * token attends to the cached keys of its own sequence up to its own position. All tokens' keys and values
+ * are written first, so prefill chunks are causal too. Attention runs in fp32, one (token, head) per work
+ * item, scores scaled by 1/sqrt(D), softmax with the maximum subtracted.
+ * The cache is paged (engine/cache.py): [blocks, block_size, n_kv, D], block_size = 1 << shift; token b's
+ * sequence has the block table tables[seq[b] * max_blocks ...], so position p lives in cache row
+ * (table[p >> shift] << shift) + (p & mask). */
 typedef struct {
     const float *qkv;
     float *out, *k_cache, *v_cache;
-    const int64_t *slots, *pos;
-    int64_t B, n_heads, n_kv, D, max_len, window, qkv_dim;
+    const int64_t *tables, *seq, *pos;
+    int64_t B, n_heads, n_kv, D, max_blocks, shift, window, qkv_dim;
 } attn_t;
+
+static inline size_t cache_row(const int64_t *table, int64_t shift, int64_t p) {
+    return ((size_t)table[p >> shift] << shift) + (size_t)(p & ((1 << shift) - 1));
+}
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
@@ -88,19 +95,20 @@ static inline void axpy_f32(float *y, float w, const float *x, int64_t n) {
     for (; e < n; e++) y[e] += w * x[e];
 }
 
-/* One (token, head): attention of q over n keys/values (rows of D floats), online softmax over chunks of
- * KCHUNK keys (no allocation, any context length, the same operations whatever else the step holds).
+/* One (token, head): attention of q over the keys/values at positions lo..hi-1 (rows of D floats, `stride`
+ * floats apart, found through the block table), online softmax over chunks of KCHUNK keys (no allocation,
+ * any context length, the same operations whatever else the step holds or however the blocks lie).
  * Inlined with D a constant (64, 128) the accumulator stays in registers. */
 #define KCHUNK 256
-static inline void attend(const float *q, const float *K, const float *Vc, int64_t n, int64_t D, float scale,
-                          float *o) {
+static inline void attend(const float *q, const float *K, const float *Vc, const int64_t *table, int64_t shift,
+                          int64_t stride, int64_t lo, int64_t hi, int64_t D, float scale, float *o) {
     float s[KCHUNK], acc[D], mx = -INFINITY, sum = 0.0f;
     for (int64_t e = 0; e < D; e++) acc[e] = 0.0f;
-    for (int64_t j0 = 0; j0 < n; j0 += KCHUNK) {
-        int64_t jn = n - j0 < KCHUNK ? n - j0 : KCHUNK;
+    for (int64_t j0 = lo; j0 < hi; j0 += KCHUNK) {
+        int64_t jn = hi - j0 < KCHUNK ? hi - j0 : KCHUNK;
         float cmax = -INFINITY;
         for (int64_t j = 0; j < jn; j++) {
-            s[j] = dot_f32(q, K + (j0 + j) * D, D) * scale;
+            s[j] = dot_f32(q, K + cache_row(table, shift, j0 + j) * stride, D) * scale;
             cmax = s[j] > cmax ? s[j] : cmax;
         }
         if (cmax > mx) { /* rescale what was summed under the old maximum */
@@ -112,7 +120,7 @@ static inline void attend(const float *q, const float *K, const float *Vc, int64
         for (int64_t j = 0; j < jn; j++) {
             float w = expf(s[j] - mx);
             sum += w;
-            axpy_f32(acc, w, Vc + (j0 + j) * D, D);
+            axpy_f32(acc, w, Vc + cache_row(table, shift, j0 + j) * stride, D);
         }
     }
     for (int64_t e = 0; e < D; e++) o[e] = acc[e] / sum;
@@ -120,25 +128,26 @@ static inline void attend(const float *q, const float *K, const float *Vc, int64
 
 static void attn_task(void *p, int64_t i0, int64_t i1) {
     const attn_t *a = p;
-    int64_t D = a->D, group = a->n_heads / a->n_kv;
+    int64_t D = a->D, group = a->n_heads / a->n_kv, stride = a->n_kv * D;
     float scale = 1.0f / sqrtf((float)D);
     for (int64_t i = i0; i < i1; i++) {
         int64_t b = i / a->n_heads, h = i % a->n_heads, kvh = h / group, pos = a->pos[b];
-        int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0, n = pos + 1 - lo;
+        int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
         const float *q = a->qkv + b * a->qkv_dim + h * D;
-        size_t base = ((size_t)a->slots[b] * a->n_kv + kvh) * a->max_len * D;
-        const float *K = a->k_cache + base + lo * D, *Vc = a->v_cache + base + lo * D;
+        const int64_t *table = a->tables + a->seq[b] * a->max_blocks;
+        const float *K = a->k_cache + kvh * D, *Vc = a->v_cache + kvh * D;
         float *o = a->out + b * a->n_heads * D + h * D;
-        if (D == 64) attend(q, K, Vc, n, 64, scale, o);
-        else if (D == 128) attend(q, K, Vc, n, 128, scale, o);
-        else attend(q, K, Vc, n, D, scale, o);
+        if (D == 64) attend(q, K, Vc, table, a->shift, stride, lo, pos + 1, 64, scale, o);
+        else if (D == 128) attend(q, K, Vc, table, a->shift, stride, lo, pos + 1, 128, scale, o);
+        else attend(q, K, Vc, table, a->shift, stride, lo, pos + 1, D, scale, o);
     }
 }
 
-/* rope (rotate-half, cos/sin [B, D]) on q and k heads, then k and v into the cache at (slot, kv head, pos). */
+/* rope (rotate-half, cos/sin [B, D]) on q and k heads, then k and v into each token's cache row. */
 static void rope_and_store(float *qkv, int64_t B, int64_t qkv_dim, int64_t n_heads, int64_t n_kv, int64_t D,
                            const float *cos, const float *sin, float *k_cache, float *v_cache,
-                           const int64_t *slots, const int64_t *pos, int64_t max_len) {
+                           const int64_t *tables, const int64_t *seq, const int64_t *pos, int64_t max_blocks,
+                           int64_t shift) {
     int64_t half = D / 2;
     float tmp[D];
     for (int64_t b = 0; b < B; b++) {
@@ -154,7 +163,7 @@ static void rope_and_store(float *qkv, int64_t B, int64_t qkv_dim, int64_t n_hea
                 memcpy(x, tmp, sizeof(float) * (size_t)D);
             }
         for (int64_t h = 0; h < n_kv; h++) {
-            size_t at = (((size_t)slots[b] * n_kv + h) * max_len + pos[b]) * D;
+            size_t at = (cache_row(tables + seq[b] * max_blocks, shift, pos[b]) * n_kv + h) * D;
             memcpy(k_cache + at, t + (n_heads + h) * D, sizeof(float) * (size_t)D);
             memcpy(v_cache + at, t + (n_heads + n_kv + h) * D, sizeof(float) * (size_t)D);
         }
@@ -172,8 +181,9 @@ int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const fl
                 const qmat_t *wqkv, const float *bqkv, const qmat_t *wo, const float *bo,
                 const qmat_t *gate_up, const qmat_t *down, int64_t parts, const float *gu_bias,
                 const float *down_bias, int gate_fn, int up_fn, const float *cos, const float *sin,
-                float *k_cache, float *v_cache, const int64_t *slots, const int64_t *pos, int64_t n_heads,
-                int64_t n_kv, int64_t D, int64_t max_len, int64_t window, float *scratch) {
+                float *k_cache, float *v_cache, const int64_t *tables, const int64_t *seq, const int64_t *pos,
+                int64_t max_blocks, int64_t shift, int64_t n_heads, int64_t n_kv, int64_t D, int64_t window,
+                float *scratch) {
     int64_t qkv_dim = wqkv->rows, I = gate_up->rows / parts, q_size = n_heads * D;
     float *qkv = scratch, *att = qkv + B * qkv_dim, *proj = att + B * q_size, *rest = proj + B * H;
     void *xq = rest;
@@ -183,10 +193,11 @@ int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const fl
     if (bqkv)
         for (int64_t b = 0; b < B; b++)
             for (int64_t j = 0; j < qkv_dim; j++) qkv[b * qkv_dim + j] += bqkv[j];
-    rope_and_store(qkv, B, qkv_dim, n_heads, n_kv, D, cos, sin, k_cache, v_cache, slots, pos, max_len);
-    attn_t a = {.qkv = qkv, .out = att, .k_cache = k_cache, .v_cache = v_cache, .slots = slots, .pos = pos,
-                .B = B, .n_heads = n_heads, .n_kv = n_kv, .D = D, .max_len = max_len, .window = window,
-                .qkv_dim = qkv_dim};
+    rope_and_store(qkv, B, qkv_dim, n_heads, n_kv, D, cos, sin, k_cache, v_cache, tables, seq, pos, max_blocks,
+                   shift);
+    attn_t a = {.qkv = qkv, .out = att, .k_cache = k_cache, .v_cache = v_cache, .tables = tables, .seq = seq,
+                .pos = pos, .B = B, .n_heads = n_heads, .n_kv = n_kv, .D = D, .max_blocks = max_blocks,
+                .shift = shift, .window = window, .qkv_dim = qkv_dim};
     pool_run(attn_task, &a, B * n_heads, 1);
     s = quant_dots(wo->data, (int)wo->type, H, wo->row_bytes, q_size, 1, 0, H, att, B, 0, 0.0f, xq, proj);
     if (s) return s;

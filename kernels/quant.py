@@ -202,13 +202,15 @@ class BlockWeights:
 
 
 def block(x: torch.Tensor, w: BlockWeights, rope: tuple[torch.Tensor, torch.Tensor] | None,
-          k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-          n_heads: int, n_kv_heads: int, head_dim: int, window: int | None) -> torch.Tensor:
+          k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, token_seq: torch.Tensor,
+          positions: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None) -> torch.Tensor:
     """x [T, H] fp32 after one pre-norm transformer block, in one native call: RMS norm, qkv, rotate-half
-    RoPE (cos/sin [T, head_dim]), keys/values stored into the fp32 caches [slots, kv_heads, max_len, head_dim]
-    at (slots[t], positions[t]), attention of each token over its own slot up to its position (within
-    `window`), o, residual, then the FFN and its residual. Why one call: the Python and torch dispatch
-    between ~12 small ops per block cost as much as the weights' reads on a small model."""
+    RoPE (cos/sin [T, head_dim]), keys/values stored into the paged fp32 caches
+    [blocks, block_size, kv_heads, head_dim] at each token's position in its sequence's block table
+    (tables [S, max_blocks] int64, token_seq [T]: each token's row in tables), attention of each token over
+    its own sequence up to its position (within `window`), o, residual, then the FFN and its residual. Why
+    one call: the Python and torch dispatch between ~12 small ops per block cost as much as the weights'
+    reads on a small model."""
     lib = _lib()
     x = x.float().contiguous().clone()
     T, H = x.shape
@@ -219,14 +221,16 @@ def block(x: torch.Tensor, w: BlockWeights, rope: tuple[torch.Tensor, torch.Tens
     cos, sin = (None, None) if rope is None else (rope[0].reshape(T, head_dim).float().contiguous(),
                                                   rope[1].reshape(T, head_dim).float().contiguous())
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    slots, positions = slots.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
+    tables, token_seq = tables.to(torch.int64).contiguous(), token_seq.to(torch.int64).contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    block_size = k_cache.shape[1]
     m = w._mats
     status = lib.quant_block(
         x.data_ptr(), T, H, ptr(w.attn_norm), ptr(w.ffn_norm), w.eps, ctypes.byref(m[0]), ptr(w.bqkv),
         ctypes.byref(m[1]), ptr(w.bo), ctypes.byref(m[2]), ctypes.byref(m[3]), w.parts, ptr(w.gate_up_bias),
         ptr(w.down_bias), w.gate_fn, w.up_fn, ptr(cos), ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(),
-        slots.data_ptr(), positions.data_ptr(), n_heads, n_kv_heads, head_dim, k_cache.shape[2], window or 0,
-        scratch.data_ptr())
+        tables.data_ptr(), token_seq.data_ptr(), positions.data_ptr(), tables.shape[1],
+        block_size.bit_length() - 1, n_heads, n_kv_heads, head_dim, window or 0, scratch.data_ptr())
     _check(status, None, 0)
     return x
 

@@ -84,7 +84,7 @@ def run_body(model: nn.Module, sequences: list[list[int]], batch_tokens: int = 1
         if on_batch is not None:
             on_batch(lengths)
         ids = torch.tensor([t for s in batch for t in s], dtype=torch.long, device=model.device)
-        model.forward(ids, StepBatch([0] * len(batch), [0] * len(batch), lengths), logits_indices=empty)
+        model.forward(ids, StepBatch([[]] * len(batch), [0] * len(batch), lengths), logits_indices=empty)
         if progress is not None:
             progress.update(sum(lengths))
 

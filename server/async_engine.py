@@ -338,7 +338,8 @@ class AsyncEngine:
                 del self._streams[out.request_id]
                 if m is not None:
                     m.observe_finished(now - s.arrival, out.finish_reason)
-            s.queue.put_nowait(out)
+            error = getattr(out, "error", None)
+            s.queue.put_nowait(RuntimeError(error) if error else out)  # a failure of this request alone
 
     def _fail_all(self, exc: BaseException) -> None:
         for s in self._streams.values():

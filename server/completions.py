@@ -59,27 +59,17 @@ async def serve_completion(req: P.CompletionRequest, request: Request, aengine: 
     max_tokens = [S.resolve_max_tokens(req.max_tokens, len(p.ids), aengine.max_model_len, "max_tokens")
                   for p in prompts]
     want_lp = req.logprobs is not None
+    S.check_logit_bias(req, backend.vocab_size)
     choices = [S.Choice(index=pi * req.n + i, prompt=p) for pi, p in enumerate(prompts) for i in range(req.n)]
-    if req.echo:
-        if want_lp:  # score the prompt once per prompt, on the engine thread
-            scored = {}
-            for pi, p in enumerate(prompts):
-                scored[pi] = await aengine.run_in_engine(
-                    lambda _e, ids=p.ids: S.prompt_logprobs(backend.model, ids, req.logprobs))
-            for ch in choices:
-                entries = [(t, lp, top) for t, (lp, top) in zip(ch.prompt.ids, scored[ch.index // req.n],
-                                                                strict=True)]
-                S.add_completion_logprobs(ch, tok, entries, as_ids)
-        for ch in choices:
-            ch.text = ch.prompt.text
+    score_prompt = req.echo and want_lp  # the prompt's logprobs come from the request's own prefill
     rid = P.random_id("cmpl")
     by_rid = {f"{rid}-{ch.index}": ch for ch in choices}
     requests = [(f"{rid}-{ch.index}", ch.prompt.ids,
                  S.sampling_params(req, max_tokens[ch.index // req.n], ch.index % req.n, req.logprobs,
-                                   backend.generation_defaults))
-                for ch in choices if max_tokens[ch.index // req.n] > 0]
+                                   backend.generation_defaults, req.logprobs if score_prompt else None))
+                for ch in choices if max_tokens[ch.index // req.n] > 0 or score_prompt]
     for ch in choices:
-        if max_tokens[ch.index // req.n] == 0:  # echo-only scoring request
+        if max_tokens[ch.index // req.n] == 0 and not score_prompt:  # echo only: nothing to run
             ch.finish_reason = "length"
     group = await submit(requests) if requests else None
     created = P.now()
@@ -88,11 +78,24 @@ async def serve_completion(req: P.CompletionRequest, request: Request, aengine: 
     def lp_entries(out: Any) -> list[tuple[int, float | None, dict]]:
         return [(x.token_id, x.logprob, x.top) for x in (out.logprobs or [])]
 
+    def start(ch: S.Choice, out: Any | None) -> None:
+        """A choice's first output: the echoed prompt, with its logprobs when asked, goes before it."""
+        if req.echo and not ch.echoed:
+            ch.echoed = True
+            if out is not None and out.prompt_logprobs is not None:
+                S.add_completion_logprobs(ch, tok, [(t, None if x is None else x.logprob, {} if x is None else x.top)
+                                                    for t, x in zip(ch.prompt.ids, out.prompt_logprobs)], as_ids)
+            ch.text = ch.prompt.text
+
     if not req.stream:
         async def collect() -> P.CompletionResponse:
+            for ch in choices:
+                if ch.finish_reason:
+                    start(ch, None)
             if group is not None:
                 async for out in group.outputs():
                     ch = by_rid[out.request_id]
+                    start(ch, out)
                     if want_lp:
                         S.add_completion_logprobs(ch, tok, lp_entries(out), as_ids)
                     _apply(ch, out)
@@ -115,17 +118,21 @@ async def serve_completion(req: P.CompletionRequest, request: Request, aengine: 
     async def events() -> AsyncIterator[str]:
         try:
             for ch in choices:
-                if req.echo or ch.finish_reason:
+                if ch.finish_reason:  # echo only
+                    start(ch, None)
                     yield chunk(ch, ch.text, 0, ch.finish_reason)
             if group is not None:
                 async for out in group.outputs():
                     ch = by_rid[out.request_id]
-                    start = len(ch.tokens)
+                    first, echo = len(ch.tokens), ""
+                    if req.echo and not ch.echoed:
+                        start(ch, out)
+                        first, echo = 0, ch.text
                     if want_lp:
                         S.add_completion_logprobs(ch, tok, lp_entries(out), as_ids)
                     _apply(ch, out)
-                    if out.new_text or out.finished or len(ch.tokens) > start:
-                        yield chunk(ch, out.new_text, start, out.finish_reason if out.finished else None)
+                    if echo or out.new_text or out.finished or len(ch.tokens) > first:
+                        yield chunk(ch, echo + out.new_text, first, out.finish_reason if out.finished else None)
             if req.include_usage:
                 yield S.sse(P.CompletionChunk(id=rid, created=created, model=model_name, choices=[],
                                               usage=P.usage(prompt_tokens, sum(c.num_tokens for c in choices))))
@@ -149,6 +156,7 @@ async def serve_chat(req: P.ChatCompletionRequest, request: Request, aengine: As
     max_tokens = S.resolve_max_tokens(req.max_new_tokens(), len(prompt.ids), aengine.max_model_len,
                                       "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens")
     k = (req.top_logprobs or 0) if req.logprobs else None
+    S.check_logit_bias(req, backend.vocab_size)
     rid = P.random_id("chatcmpl")
     choices = [S.Choice(index=i, prompt=prompt) for i in range(req.n)]
     by_rid = {f"{rid}-{ch.index}": ch for ch in choices}

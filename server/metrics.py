@@ -47,6 +47,13 @@ class ServerMetrics:
                              list(labels), buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
         self.e2e = Histogram("hotcold:e2e_request_latency_seconds", "Arrival to last token.", list(labels),
                              buckets=E2E_BUCKETS, registry=r).labels(**labels)
+        self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache "
+                                     "since start (0..1).")
+        self.prefix_queries = Counter("hotcold:prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache.", list(labels), registry=r).labels(**labels)
+        self.prefix_hits = Counter("hotcold:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   list(labels), registry=r).labels(**labels)
+        self._prefix_seen = (0, 0)
         self.step_time = Histogram("hotcold:engine_step_seconds", "Duration of one engine step.",
                                    list(labels), buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
         self._labels = labels
@@ -62,6 +69,13 @@ class ServerMetrics:
         hot = stats.hot_share
         self.hot_share.set(math.nan if hot is None else float(hot))
         self.cold_share.set(math.nan if hot is None else 1.0 - float(hot))
+        extra = getattr(stats, "extra", {}) or {}
+        if "prefix_cache_queried_tokens" in extra:
+            queried, hits = int(extra["prefix_cache_queried_tokens"]), int(extra["prefix_cache_hit_tokens"])
+            self.prefix_queries.inc(max(0, queried - self._prefix_seen[0]))
+            self.prefix_hits.inc(max(0, hits - self._prefix_seen[1]))
+            self._prefix_seen = (queried, hits)
+            self.prefix_hit_rate.set(float(extra.get("prefix_cache_hit_rate", 0.0)))
 
     def observe_step(self, seconds: float) -> None:
         self.step_time.observe(seconds)

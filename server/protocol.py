@@ -48,9 +48,18 @@ class SamplingFields(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias, clamped to [-100, 100]
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
+        bad = _invalid_unicode(self.model_dump())
+        if bad:
+            raise ValueError(f"{bad} is not valid Unicode (a lone UTF-16 surrogate)")
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, not {key!r}")
+            if value != value:
+                raise ValueError("logit_bias values must be numbers, not NaN")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
@@ -58,12 +67,33 @@ class SamplingFields(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    def bias(self) -> dict[int, float]:
+        """logit_bias as token id -> bias, clamped to [-100, 100] as OpenAI does."""
+        return {int(k): max(-100.0, min(100.0, v)) for k, v in (self.logit_bias or {}).items()}
+
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _invalid_unicode(value: Any, path: str = "") -> str | None:
+    """The path of the first string that cannot be encoded as UTF-8 (a lone surrogate), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "a string"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        found = _invalid_unicode(key, where) if isinstance(key, str) else None
+        if found or (found := _invalid_unicode(item, where)):
+            return found
+    return None
 
 
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]  # strict: JSON true/false are not token ids

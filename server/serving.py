@@ -46,6 +46,7 @@ class Choice:
     top_logprobs: list[Any] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
     token_lengths: list[int] = field(default_factory=list)
+    echoed: bool = False  # the prompt (echo) is in text and logprobs
 
 
 # ----------------------------------------------------------------------------------------- requests
@@ -99,7 +100,7 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
 
 
 def sampling_params(req: P.SamplingFields, max_tokens: int, choice: int, logprobs: int | None,
-                    defaults: Any = None) -> Any:
+                    defaults: Any = None, prompt_logprobs: int | None = None) -> Any:
     """SamplingParams for one choice: unset fields fall back to the model's generation_config, then to
     OpenAI's defaults; choice i of a seeded request gets seed + i so that n > 1 gives n different samples."""
     from hotcold.engine.sampling import SamplingParams
@@ -117,26 +118,15 @@ def sampling_params(req: P.SamplingFields, max_tokens: int, choice: int, logprob
         top_p=pick(req.top_p, "top_p", 1.0), top_k=max(0, top_k), min_p=req.min_p or 0.0, seed=seed,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=pick(req.repetition_penalty, "repetition_penalty", 1.0), stop=req.stop_list(),
-        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs, logit_bias=req.bias())
 
 
-def prompt_logprobs(model: Any, ids: list[int], k: int) -> list[tuple[float | None, dict[int, float]]]:
-    """Logprob of each prompt token given the ones before it, plus its top-k alternatives (for echo with
-    logprobs, as lm-eval-harness uses). Runs on the engine thread: the model is not thread-safe."""
-    import torch
-
-    with torch.inference_mode():
-        logits = model.forward_sequence(torch.tensor(ids, dtype=torch.long))
-        logp = torch.log_softmax(logits.float(), dim=-1)
-    out: list[tuple[float | None, dict[int, float]]] = [(None, {})]
-    for t in range(1, len(ids)):
-        row = logp[t - 1]
-        top = {}
-        if k > 0:
-            vals, idx = torch.topk(row, k)
-            top = {int(i): float(v) for i, v in zip(idx, vals, strict=True)}
-        out.append((float(row[ids[t]]), top))
-    return out
+def check_logit_bias(req: P.SamplingFields, vocab_size: int) -> None:
+    bad = [t for t in req.bias() if t >= vocab_size]
+    if bad:
+        raise APIError(400, f"logit_bias: token id {bad[0]} is out of range (vocabulary size {vocab_size})",
+                       param="logit_bias")
 
 
 # ---------------------------------------------------------------------------------------- responses

@@ -12,6 +12,8 @@ from hotcold.engine.loader import load_model
 from hotcold.engine.model import StepBatch
 from hotcold.engine.sampling import SamplingParams
 
+SCATTERED = [13, 2, 9, 0, 12, 7, 3, 1]  # a block table whose blocks are neither adjacent nor in order
+
 PROMPT = list(range(3, 27))  # 24 tokens: longer than Mistral's 16-token window in the tiny config
 
 
@@ -29,14 +31,14 @@ def test_logits_and_greedy_match_transformers(kind, tiny_checkpoint):
     model, cfg = loaded.model, loaded.config
 
     # prefill, then 8 decode steps through the KV cache, each compared with transformers' full forward
-    cache = KVCache(cfg.num_layers, 2, cfg.num_kv_heads, 64, cfg.head_dim, torch.float32)
+    cache = KVCache(cfg.num_layers, 16, cfg.num_kv_heads, 8, cfg.head_dim, torch.float32)
     ids = list(PROMPT)
-    logits = model(torch.tensor(ids), StepBatch([1], [0], [len(ids)]), cache)
+    logits = model(torch.tensor(ids), StepBatch([SCATTERED], [0], [len(ids)]), cache)
     with torch.no_grad():
         _close(logits, ref(torch.tensor([ids])).logits[0])
     for _ in range(8):
         ids.append(int(logits[-1].argmax()))
-        logits = model(torch.tensor(ids[-1:]), StepBatch([1], [len(ids) - 1], [1]), cache)
+        logits = model(torch.tensor(ids[-1:]), StepBatch([SCATTERED], [len(ids) - 1], [1]), cache)
         with torch.no_grad():
             _close(logits[-1], ref(torch.tensor([ids])).logits[0, -1])
 

@@ -20,6 +20,8 @@ from hotcold.engine.model import QuantFFN, StepBatch
 from hotcold.engine.sampling import SamplingParams
 from hotcold.kernels.quant import QuantTensor
 
+SCATTERED = [13, 2, 9, 0, 12, 7, 3, 1]  # a block table whose blocks are neither adjacent nor in order
+
 PROMPT = list(range(3, 27))  # 24 tokens: past Mistral's 16-token window in the tiny config
 # kind -> whether every matrix is quantizable (dimensions in whole 32-blocks), so every block is one native call;
 # the others keep their odd-sized FFN in floats and run the per-op path
@@ -51,29 +53,32 @@ def test_native_block_matches_transformers(kind, tiny_checkpoint):
     assert isinstance(model.layers[0].ffn, QuantFFN) == KINDS[kind]
     assert (model._native_blocks() is not None) == KINDS[kind]
     ref = quantized_reference(path)
-    cache = KVCache(cfg.num_layers, 2, cfg.num_kv_heads, 64, cfg.head_dim, torch.float32)
+    cache = KVCache(cfg.num_layers, 16, cfg.num_kv_heads, 8, cfg.head_dim, torch.float32)
     ids = list(PROMPT)
-    logits = model(torch.tensor(ids), StepBatch([1], [0], [len(ids)]), cache)
+    logits = model(torch.tensor(ids), StepBatch([SCATTERED], [0], [len(ids)]), cache)
     for step in range(9):
         with torch.no_grad():
             want = ref(torch.tensor([ids])).logits[0, -logits.shape[0]:]
         err, scale = (logits - want).abs().max().item(), want.abs().max().item()
         assert err <= 0.06 * scale, f"step {step}: max abs error {err:.3g} > 6% of logits scale {scale:.3g}"
         ids.append(int(logits[-1].argmax()))
-        logits = model(torch.tensor(ids[-1:]), StepBatch([1], [len(ids) - 1], [1]), cache)
+        logits = model(torch.tensor(ids[-1:]), StepBatch([SCATTERED], [len(ids) - 1], [1]), cache)
 
 
 def test_torch_path_and_native_block_agree(tiny_checkpoint, monkeypatch):
-    """The same quantized model through the one-call block and through the per-op path (long steps)."""
+    """The same quantized model through the one-call block and through the per-op path (long steps), both
+    with integer products (the calibrated crossover would send the per-op path to dequantized GEMMs)."""
     from hotcold.engine import model as model_module
+    from hotcold.kernels import quant
 
+    monkeypatch.setattr(quant, "_native_tokens", lambda: 1 << 20)
     loaded = load_model(tiny_checkpoint("llama"), quantize="q4_0")
     model, cfg = loaded.model, loaded.config
     outs = []
     for native in (True, False):
         monkeypatch.setattr(model_module, "NATIVE_BLOCKS", native)
-        cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, 64, cfg.head_dim, torch.float32)
-        outs.append(model(torch.tensor(PROMPT), StepBatch([0], [0], [len(PROMPT)]), cache))
+        cache = KVCache(cfg.num_layers, 16, cfg.num_kv_heads, 8, cfg.head_dim, torch.float32)
+        outs.append(model(torch.tensor(PROMPT), StepBatch([SCATTERED], [0], [len(PROMPT)]), cache))
     scale = outs[1].abs().max().item()
     print("native vs per-op", (outs[0] - outs[1]).abs().max().item() / scale)
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-3 * scale
