@@ -12,7 +12,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hotcold.engine.errors import HotcoldError
@@ -23,6 +24,33 @@ from hotcold.server.metrics import CONTENT_TYPE, ServerMetrics
 from hotcold.server.serving import APIError
 
 log = logging.getLogger("hotcold.server")
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer, each with the error envelope's schema."""
+    what = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model",
+            408: "request body stalled (--read-timeout)", 429: "queue full, retry later",
+            503: "model loading, server shutting down, or too many connections"}
+    return {s: {"model": P.ErrorResponse, "description": what[s]} for s in statuses}
+
+
+_HEALTH = {"application/json": {"schema": {"type": "object", "properties": {
+    "status": {"type": "string", "enum": ["ok", "loading", "draining", "failed"]}}}}}
+_STREAM = {"text/event-stream": {"schema": {"type": "string", "description": "with stream=true: SSE chunks"}}}
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents a 422 on every route with a body, but invalid fields are 400 here (see _invalid)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
 
 @dataclass
 class ServerConfig:
@@ -140,7 +168,8 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
         return task.result()
 
     # ----------------------------------------------------------------------------------- routes
-    @app.get("/health")
+    @app.get("/health", responses={200: {"content": _HEALTH}, 503: {"description": "loading, draining or failed",
+                                                                   "content": _HEALTH}})
     async def health() -> JSONResponse:
         if aengine.load_error is not None:
             return JSONResponse({"status": "failed"}, status_code=503)
@@ -150,27 +179,31 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format"}})
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
-    @v1.get("/models")
+    @v1.get("/models", responses=_errors(401))
     async def models() -> P.ModelList:
         max_len = aengine.max_model_len if aengine.ready else None
         return P.ModelList(data=[P.ModelCard(id=cfg.model_name, created=P.now(), root=cfg.model_root,
                                              max_model_len=max_len)])
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses={200: {"model": P.CompletionResponse, "content": _STREAM},
+                                        **_errors(400, 401, 404, 408, 429, 503)})
     async def completions(req: P.CompletionRequest, request: Request) -> Any:
         backend = backend_for(req.model, len(req.prompts()) * req.n)
         return await serve_completion(req, request, aengine, backend, cfg.model_name, submit, until_disconnect)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses={200: {"model": P.ChatCompletionResponse, "content": _STREAM},
+                                             **_errors(400, 401, 404, 408, 429, 503)})
     async def chat(req: P.ChatCompletionRequest, request: Request) -> Any:
         backend = backend_for(req.model, req.n)
         return await serve_chat(req, request, aengine, backend, cfg.model_name, submit, until_disconnect)
 
     app.include_router(v1)
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     return app

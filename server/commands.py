@@ -1,6 +1,7 @@
 """`hotcold serve`: bind the port first (so a busy port is a one-line error), answer /health with 503
-while the engine thread loads the model, then serve. SIGTERM stops admission (listening socket closed,
-/health 503), lets running requests finish within --grace-period, then exits 0."""
+while the engine thread loads the model, then serve. SIGTERM stops admission: the socket keeps listening
+so new requests get a clean 503 (/health too), while running requests finish within --grace-period; then
+the listener closes and the process exits 0. Slow or idle connections are bounded (server/connections.py)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override the FFN activation the config declares")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds running requests get to finish after SIGTERM")
+    parser.add_argument("--read-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a whole request header, and that a request body may "
+                             "stall between reads; then the connection is closed")
+    parser.add_argument("--max-connections", type=int, default=512,
+                        help="open connections served at once; requests on more get 503")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -63,6 +69,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise HotcoldError("--threads must be at least 1")
     if args.grace_period < 0:
         raise HotcoldError("--grace-period must be 0 or more")
+    if args.read_timeout <= 0:
+        raise HotcoldError("--read-timeout must be more than 0")
+    if args.max_connections < 1:
+        raise HotcoldError("--max-connections must be at least 1")
     if args.sparsity not in (None, "off") and args.plan is None:
         raise HotcoldError(f"--sparsity {args.sparsity} needs --plan PLAN_DIR")
     # a cheap early check (the loader checks fully on the engine thread, while /health says 503)
@@ -127,27 +137,12 @@ def build_backend(args: argparse.Namespace) -> Any:
                    vocab_size=int(loaded.config.vocab_size), generation_defaults=loaded.generation)
 
 
-class _QuietOnShutdown:
-    """ASGI wrapper: a request task cancelled by uvicorn at shutdown ends quietly, not as a traceback."""
-
-    def __init__(self, app: Any, aengine: Any):
-        self.app, self.aengine = app, aengine
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        try:
-            await self.app(scope, receive, send)
-        except asyncio.CancelledError:
-            if scope["type"] == "http" and self.aengine.draining:
-                log.warning("shutdown: cut %s %s", scope.get("method"), scope.get("path"))
-                return
-            raise
-
-
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hotcold.server.app import ServerConfig, create_app
     from hotcold.server.async_engine import AsyncEngine
+    from hotcold.server.connections import ConnectionGuard, protocol_class
     from hotcold.server.metrics import ServerMetrics
 
     _check_args(args)
@@ -159,23 +154,38 @@ def run(args: argparse.Namespace) -> int:
                           metrics=metrics)
     app = create_app(aengine, ServerConfig(model_name=name, api_key=args.api_key, model_root=str(args.model)),
                      metrics)
-    # uvicorn's own timeout is a backstop: at --grace-period we end the streams ourselves, cleanly
-    config = uvicorn.Config(_QuietOnShutdown(app, aengine), log_level=args.log_level,
-                            access_log=args.log_level == "debug", timeout_graceful_shutdown=args.grace_period + 5,
-                            lifespan="on")
-
-    def cut_stragglers() -> None:
-        n = aengine.abort_all()
-        if n:
-            log.warning("grace period over: ended %d request(s) with finish_reason 'abort'", n)
+    # uvicorn's graceful-shutdown timeout is only a backstop: Server.drain has ended the requests by then
+    config = uvicorn.Config(ConnectionGuard(app, aengine, args.read_timeout), log_level=args.log_level,
+                            http=protocol_class(args.read_timeout, args.max_connections),
+                            access_log=args.log_level == "debug", timeout_graceful_shutdown=5, lifespan="on")
 
     class Server(uvicorn.Server):
+        drain_task: asyncio.Task | None = None
+
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if not aengine.draining and aengine.loop is not None:
-                aengine.draining = True  # /health turns 503 and new requests get 503 at once
-                loop = aengine.loop
-                loop.call_soon_threadsafe(lambda: loop.call_later(args.grace_period, cut_stragglers))
-            super().handle_exit(sig, frame)
+            loop = aengine.loop
+            if aengine.draining or loop is None:  # a second signal, or one before start-up: stop now
+                super().handle_exit(sig, frame)
+                return
+            aengine.draining = True  # /health and new requests get 503 at once; the socket stays open
+            loop.call_soon_threadsafe(self.start_drain, sig)
+
+        def start_drain(self, sig: int) -> None:
+            self.drain_task = asyncio.get_running_loop().create_task(self.drain(sig))
+
+        async def drain(self, sig: int) -> None:
+            """Wait for the requests running at the signal, end those that outlast --grace-period (their
+            streams close with finish_reason 'abort'), then let uvicorn close the listener and exit."""
+            running = set(self.server_state.tasks)
+            log.info("draining: %d request(s) running, up to %gs to finish; new requests get 503", len(running),
+                     args.grace_period)
+            if running:
+                _, running = await asyncio.wait(running, timeout=args.grace_period)
+            if running:
+                if n := aengine.abort_all():
+                    log.warning("grace period over: ended %d request(s) with finish_reason 'abort'", n)
+                await asyncio.wait(running, timeout=5)
+            super().handle_exit(sig, None)
 
     server = Server(config)
     aengine.on_load_failed = lambda exc: setattr(server, "should_exit", True)
