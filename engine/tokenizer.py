@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
 from hotcold.engine.errors import HotcoldError
 
@@ -94,23 +93,11 @@ def from_hf_folder(folder: Path, generation_eos: list[int] | None = None) -> Tok
 
 
 def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise HotcoldError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE)")
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if meta.get("tokenizer.ggml.pre") == "smollm":
-        splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(splits)  # llama.cpp's "smollm": digits split first
-    backend.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or []
-    from tokenizers import AddedToken
+    """The tokenizer stored in a GGUF's metadata (engine.gguf_tokenizer rebuilds its backend)."""
+    from hotcold.engine.gguf_tokenizer import backend_from_gguf
 
-    special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if int(t) == 3]
-    backend.add_special_tokens(special)
+    backend, add_bos = backend_from_gguf(meta)
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
 
     def token(key: str) -> str | None:
         idx = meta.get(key)
@@ -118,7 +105,7 @@ def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
 
     eos = token("tokenizer.ggml.eos_token_id")
     return Tokenizer(backend, token("tokenizer.ggml.bos_token_id"), [eos] if eos else [],
-                     meta.get("tokenizer.chat_template"), add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+                     meta.get("tokenizer.chat_template"), add_bos=add_bos)
 
 
 def load_tokenizer(spec: str | Path = "default") -> Tokenizer:
