@@ -77,18 +77,19 @@ def to_device(block, device: torch.device) -> None:
 def decode_speed(model, prompt: list[int], new_tokens: int, cpu_layers: set[int] = frozenset()) -> float:
     """Greedy decode at batch 1 with a static cache; tokens/s after the prompt."""
     cfg, device = model.config, model.device
-    cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, len(prompt) + new_tokens + 1, cfg.head_dim,
-                    attn_dtype(device, model.dtype), device)
+    blocks = list(range(-(-(len(prompt) + new_tokens + 1) // 16)))  # one sequence: blocks 0, 1, 2, ...
+    cache = KVCache(cfg.num_layers, len(blocks), cfg.num_kv_heads, 16, cfg.head_dim, attn_dtype(device, model.dtype),
+                    device)
     for i in cpu_layers:  # layer split: these layers' KV cache lives with them on the CPU
         cache.k[i], cache.v[i] = cache.k[i].cpu().float(), cache.v[i].cpu().float()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    logits = model(torch.tensor(prompt, device=device), StepBatch([0], [0], [len(prompt)]), cache,
+    logits = model(torch.tensor(prompt, device=device), StepBatch([blocks], [0], [len(prompt)]), cache,
                    torch.tensor([len(prompt) - 1], device=device))
     token = logits.argmax(-1)
     sync()
     t0 = time.perf_counter()
     for pos in range(len(prompt), len(prompt) + new_tokens):
-        token = model(token.view(1), StepBatch([0], [pos], [1]), cache).argmax(-1)
+        token = model(token.view(1), StepBatch([blocks], [pos], [1]), cache).argmax(-1)
     sync()
     return new_tokens / (time.perf_counter() - t0)
 

@@ -55,6 +55,12 @@ def load_from_args(args: argparse.Namespace):
         raise HotcoldError("--plan runs on float weights: drop --quantize")
     loaded = load_model(args.model, dtype=dtype, device=args.device, activation=args.activation,
                         quantize=getattr(args, "quantize", None))
+    if args.model in (None, "", "default"):  # requests that set no sampling fields get the model card's
+        from hotcold.engine.default_model import SAMPLING_DEFAULTS
+
+        for name, value in SAMPLING_DEFAULTS.items():
+            if getattr(loaded.generation, name) is None:
+                setattr(loaded.generation, name, value)
     if args.plan:
         from hotcold.engine.hybrid import HybridConfig, apply_hybrid
         from hotcold.engine.plan import load_plan

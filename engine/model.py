@@ -413,6 +413,10 @@ class Transformer(nn.Module):
                 x = layer(x, rope, batch, cache, i, rows if cache is not None else None, positions)
         if logits_indices is not None:
             x = x[logits_indices]
+        if blocks is not None and self.final_norm.kind == "rms" and isinstance(self.lm_head, QuantTensor):
+            # the head in a fixed order per token too, whatever the number of rows
+            norm = self.final_norm
+            return quant.linear(x, self.lm_head, max_native_tokens=x.shape[0], norm=norm.weight, eps=norm.eps)
         return linear(self.final_norm(x), self.lm_head).float()
 
     def forward_sequence(self, ids: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,8 @@ a cached prompt prefix is reused, not recomputed). Nothing is ever preempted.
 
 The budget is counted in token-equivalents: a token at position p costs 1 + p / attention_scale, because
 its attention reads p keys besides the weights every token reads. While other sequences wait on the step,
-its cost is also capped so that it should take no longer than `max_step_seconds`, judged from the measured
-seconds per token-equivalent of earlier steps: a long prompt then slows the others down, boundedly,
-instead of stalling them.
+its cost is also capped so that it should take no longer than `max_step_seconds`, judged from the times of
+earlier steps (`StepTimes`): a long prompt then slows the others down, boundedly, instead of stalling them.
 """
 
 from __future__ import annotations
@@ -20,6 +19,33 @@ from hotcold.engine.block_manager import BlockManager
 from hotcold.engine.sequence import Sequence, Status
 
 MIN_CHUNK = 16  # prompt tokens a step gives a prefill at least, however slow the step is
+FIRST_CHUNK = 64  # a prefill's chunk while others wait and no step time has been measured yet
+
+
+class StepTimes:
+    """How long steps take: a fixed overhead, learned from the small steps (a few decodes), plus a rate per
+    token-equivalent, learned from the large ones net of that overhead; both moving averages, so the rate
+    follows what the cost model misses (attention deep in a long prompt runs slower than its flops say)."""
+
+    SMALL = 4  # token-equivalents: a step this small is mostly overhead
+
+    def __init__(self, weight: float = 0.3):
+        self.weight = weight
+        self.overhead = 0.0
+        self.rate: float | None = None
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.weight) * old + self.weight * new
+
+    def add(self, cost: float, seconds: float) -> None:
+        if cost <= self.SMALL:
+            self.overhead = self._average(self.overhead or None, seconds)
+        else:
+            self.rate = self._average(self.rate, max(seconds - self.overhead, 0.1 * seconds) / cost)
+
+    def budget(self, seconds: float) -> float | None:
+        """Token-equivalents a step may cost to take `seconds`; None until a large step was measured."""
+        return None if self.rate is None else (seconds - self.overhead) / self.rate
 
 
 class Scheduler:
@@ -30,7 +56,7 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.blocks = blocks
         self.attention_scale, self.max_step_seconds = attention_scale, max_step_seconds
-        self.seconds_per_cost: float | None = None  # measured; None until a large enough step ran
+        self.step_times = StepTimes()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -67,8 +93,9 @@ class Scheduler:
         plan = [(s, 1) for s in decodes]
         spent = sum(self.cost(s.num_computed, 1) for s in decodes)
         budget = float(self.max_num_batched_tokens)
-        if len(self.running) > 1 and self.max_step_seconds and self.seconds_per_cost:
-            budget = min(budget, self.max_step_seconds / self.seconds_per_cost)
+        if len(self.running) > 1 and self.max_step_seconds:
+            capped = self.step_times.budget(self.max_step_seconds)
+            budget = min(budget, spent + FIRST_CHUNK if capped is None else capped)
         for i, seq in enumerate(prefills):
             left = budget - spent
             if left < 1 and i > 0:
@@ -82,11 +109,8 @@ class Scheduler:
         return plan
 
     def observe(self, plan: list[tuple[Sequence, int]], seconds: float) -> None:
-        """Learn seconds per token-equivalent from a step that was mostly tokens (not fixed overhead)."""
-        cost = sum(self.cost(s.num_computed - n, n) for s, n in plan)
-        if cost >= 32:
-            rate = seconds / cost
-            self.seconds_per_cost = rate if self.seconds_per_cost is None else 0.7 * self.seconds_per_cost + 0.3 * rate
+        """Learn how long steps take from one that ran (after its sequences' num_computed moved on)."""
+        self.step_times.add(sum(self.cost(s.num_computed - n, n) for s, n in plan), seconds)
 
     def computed(self, seq: Sequence) -> None:
         """After a step: make the sequence's newly filled blocks reusable by later requests."""

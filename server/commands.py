@@ -30,7 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="tokens per engine step (a token at position p counts 1 + p / attention scale: its "
+                             "attention reads p keys); prompts longer than this are prefilled in chunks")
+    parser.add_argument("--max-step-seconds", type=float, default=0.25,
+                        help="while other requests wait on a step, cap its prompt chunks so that it should take "
+                             "no longer than this (judged from the steps measured so far); 0: no cap")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="KV cache size in tokens (default: max-num-seqs x max-model-len; memory is touched "
+                             "only as it is used)")
+    parser.add_argument("--block-size", type=int, default=16, help="KV cache block (page) in tokens, a power of 2")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="do not reuse the KV blocks of prompt prefixes seen before")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="sequences that may wait beyond the running batch; more get 429")
     parser.add_argument("--api-key", default=os.environ.get("HOTCOLD_API_KEY"),
@@ -59,6 +70,12 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             raise HotcoldError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.block_size < 1 or args.block_size & (args.block_size - 1):
+        raise HotcoldError(f"--block-size must be a power of 2, not {args.block_size}")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < args.block_size:
+        raise HotcoldError("--kv-cache-tokens must hold at least one block")
+    if args.max_step_seconds < 0:
+        raise HotcoldError("--max-step-seconds must be 0 (no cap) or more")
     if args.max_queue < 0:
         raise HotcoldError("--max-queue must be 0 or more")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -132,7 +149,11 @@ def build_backend(args: argparse.Namespace) -> Any:
 
     log.info("kernels: %s", calibrate.current().summary())
     engine = LLMEngine(loaded, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
+                       block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
+                       max_step_seconds=args.max_step_seconds or None)
+    log.info("KV cache: %d blocks of %d tokens (%.0f MB reserved), prefix caching %s", engine.cache.num_blocks,
+             engine.cache.block_size, engine.cache.nbytes() / 1e6, "off" if args.no_prefix_caching else "on")
     return Backend(engine=engine, tokenizer=loaded.tokenizer, model=loaded.model,
                    vocab_size=int(loaded.config.vocab_size), generation_defaults=loaded.generation)
 

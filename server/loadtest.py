@@ -75,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=64, help="max_tokens of each request (default 64)")
     parser.add_argument("--range-ratio", type=float, default=0.0,
                         help="random lengths drawn uniformly in [L*(1-F), L*(1+F)] (default 0)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="prompts and arrivals (default: a fresh seed each run, printed: repeated prompts "
+                             "would measure a server's prefix cache rather than its engine)")
     parser.add_argument("--goodput", nargs="+", type=parse_goodput_item, metavar="KEY:MS",
                         help="SLOs for goodput, e.g. ttft:500 tpot:100 e2el:5000 (milliseconds)")
     parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
@@ -300,6 +302,21 @@ def _default_cached() -> bool:
         return False
 
 
+def prefix_cache_counts(base: str, headers: dict) -> tuple[float, float] | None:
+    """(prompt tokens looked up, found) from a hotcold or vLLM server's /metrics; None where it has none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{base}/metrics", headers=headers, timeout=10).text
+        values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    except Exception:  # no /metrics, or not Prometheus text: nothing to report
+        return None
+    for prefix in ("hotcold:", "vllm:"):
+        if f"{prefix}prefix_cache_queries_total" in values:
+            return values[f"{prefix}prefix_cache_queries_total"], values[f"{prefix}prefix_cache_hits_total"]
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
     base = _base_url(args.base_url)
@@ -310,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
     rule = "1 token per word" if args.dataset == "random" else "~4 chars/token"
     about = f"no hotcold tokenizer for {spec!r}: " if spec else ""
     how = f"tokenizer of {spec}" if tokenizer is not None else f"approximate counts ({rule}; {about}{why})"
+    if args.seed is None:
+        args.seed = int(np.random.SeedSequence().entropy % 2**31)
     prompt_rng, arrival_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(args.seed).spawn(2))
     if args.dataset == "random":
         prompts = random_prompts(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
@@ -327,12 +346,18 @@ def run(args: argparse.Namespace) -> int:
     rate = "all at once" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s ({kind})"
     print(f"target {cfg.url}  model {model!r}  {args.num_prompts} requests  dataset {args.dataset}")
     print(f"traffic: {rate}, max concurrency {args.max_concurrency or 'unlimited'}")
-    print(f"prompts: {how}", flush=True)
+    print(f"prompts: {how}, seed {args.seed}", flush=True)
 
+    before = prefix_cache_counts(base, headers)
     records, duration = asyncio.run(benchmark(cfg, prompts, gaps))
     slos = dict(args.goodput or [])
     summary = summarize(records, duration, slos, args.max_concurrency)
+    after = prefix_cache_counts(base, headers)
+    if before is not None and after is not None and after[0] > before[0]:
+        summary["prefix_cache_hit_rate"] = (after[1] - before[1]) / (after[0] - before[0])
     print(format_summary(summary))
+    if "prefix_cache_hit_rate" in summary:
+        print(f"server prefix cache: {summary['prefix_cache_hit_rate']:.1%} of prompt tokens found (its /metrics)")
     if args.save_result:
         result = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

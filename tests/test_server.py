@@ -31,6 +31,9 @@ class ServerProcess:
 
     def __init__(self, *args: str, timeout: float = 120.0):
         dtype = [] if "--dtype" in args else ["--dtype", "float32"]  # exact comparisons with transformers
+        if "--dtype" in args and args[args.index("--dtype") + 1] == "default":  # what a user gets: no --dtype
+            i = args.index("--dtype")
+            args = args[:i] + args[i + 2:]
         cmd = [sys.executable, "-m", "hotcold.cli", "serve", "--port", "0", *dtype, *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -1,0 +1,116 @@
+"""What no single request may do to the engine: sampling values at the edge of what the API admits, a
+request whose sampling fails, and output whose detokenization cost grows with its length."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from hotcold.engine import llm as llm_module
+from hotcold.engine.errors import HotcoldError
+from hotcold.engine.llm import LLMEngine
+from hotcold.engine.loader import load_model
+from hotcold.engine.sampling import SamplingParams, sample_token
+from hotcold.engine.sequence import Sequence
+
+LOGITS = torch.tensor([0.5, 3.0, -1.0, 2.9, 0.0])
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-39), SamplingParams(temperature=1e-6, seed=1),
+    SamplingParams(temperature=1.0, top_p=1e-300), SamplingParams(temperature=2.0, min_p=1.0),
+], ids=["temperature-1e-39", "temperature-1e-6", "top_p-1e-300", "min_p-1"])
+def test_edge_values_sample_the_most_likely_token(params):
+    params.validate()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert sample_token(LOGITS.clone(), params, gen, [], [])[0] == 1  # argmax, computed by hand
+
+
+def test_penalties_that_would_overflow_are_refused():
+    for bad in (1e-300, 0.0, 1e300, float("nan")):
+        with pytest.raises(HotcoldError, match="repetition_penalty"):
+            SamplingParams(repetition_penalty=bad).validate()
+    with pytest.raises(HotcoldError, match="logit_bias"):
+        SamplingParams(logit_bias={1: float("inf")}).validate()
+
+
+def test_logit_bias_forces_and_forbids_tokens():
+    gen = torch.Generator().manual_seed(0)
+    forced = SamplingParams(temperature=0, logit_bias={4: 100.0})
+    assert sample_token(LOGITS.clone(), forced, gen, [], [])[0] == 4
+    forbidden = SamplingParams(temperature=1.0, logit_bias={1: -100.0, 3: -100.0})
+    draws = {sample_token(LOGITS.clone(), forbidden, gen, [], [])[0] for _ in range(200)}
+    assert draws and not draws & {1, 3}
+    # logprobs stay the model's own, before the bias
+    with_lp = SamplingParams(temperature=0, logit_bias={4: 100.0}, logprobs=0)
+    _, lp = sample_token(LOGITS.clone(), with_lp, gen, [], [])
+    assert lp.logprob == pytest.approx(LOGITS.log_softmax(-1)[4].item())
+
+
+def test_a_failing_request_fails_alone(tiny_checkpoint, monkeypatch):
+    engine = LLMEngine(load_model(tiny_checkpoint("llama"), dtype="float32"), max_num_seqs=4, max_model_len=64)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = [o.new_token_ids for o in engine.stream([3, 4, 5], params, "alone")]
+    real = llm_module.sample_token
+
+    def poisoned(logits, p, *args):
+        if p.seed == 666:
+            raise RuntimeError("probability tensor contains nan")
+        return real(logits, p, *args)
+
+    monkeypatch.setattr(llm_module, "sample_token", poisoned)
+    engine.add_request("bad", [7, 8, 9], SamplingParams(max_tokens=8, temperature=1.0, seed=666))
+    engine.add_request("good", [3, 4, 5], params)
+    outs: dict[str, list] = {"bad": [], "good": []}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    assert len(outs["bad"]) == 1 and outs["bad"][0].finish_reason == "error" and "nan" in outs["bad"][0].error
+    assert [o.new_token_ids for o in outs["good"]] == alone
+    assert engine.blocks.num_referenced == 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return load_model(tiny_checkpoint("llama"), dtype="float32").tokenizer
+
+
+TEXT = "Grüße aus Köln! 東京は晴れ。 def f(x): return x**2  # 12345 678 — naïve café 🙂 end"
+
+
+def _feed(tokenizer, ids, **params) -> tuple[str, Sequence]:
+    seq = Sequence("s", [1], SamplingParams(max_tokens=len(ids), ignore_eos=True, **params), set())
+    text = ""
+    for t in ids:
+        text += seq.append(t, tokenizer, 10**6)
+        if seq.finish_reason:
+            break
+    return text, seq
+
+
+def test_incremental_text_equals_a_whole_decode(tokenizer):
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    text, seq = _feed(tokenizer, ids)
+    assert text == seq.text == tokenizer.backend.decode(ids)  # the tokenizers library's own whole decode
+
+
+@pytest.mark.parametrize("stop", ["Köln", "晴れ", "x**2", "🙂", " end"])
+def test_stop_strings_are_cut_exactly(tokenizer, stop):
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    whole = tokenizer.backend.decode(ids)
+    text, seq = _feed(tokenizer, ids, stop=[stop, "never there"])
+    assert seq.finish_reason == "stop" and text == whole[: whole.index(stop)]
+
+
+def test_per_token_cost_does_not_grow_with_the_output(tokenizer):
+    ids = tokenizer.encode(TEXT * 60, add_special_tokens=False)[:2000]
+    seq = Sequence("s", [1], SamplingParams(max_tokens=10**6, ignore_eos=True, stop=["zzz"]), set())
+    stamps = []
+    for t in ids:
+        seq.append(t, tokenizer, 10**7)
+        stamps.append(time.perf_counter())
+    first, last = stamps[200] - stamps[0], stamps[-1] - stamps[-201]
+    assert last <= 3 * first + 0.01, f"last 200 tokens {last * 1e3:.1f} ms vs first 200 {first * 1e3:.1f} ms"
