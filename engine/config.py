@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from hotcold.engine.errors import HotcoldError
 
-ACTIVATIONS = ("swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu")
-GATED = {"swiglu", "reglu", "drelu", "geglu"}
-ARCHS = ("llama", "mistral", "qwen2", "opt", "mixtral")
+ACTIVATIONS = ("swiglu", "reglu", "drelu", "geglu", "fatrelu", "relu", "relu2", "gelu")
+GATED = {"swiglu", "reglu", "drelu", "geglu", "fatrelu"}
+ARCHS = ("llama", "mistral", "qwen2", "opt", "mixtral", "sparsellama", "bamboo", "minicpm", "turbosparsemixtral")
+
+# Published activation-sparse families, by model_type (MiniCPM's config has none: by architecture). Their
+# FFN non-linearity is fixed by the architecture, whatever hidden_act says (Bamboo's says "relu" for dReLU).
+# model_type -> (activation, sliding window read, mixture of experts)
+_SPARSE_FAMILIES = {
+    "sparsellama": ("fatrelu", False, False),  # ProSparse-Llama-2: FATReLU(gate) * up
+    "minicpm": ("fatrelu", False, False),  # MiniCPM-S: FATReLU, plus MiniCPM's scalings
+    "bamboo": ("drelu", True, False),  # Bamboo / TurboSparse-Mistral: relu(gate) * relu(up)
+    "turbosparsemixtral": ("drelu", True, True),  # dReLU experts
+}
+_ARCHITECTURE_TYPES = {"MiniCPMForCausalLM": "minicpm"}
 
 # hidden_act -> (activation of a gated FFN, activation of a non-gated FFN)
 _HF_ACT = {
@@ -38,6 +50,7 @@ class ModelConfig:
     head_dim: int
     activation: str = "swiglu"
     gelu_approximate: str = "none"  # "tanh" for gelu_new / gelu_pytorch_tanh
+    activation_threshold: float = 0.0  # FATReLU's t (hidden_act_param): keep the gate where gate >= t
     norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
@@ -52,6 +65,9 @@ class ModelConfig:
     num_experts: int = 0  # 0 = dense FFN
     num_experts_per_tok: int = 2
     pre_norm: bool = True
+    embed_scale: float = 1.0  # MiniCPM: embeddings x scale_emb
+    residual_scale: float = 1.0  # MiniCPM: each residual branch x scale_depth / sqrt(num_layers)
+    logit_divisor: float = 1.0  # MiniCPM: logits of hidden / (hidden_size / dim_model_base)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -93,6 +109,28 @@ def _resolve_activation(hidden_act: str, gated: bool, override: str | None) -> s
     return act
 
 
+def _family_activation(cfg: dict, model_type: str, family_act: str | None) -> str | None:
+    """A sparse family's own non-linearity; a hidden_act its published code would not run that way is refused."""
+    if family_act is None:
+        return None
+    hidden_act = cfg.get("hidden_act", "relu")
+    allowed = ("fatrelu", "relu") if family_act == "fatrelu" else ("relu",)
+    if hidden_act not in allowed:
+        raise HotcoldError(f"{model_type} with hidden_act {hidden_act!r} is not supported (expected "
+                           f"{' or '.join(allowed)}: the architecture runs {family_act})")
+    return family_act
+
+
+def _threshold(cfg: dict, activation: str) -> float:
+    """FATReLU's t from hidden_act_param (0 when absent or hidden_act is plain relu: FATReLU is then ReLU)."""
+    if activation != "fatrelu" or cfg.get("hidden_act") == "relu":
+        return 0.0
+    value = cfg.get("hidden_act_param", 0.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise HotcoldError(f"hidden_act_param must be a finite number (FATReLU's threshold); got {value!r}")
+    return float(value)
+
+
 def _rope(cfg: dict) -> tuple[float, dict | None]:
     """transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`."""
     params = cfg.get("rope_parameters") or {}
@@ -116,13 +154,22 @@ def from_hf_config(cfg: dict, activation: str | None = None) -> ModelConfig:
     return config
 
 
+def _model_type(cfg: dict) -> str:
+    """The family, by model_type (or by architecture where the config has none); anything else is refused in
+    one line naming it, custom code (auto_map) included: hotcold never runs a checkpoint's code."""
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type") or next((_ARCHITECTURE_TYPES[a] for a in archs if a in _ARCHITECTURE_TYPES),
+                                               None)
+    if model_type in ARCHS:
+        return model_type
+    name = ", ".join(map(str, archs)) or "none given"
+    custom = " (custom code in auto_map)" if cfg.get("auto_map") else ""
+    raise HotcoldError(f"unsupported architecture {name} (model_type {model_type!r}){custom}; supported: "
+                       f"{', '.join(ARCHS)}")
+
+
 def _from_hf_config(cfg: dict, activation: str | None) -> ModelConfig:
-    model_type = cfg.get("model_type")
-    if model_type not in ARCHS:
-        archs = cfg.get("architectures") or []
-        raise HotcoldError(
-            f"unsupported architecture {model_type or archs!r} (supported: {', '.join(ARCHS)})"
-        )
+    model_type = _model_type(cfg)
     if model_type == "opt":
         hidden = int(_need(cfg, "hidden_size"))
         if int(cfg.get("word_embed_proj_dim", hidden)) != hidden:
@@ -142,25 +189,34 @@ def _from_hf_config(cfg: dict, activation: str | None) -> ModelConfig:
 
     hidden = int(_need(cfg, "hidden_size"))
     heads = int(_need(cfg, "num_attention_heads"))
+    layers = int(_need(cfg, "num_hidden_layers"))
     theta, scaling = _rope(cfg)
-    window = cfg.get("sliding_window") if model_type in ("mistral", "mixtral") else None
+    family_act, family_window, family_moe = _SPARSE_FAMILIES.get(model_type, (None, False, False))
+    window = cfg.get("sliding_window") if model_type in ("mistral", "mixtral") or family_window else None
     if model_type == "qwen2" and cfg.get("use_sliding_window"):
         window = cfg.get("sliding_window")
+    act = activation or _family_activation(cfg, model_type, family_act) or _resolve_activation(
+        cfg.get("hidden_act", "silu"), True, None)
+    moe = model_type == "mixtral" or family_moe
+    minicpm = model_type == "minicpm"
     return ModelConfig(
         arch=model_type, vocab_size=int(_need(cfg, "vocab_size")), hidden_size=hidden,
         intermediate_size=int(_need(cfg, "intermediate_size")),
-        num_layers=int(_need(cfg, "num_hidden_layers")), num_heads=heads,
+        num_layers=layers, num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(cfg.get("head_dim") or hidden // heads),
-        activation=_resolve_activation(cfg.get("hidden_act", "silu"), True, activation),
+        activation=act, activation_threshold=_threshold(cfg, act),
         norm="rms", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         rope_theta=theta, rope_scaling=scaling,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", minicpm)),  # MiniCPMConfig's default: tied
+        embed_scale=float(cfg.get("scale_emb", 1.0)) if minicpm else 1.0,
+        residual_scale=float(cfg.get("scale_depth", 1.0)) / math.sqrt(layers) if minicpm else 1.0,
+        logit_divisor=hidden / float(cfg.get("dim_model_base", hidden)) if minicpm else 1.0,
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
         o_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_window=int(window) if window else None,
-        num_experts=int(cfg.get("num_local_experts", 0)) if model_type == "mixtral" else 0,
+        num_experts=int(cfg.get("num_local_experts", 0)) if moe else 0,
         num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_list(cfg.get("eos_token_id")),
     ).validate()

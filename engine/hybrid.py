@@ -22,7 +22,7 @@ from torch import nn
 
 from hotcold import kernels
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, linear
+from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, kernel_activation, linear
 from hotcold.engine.plan import LayerPlan, Plan
 from hotcold.kernels import native
 
@@ -88,6 +88,7 @@ class _Side(NeuronRows):
             native.use_huge_pages(self.down_t)
             self.gate_up_bias = None if dense.gate_up_bias is None else dense.gate_up_bias[ids].to(device)
         self.gated, self.activation, self.gelu_approximate = dense.gated, dense.activation, dense.gelu_approximate
+        self.threshold = dense.threshold
         self.ids = ids.to(device)
         self.all_rows = full  # local row == global id: no translation needed
         # the views the kernels take, sliced once (a slice costs microseconds; a small layer's call ~30)
@@ -101,7 +102,7 @@ class HybridFFN(nn.Module):
                  pool: ThreadPoolExecutor | None, counters: FFNCounters):
         super().__init__()
         self.dense, self.layer, self.cfg, self.pool, self.counters = dense, layer, cfg, pool, counters
-        self.activation, self.index = dense.activation, layer.index
+        self.activation, self.index = kernel_activation(dense.activation, "none", dense.threshold), layer.index
         if dense.gelu_approximate != "none":
             raise HotcoldError("the sparse kernels implement exact-erf GELU only (model uses tanh GELU)")
         num = dense.intermediate_size

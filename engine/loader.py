@@ -74,9 +74,15 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return calibrate.default_dtype()
 
 
+_FINGERPRINT_IF_SET = ("activation_threshold", "embed_scale", "residual_scale", "logit_divisor")
+
+
 def model_fingerprint(cfg: ModelConfig, tensors: dict[str, tuple[tuple[int, ...], str]]) -> str:
     """A hash of the model's shape and its checkpoint's tensor names/shapes/dtypes: plans are bound to it."""
     shape = {k: v for k, v in cfg.to_dict().items() if k not in ("eos_token_ids", "bos_token_id")}
+    for key in _FINGERPRINT_IF_SET:  # fields added later: at their defaults, fingerprints stay as they were
+        if shape[key] == ModelConfig.__dataclass_fields__[key].default:
+            del shape[key]
     return compute_fingerprint(shape, tensors)
 
 
@@ -190,13 +196,15 @@ def build_model(cfg: ModelConfig, reader: HFReader | GGUFReader, dtype: torch.dt
                 return QuantFFN(cfg.activation, mats[-1], down, gate=mats[0] if cfg.gated else None,
                                 up_bias=get(f"{prefix}.up.bias", bias),
                                 gate_bias=get(f"{prefix}.gate.bias", bias and cfg.gated),
-                                down_bias=get(f"{prefix}.down.bias", bias), gelu_approximate=cfg.gelu_approximate)
+                                down_bias=get(f"{prefix}.down.bias", bias), gelu_approximate=cfg.gelu_approximate,
+                                threshold=cfg.activation_threshold)
         down = get(f"{prefix}.down.weight")
         return DenseFFN(cfg.activation, get(f"{prefix}.up.weight"), down.t().contiguous(),
                         gate=get(f"{prefix}.gate.weight") if cfg.gated else None,
                         up_bias=get(f"{prefix}.up.bias", bias),
                         gate_bias=get(f"{prefix}.gate.bias", bias and cfg.gated),
-                        down_bias=get(f"{prefix}.down.bias", bias), gelu_approximate=cfg.gelu_approximate)
+                        down_bias=get(f"{prefix}.down.bias", bias), gelu_approximate=cfg.gelu_approximate,
+                        threshold=cfg.activation_threshold)
 
     layers = []
     for i in range(cfg.num_layers):
@@ -209,7 +217,8 @@ def build_model(cfg: ModelConfig, reader: HFReader | GGUFReader, dtype: torch.dt
             mlp = MoEFFN(get(f"{p}.router.weight"), experts, cfg.num_experts_per_tok)
         else:
             mlp = ffn(p)
-        layers.append(Block(norm(f"{p}.attn_norm"), attn, norm(f"{p}.ffn_norm"), mlp, cfg.pre_norm))
+        layers.append(Block(norm(f"{p}.attn_norm"), attn, norm(f"{p}.ffn_norm"), mlp, cfg.pre_norm,
+                            cfg.residual_scale))
     embed = matrix("embed.weight")
     lm_head = None if cfg.tie_word_embeddings else matrix("lm_head.weight", required=False)
     if lm_head is None:

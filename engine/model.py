@@ -18,7 +18,7 @@ from hotcold.engine.cache import KVCache, rows_of
 from hotcold.engine.config import GATED, ModelConfig
 from hotcold.kernels import cpu_sparse, native, quant
 from hotcold.kernels.quant import QuantTensor
-from hotcold.kernels.reference import FUNCTIONS, activation_spec
+from hotcold.kernels.reference import FUNCTIONS, ActivationSpec, apply_fn, with_threshold
 
 Weight = torch.Tensor | QuantTensor
 
@@ -43,28 +43,22 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, norm: Norm
 
 
 def activate(activation: str, up: torch.Tensor, gate: torch.Tensor | None = None,
-             gelu_approximate: str = "none") -> torch.Tensor:
-    """The FFN non-linearity: gated variants combine gate and up, plain ones act on up alone."""
-    if activation == "swiglu":
-        return F.silu(gate) * up
-    if activation == "reglu":
-        return F.relu(gate) * up
-    if activation == "drelu":
-        return F.relu(gate) * F.relu(up)
-    if activation == "geglu":
-        return F.gelu(gate, approximate=gelu_approximate) * up
-    if activation == "relu":
-        return F.relu(up)
-    if activation == "relu2":
-        return F.relu(up).square()
-    if activation == "gelu":
-        return F.gelu(up, approximate=gelu_approximate)
-    raise ValueError(f"unknown activation {activation!r}")
+             gelu_approximate: str = "none", threshold: float = 0.0) -> torch.Tensor:
+    """The FFN non-linearity: gated variants combine gate and up, plain ones act on up alone. The rule of each
+    is the kernels' table (kernels.reference), so the dense and sparse paths cannot disagree."""
+    spec = kernel_activation(activation, gelu_approximate, threshold)
+    h = apply_fn(spec.up_fn, up, spec.threshold)
+    return apply_fn(spec.gate_fn, gate, spec.threshold) * h if spec.gated else h
 
 
-def kernel_activation(activation: str, gelu_approximate: str) -> str:
-    """The kernels' name of the activation (kernels.reference.ACTIVATIONS): tanh GELU has its own."""
-    return activation + ("_tanh" if gelu_approximate == "tanh" and activation in ("gelu", "geglu") else "")
+def kernel_activation(activation: str, gelu_approximate: str, threshold: float = 0.0) -> ActivationSpec:
+    """The kernels' spec of the activation (kernels.reference.ACTIVATIONS): tanh GELU has its own entry, and
+    FATReLU carries its threshold t."""
+    tanh = gelu_approximate == "tanh" and activation in ("gelu", "geglu")
+    try:
+        return with_threshold(activation + ("_tanh" if tanh else ""), threshold)
+    except ValueError:
+        raise ValueError(f"unknown activation {activation!r}") from None
 
 
 def gate_up_bias(gated: bool, up_bias: torch.Tensor | None, gate_bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -80,6 +74,7 @@ class NeuronRows:
 
     activation: str
     gelu_approximate: str
+    threshold: float  # FATReLU's t
     gated: bool
     gate_up: torch.Tensor
     gate_up_bias: torch.Tensor | None
@@ -89,8 +84,9 @@ class NeuronRows:
         if self.gated:
             bias = None if self.gate_up_bias is None else self.gate_up_bias.reshape(-1)
             z = F.linear(x, self.gate_up.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1, 2)
-            return activate(self.activation, z[..., 1], z[..., 0], self.gelu_approximate)
-        return activate(self.activation, F.linear(x, self.gate_up, self.gate_up_bias), None, self.gelu_approximate)
+            return activate(self.activation, z[..., 1], z[..., 0], self.gelu_approximate, self.threshold)
+        return activate(self.activation, F.linear(x, self.gate_up, self.gate_up_bias), None, self.gelu_approximate,
+                        self.threshold)
 
     @property
     def gate(self) -> torch.Tensor | None:
@@ -117,10 +113,11 @@ class DenseFFN(nn.Module, NeuronRows):
 
     def __init__(self, activation: str, up: torch.Tensor, down_t: torch.Tensor, gate: torch.Tensor | None = None,
                  up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
-                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none"):
+                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none", threshold: float = 0.0):
         super().__init__()
         self.activation = activation
         self.gelu_approximate = gelu_approximate
+        self.threshold = threshold
         self.intermediate_size = up.shape[0]
         self.gated = activation in GATED
         self.gate_up = torch.stack([gate, up], dim=1).contiguous() if self.gated else up.contiguous()
@@ -142,7 +139,8 @@ class DenseFFN(nn.Module, NeuronRows):
         once where torch's small-M product reaches half the memory bandwidth (2x: benchmarks/ffn_cpu.py).
         fp32 accumulation; h is rounded to the weights' dtype before the down projection, as torch's is."""
         y = cpu_sparse.gathered_ffn(x, self.up, self.down_t, torch.arange(self.intermediate_size),
-                                    kernel_activation(self.activation, self.gelu_approximate), self.gate,
+                                    kernel_activation(self.activation, self.gelu_approximate, self.threshold),
+                                    self.gate,
                                     self.up_bias, gate_bias=self.gate_bias)
         return (y if self.down_bias is None else y + self.down_bias.float()).to(x.dtype)
 
@@ -153,7 +151,7 @@ class QuantFFN(nn.Module):
 
     def __init__(self, activation: str, up: QuantTensor, down: QuantTensor, gate: QuantTensor | None = None,
                  up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
-                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none"):
+                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none", threshold: float = 0.0):
         super().__init__()
         self.activation, self.gelu_approximate = activation, gelu_approximate
         self.gated = activation in GATED
@@ -162,15 +160,16 @@ class QuantFFN(nn.Module):
         bias = gate_up_bias(self.gated, up_bias, gate_bias)
         self.gate_up_bias = None if bias is None else bias.reshape(-1)  # matches gate_up's interleaved rows
         self.down, self.down_bias = down, down_bias
-        spec = activation_spec(kernel_activation(activation, gelu_approximate))
-        self.codes = (FUNCTIONS[spec.gate_fn], FUNCTIONS[spec.up_fn])
+        spec = kernel_activation(activation, gelu_approximate, threshold)
+        self.codes = (FUNCTIONS[spec.gate_fn], FUNCTIONS[spec.up_fn], spec.threshold)  # as BlockWeights takes them
 
     def forward(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
         """One native call: RMS norm (when given), gate/up product, activation, down product."""
         if norm is not None and norm.kind != "rms":
             x, norm = norm(x), None
         y = quant.ffn(x, self.gate_up, self.down, 2 if self.gated else 1, self.codes[0], self.codes[1],
-                      self.gate_up_bias, None if norm is None else norm.weight, norm.eps if norm else 0.0)
+                      self.gate_up_bias, None if norm is None else norm.weight, norm.eps if norm else 0.0,
+                      threshold=self.codes[2])
         return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)
 
 
@@ -320,20 +319,25 @@ def _mask(start: int, n: int, window: int | None, device: torch.device) -> tuple
 
 
 class Block(nn.Module):
-    def __init__(self, attn_norm: Norm, attn: Attention, ffn_norm: Norm, ffn: nn.Module, pre_norm: bool):
+    def __init__(self, attn_norm: Norm, attn: Attention, ffn_norm: Norm, ffn: nn.Module, pre_norm: bool,
+                 residual_scale: float = 1.0):
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
         self.pre_norm = pre_norm
+        self.residual_scale = residual_scale  # MiniCPM's scale_depth / sqrt(num_layers) on each branch
+
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_scale == 1.0 else y * self.residual_scale
 
     def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
         if self.pre_norm and isinstance(self.ffn, QuantFFN):  # the norms run inside the native calls
-            x = x + self.attn(x, *attn_args, norm=self.attn_norm)
-            return x + self.ffn(x, norm=self.ffn_norm)
+            x = x + self._branch(self.attn(x, *attn_args, norm=self.attn_norm))
+            return x + self._branch(self.ffn(x, norm=self.ffn_norm))
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), *attn_args)
-            return x + self.ffn(self.ffn_norm(x))
-        x = self.attn_norm(x + self.attn(x, *attn_args))
-        return self.ffn_norm(x + self.ffn(x))
+            x = x + self._branch(self.attn(self.attn_norm(x), *attn_args))
+            return x + self._branch(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self._branch(self.attn(x, *attn_args)))
+        return self.ffn_norm(x + self._branch(self.ffn(x)))
 
 
 def native_block(block: Block) -> quant.BlockWeights | None:
@@ -345,6 +349,7 @@ def native_block(block: Block) -> quant.BlockWeights | None:
         return None
     return quant.BlockWeights(n1.weight, n2.weight, n1.eps, attn.wqkv, attn.bqkv, attn.wo, attn.bo, ffn.gate_up,
                               ffn.down, 2 if ffn.gated else 1, ffn.gate_up_bias, ffn.down_bias, *ffn.codes)
+    # (MiniCPM's scalings are not in that kernel: Transformer._native_blocks leaves such models to the per-op path)
 
 
 NATIVE_BLOCKS = True  # quantized pre-norm blocks as one native call each, for steps of any length (tests turn
@@ -377,6 +382,8 @@ class Transformer(nn.Module):
         if getattr(self, "_native_key", None) != key:
             blocks = [native_block(layer) for layer in self.layers]
             cpu = self.device.type == "cpu" and attn_dtype(self.device, self.dtype) == torch.float32
+            cfg = self.config
+            cpu = cpu and cfg.embed_scale == cfg.residual_scale == cfg.logit_divisor == 1.0
             self._native_key, self._native = key, blocks if cpu and all(b is not None for b in blocks) else None
         return self._native
 
@@ -397,6 +404,8 @@ class Transformer(nn.Module):
             input_ids, self.embed)
         if self.pos_embed is not None:
             x = x + F.embedding(positions + 2, self.pos_embed)  # OPT's learned positions start at offset 2
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale  # MiniCPM's scale_emb
         rope = self._rope(positions)
         blocks = self._native_blocks() if cache is not None and NATIVE_BLOCKS else None
         cfg = self.config
@@ -417,7 +426,10 @@ class Transformer(nn.Module):
             # the head in a fixed order per token too, whatever the number of rows
             norm = self.final_norm
             return quant.linear(x, self.lm_head, max_native_tokens=x.shape[0], norm=norm.weight, eps=norm.eps)
-        return linear(self.final_norm(x), self.lm_head).float()
+        x = self.final_norm(x)
+        if self.config.logit_divisor != 1.0:
+            x = x / self.config.logit_divisor  # MiniCPM: hidden / (hidden_size / dim_model_base)
+        return linear(x, self.lm_head).float()
 
     def forward_sequence(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [L, V] for one sequence without a KV cache (profiling, perplexity)."""

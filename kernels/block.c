@@ -11,6 +11,7 @@ typedef struct {
     float *h;
     int64_t I, parts;
     int gate_fn, up_fn;
+    float threshold; /* FATReLU's t */
 } act_t;
 
 static void act_task(void *p, int64_t r0, int64_t r1) { /* rows r of z [B*I, parts] -> h [B*I] */
@@ -18,8 +19,8 @@ static void act_task(void *p, int64_t r0, int64_t r1) { /* rows r of z [B*I, par
     for (int64_t r = r0; r < r1; r++) {
         const float *z = a->z + r * a->parts;
         const float *bias = a->bias ? a->bias + (r % a->I) * a->parts : 0;
-        float u = z[a->parts - 1] + (bias ? bias[a->parts - 1] : 0.0f), v = act(a->up_fn, u);
-        if (a->parts == 2) v *= act(a->gate_fn, z[0] + (bias ? bias[0] : 0.0f));
+        float u = z[a->parts - 1] + (bias ? bias[a->parts - 1] : 0.0f), v = act(a->up_fn, u, a->threshold);
+        if (a->parts == 2) v *= act(a->gate_fn, z[0] + (bias ? bias[0] : 0.0f), a->threshold);
         a->h[r] = v;
     }
 }
@@ -29,12 +30,13 @@ static void act_task(void *p, int64_t r0, int64_t r1) { /* rows r of z [B*I, par
  * scratch: B * (I * parts + I) floats and max(H, I) / 32 * 40 * B bytes, passed as one buffer. */
 int quant_ffn(const uint8_t *Wgu, int type_gu, int64_t rb_gu, const uint8_t *Wd, int type_d, int64_t rb_d,
               int64_t I, int64_t H, int64_t parts, const float *x, int64_t B, const float *norm, float eps,
-              const float *gu_bias, int gate_fn, int up_fn, float *scratch, float *y) {
+              const float *gu_bias, int gate_fn, int up_fn, float *scratch, float *y, float threshold) {
     float *z = scratch, *h = scratch + B * I * parts;
     void *xq = h + B * I;
     int s = quant_dots(Wgu, type_gu, I, rb_gu, H, parts, 0, I, x, B, norm, eps, xq, z);
     if (s) return s;
-    act_t a = {.z = z, .bias = gu_bias, .h = h, .I = I, .parts = parts, .gate_fn = gate_fn, .up_fn = up_fn};
+    act_t a = {.z = z, .bias = gu_bias, .h = h, .I = I, .parts = parts, .gate_fn = gate_fn, .up_fn = up_fn,
+               .threshold = threshold};
     pool_run(act_task, &a, B * I, 64);
     return quant_dots(Wd, type_d, H, rb_d, I, 1, 0, H, h, B, 0, 0.0f, xq, y);
 }
@@ -183,7 +185,7 @@ int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const fl
                 const float *down_bias, int gate_fn, int up_fn, const float *cos, const float *sin,
                 float *k_cache, float *v_cache, const int64_t *tables, const int64_t *seq, const int64_t *pos,
                 int64_t max_blocks, int64_t shift, int64_t n_heads, int64_t n_kv, int64_t D, int64_t window,
-                float *scratch) {
+                float *scratch, float threshold) {
     int64_t qkv_dim = wqkv->rows, I = gate_up->rows / parts, q_size = n_heads * D;
     float *qkv = scratch, *att = qkv + B * qkv_dim, *proj = att + B * q_size, *rest = proj + B * H;
     void *xq = rest;
@@ -204,7 +206,8 @@ int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const fl
     for (int64_t b = 0; b < B; b++)
         for (int64_t j = 0; j < H; j++) x[b * H + j] += proj[b * H + j] + (bo ? bo[j] : 0.0f);
     s = quant_ffn(gate_up->data, (int)gate_up->type, gate_up->row_bytes, down->data, (int)down->type,
-                  down->row_bytes, I, H, parts, x, B, ffn_norm, eps, gu_bias, gate_fn, up_fn, rest, proj);
+                  down->row_bytes, I, H, parts, x, B, ffn_norm, eps, gu_bias, gate_fn, up_fn, rest, proj,
+                  threshold);
     if (s) return s;
     for (int64_t b = 0; b < B; b++)
         for (int64_t j = 0; j < H; j++) x[b * H + j] += proj[b * H + j] + (down_bias ? down_bias[j] : 0.0f);

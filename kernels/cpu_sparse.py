@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import native
-from .reference import FUNCTIONS, activation_spec, apply_fn, check_down, check_gate_up
+from .reference import FUNCTIONS, ActivationSpec, activation_spec, apply_fn, check_down, check_gate_up
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def gathered_gate_up(
     x: torch.Tensor,
     w_up: torch.Tensor,
     idx: torch.Tensor,
-    activation: str,
+    activation: str | ActivationSpec,
     w_gate: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
@@ -80,11 +80,11 @@ def gathered_gate_up(
             g = _gathered_mm(xt, w_gate, idx, _chunk_bytes(w_gate, config)).float().T if spec.gated else None
     if up_bias is not None:
         u = u + up_bias.index_select(0, idx).float()
-    h = apply_fn(spec.up_fn, u)
+    h = apply_fn(spec.up_fn, u, spec.threshold)
     if spec.gated:
         if gate_bias is not None:
             g = g + gate_bias.index_select(0, idx).float()
-        h = apply_fn(spec.gate_fn, g) * h
+        h = apply_fn(spec.gate_fn, g, spec.threshold) * h
     if token_mask is not None:
         h = h.masked_fill(~token_mask, 0.0)
     return h.contiguous()
@@ -95,7 +95,7 @@ def gathered_ffn(
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
     idx: torch.Tensor,
-    activation: str,
+    activation: str | ActivationSpec,
     w_gate: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
@@ -117,7 +117,7 @@ def gathered_ffn(
     fp32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     y = native.gathered_ffn(packed if spec.gated else w_up, 2 if spec.gated else 1, w_down_t, idx,
                             x.to(w_up.dtype).float(), FUNCTIONS[spec.gate_fn] if spec.gated else 0,
-                            FUNCTIONS[spec.up_fn], fp32(up_bias), fp32(gate_bias), token_mask)
+                            FUNCTIONS[spec.up_fn], fp32(up_bias), fp32(gate_bias), token_mask, spec.threshold)
     return y.to(out_dtype)
 
 
@@ -168,7 +168,7 @@ def gathered_down(
 def dense_ffn(
     x: torch.Tensor,
     w_up: torch.Tensor,
-    activation: str,
+    activation: str | ActivationSpec,
     w_gate: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     w_down_t: torch.Tensor | None = None,
@@ -182,9 +182,9 @@ def dense_ffn(
     u = x @ w_up.T
     if up_bias is not None:
         u = u + up_bias
-    h = apply_fn(spec.up_fn, u)
+    h = apply_fn(spec.up_fn, u, spec.threshold)
     if spec.gated:
-        h = apply_fn(spec.gate_fn, x @ w_gate.T) * h
+        h = apply_fn(spec.gate_fn, x @ w_gate.T, spec.threshold) * h
     y = h @ w_down_t
     return y if down_bias is None else y + down_bias
 

@@ -115,6 +115,7 @@ typedef struct {
     const float *x, *up_bias, *gate_bias;
     const uint8_t *mask;
     int gate_fn, up_fn, round_h, bf16;
+    float threshold; /* FATReLU's t */
     float *out, *y;
 } call_t;
 
@@ -171,8 +172,9 @@ static void activate_range(const call_t *c, int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; k++) {
             const float *z = c->out + (b * K + k) * parts;
             int64_t id = c->idx[k];
-            float v = act(c->up_fn, z[parts - 1] + (c->up_bias ? c->up_bias[id] : 0.0f));
-            if (parts == 2) v *= act(c->gate_fn, z[0] + (c->gate_bias ? c->gate_bias[id] : 0.0f));
+            float v = act(c->up_fn, z[parts - 1] + (c->up_bias ? c->up_bias[id] : 0.0f), c->threshold);
+            if (parts == 2)
+                v *= act(c->gate_fn, z[0] + (c->gate_bias ? c->gate_bias[id] : 0.0f), c->threshold);
             if (c->mask && !c->mask[b * K + k]) v = 0.0f;
             h[b * K + k] = c->round_h ? round_bf16(v) : v;
         }
@@ -181,18 +183,20 @@ static void activate_range(const call_t *c, int64_t k0, int64_t k1) {
 /* The whole gathered FFN of a few tokens in one call (no Python between the two products):
  * h[b,k] = gate_fn(g + gate_bias) * up_fn(u + up_bias)  (parts 2)  or  up_fn(u + up_bias)  (parts 1),
  * zero where mask[b,k] == 0, rounded to bf16 when round_h (as the two-call path rounds h to the weights'
- * dtype), then y[b] += sum_k h[b,k] * Wd[idx[k]]. Function codes are kernels.reference.FUNCTIONS.
+ * dtype), then y[b] += sum_k h[b,k] * Wd[idx[k]]. Function codes are kernels.reference.FUNCTIONS
+ * (threshold: FATReLU's t).
  * Biases are fp32 over all n_rows neurons (or NULL); scratch holds B*K*(parts + 1) floats (the dots,
  * then h); y is zeroed. */
 #define FFN(SUFFIX, T, IS_BF16)                                                                            \
 int gathered_ffn_##SUFFIX(const T *Wgu, int64_t n_rows, int64_t stride_gu, int64_t parts, const T *Wd,    \
                           int64_t stride_d, const int64_t *idx, int64_t K, const float *x, int64_t B,      \
                           int64_t H, const float *up_bias, const float *gate_bias, const uint8_t *mask,    \
-                          int gate_fn, int up_fn, int round_h, float *scratch, float *y) {                 \
+                          int gate_fn, int up_fn, int round_h, float *scratch, float *y, float threshold) { \
     if (check_ids(idx, K, n_rows)) return -1;                                                              \
     call_t c = {.W = Wgu, .stride = stride_gu, .parts = parts, .idx = idx, .K = K, .x = x, .B = B, .H = H, \
                 .up_bias = up_bias, .gate_bias = gate_bias, .mask = mask, .gate_fn = gate_fn,              \
-                .up_fn = up_fn, .round_h = round_h, .out = scratch, .y = y, .bf16 = IS_BF16};             \
+                .up_fn = up_fn, .round_h = round_h, .out = scratch, .y = y, .bf16 = IS_BF16,              \
+                .threshold = threshold};                                                                   \
     pool_run(dots_task, &c, K, 8);                                                                         \
     c.out = scratch + B * K * parts; /* h */                                                               \
     c.Wd = Wd; c.stride_d = stride_d; c.Hd = H;                                                            \

@@ -25,14 +25,15 @@ int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, in
                const int64_t *idx, int64_t K, const float *x, int64_t B, const float *norm, float eps, void *xq,
                float *out);
 
-/* The element-wise functions of kernels.reference.FUNCTIONS, by code. */
-static inline float act(int fn, float v) {
+/* The element-wise functions of kernels.reference.FUNCTIONS, by code; t is FATReLU's threshold (code 6). */
+static inline float act(int fn, float v, float t) {
     switch (fn) {
     case 1: return v / (1.0f + expf(-v));
     case 2: return v > 0.0f ? v : 0.0f;
     case 3: return v > 0.0f ? v * v : 0.0f;
     case 4: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
     case 5: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    case 6: return v >= t ? v : 0.0f;
     default: return v;
     }
 }

@@ -49,13 +49,13 @@ _SIGNATURES = {
     **{f"gathered_dots_{s}": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr] for s in ("f32", "bf16")},
     **{f"gathered_axpy_{s}": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr] for s in ("f32", "bf16")},
     **{f"gathered_ffn_{s}": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr,
-                             _int, _int, _int, _ptr, _ptr] for s in ("f32", "bf16")},
+                             _int, _int, _int, _ptr, _ptr, ctypes.c_float] for s in ("f32", "bf16")},
     "quant_dots": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_float, _ptr, _ptr],
     "quant_ffn": [_ptr, _int, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _ptr, _int,
-                  _int, _ptr, _ptr],
+                  _int, _ptr, _ptr, ctypes.c_float],
     "quant_block": [_ptr, _i64, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
                     _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                    _ptr],
+                    _ptr, ctypes.c_float],
     "quant_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr, _i64, _ptr],
     "quant_quantize": [_ptr, _int, _i64, _i64, _ptr],
     "quant_block_bytes": [_int],
@@ -259,11 +259,11 @@ def gathered_axpy(w: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.
 
 def gathered_ffn(w_gate_up: torch.Tensor, parts: int, w_down_t: torch.Tensor, idx: torch.Tensor, x: torch.Tensor,
                  gate_fn: int, up_fn: int, up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
-                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 token_mask: torch.Tensor | None = None, threshold: float = 0.0) -> torch.Tensor:
     """fp32 y [B, H] of the gathered FFN in one native call: rows idx[k] of w_gate_up (`parts` pieces: gate
     then up, or up alone) dotted with x (fp32 [B, H]), biases (fp32 [I]) and activation codes
-    (reference.FUNCTIONS) applied, zero where token_mask is False, h rounded to the weights' dtype, then
-    summed over the rows of w_down_t."""
+    (reference.FUNCTIONS, with FATReLU's `threshold`) applied, zero where token_mask is False, h rounded to
+    the weights' dtype, then summed over the rows of w_down_t."""
     lib = load()
     B, H = x.shape
     K = idx.numel()
@@ -276,7 +276,7 @@ def gathered_ffn(w_gate_up: torch.Tensor, parts: int, w_down_t: torch.Tensor, id
     status = getattr(lib, f"gathered_ffn_{SUFFIX[w_gate_up.dtype]}")(
         w_gate_up.data_ptr(), w_gate_up.shape[0], w_gate_up.stride(0), parts, w_down_t.data_ptr(),
         w_down_t.stride(0), idx.data_ptr(), K, x.data_ptr(), B, H, ptr(up_bias), ptr(gate_bias), ptr(mask),
-        gate_fn, up_fn, int(w_gate_up.dtype != torch.float32), h.data_ptr(), y.data_ptr())
+        gate_fn, up_fn, int(w_gate_up.dtype != torch.float32), h.data_ptr(), y.data_ptr(), threshold)
     _check(status, idx, w_gate_up.shape[0])
     return y
 

@@ -137,9 +137,10 @@ def linear(x: torch.Tensor, w: QuantTensor, max_native_tokens: int | None = None
 
 def ffn(x: torch.Tensor, gate_up: QuantTensor, down: QuantTensor, parts: int, gate_fn: int, up_fn: int,
         gate_up_bias: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
-        max_native_tokens: int | None = None) -> torch.Tensor:
+        max_native_tokens: int | None = None, threshold: float = 0.0) -> torch.Tensor:
     """fp32 y [T, H] = down . act(gate_up . rmsnorm(x)) in one native call: gate and up rows interleaved in
-    gate_up [I * parts, H] (parts 2; 1: up alone), down [H, I]; activation codes kernels.reference.FUNCTIONS;
+    gate_up [I * parts, H] (parts 2; 1: up alone), down [H, I]; activation codes kernels.reference.FUNCTIONS
+    (`threshold`: FATReLU's t);
     gate_up_bias fp32 [I * parts]. Past the calibrated token count, the same through `linear`."""
     from .reference import apply_fn, code_name
 
@@ -147,9 +148,9 @@ def ffn(x: torch.Tensor, gate_up: QuantTensor, down: QuantTensor, parts: int, ga
     if x.shape[0] > (_native_tokens() if max_native_tokens is None else max_native_tokens):
         z = linear(x, gate_up, norm=norm, eps=eps)
         z = (z if gate_up_bias is None else z + gate_up_bias).view(-1, I, parts)
-        h = apply_fn(code_name(up_fn), z[..., -1])
+        h = apply_fn(code_name(up_fn), z[..., -1], threshold)
         if parts == 2:
-            h = apply_fn(code_name(gate_fn), z[..., 0]) * h
+            h = apply_fn(code_name(gate_fn), z[..., 0], threshold) * h
         return linear(h, down)
     lib = _lib()
     x = x.float().contiguous()
@@ -160,7 +161,7 @@ def ffn(x: torch.Tensor, gate_up: QuantTensor, down: QuantTensor, parts: int, ga
     status = lib.quant_ffn(gate_up.data.data_ptr(), NATIVE_TYPES[gate_up.qtype], gate_up.data.shape[1],
                            down.data.data_ptr(), NATIVE_TYPES[down.qtype], down.data.shape[1], I, H, parts,
                            x.data_ptr(), B, ptr(norm), eps, ptr(gate_up_bias), gate_fn, up_fn, scratch.data_ptr(),
-                           y.data_ptr())
+                           y.data_ptr(), threshold)
     _check(status, None, 0)
     return y
 
@@ -192,6 +193,7 @@ class BlockWeights:
     down_bias: torch.Tensor | None
     gate_fn: int
     up_fn: int
+    threshold: float = 0.0  # FATReLU's t
 
     def __post_init__(self) -> None:  # the C reads these as plain fp32 arrays
         for name in ("attn_norm", "ffn_norm", "bqkv", "bo", "gate_up_bias", "down_bias"):
@@ -230,7 +232,8 @@ def block(x: torch.Tensor, w: BlockWeights, rope: tuple[torch.Tensor, torch.Tens
         ctypes.byref(m[1]), ptr(w.bo), ctypes.byref(m[2]), ctypes.byref(m[3]), w.parts, ptr(w.gate_up_bias),
         ptr(w.down_bias), w.gate_fn, w.up_fn, ptr(cos), ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(),
         tables.data_ptr(), token_seq.data_ptr(), positions.data_ptr(), tables.shape[1],
-        block_size.bit_length() - 1, n_heads, n_kv_heads, head_dim, window or 0, scratch.data_ptr())
+        block_size.bit_length() - 1, n_heads, n_kv_heads, head_dim, window or 0, scratch.data_ptr(),
+        w.threshold)
     _check(status, None, 0)
     return x
 

@@ -12,22 +12,26 @@ Numerics, shared by all backends:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-# Element-wise functions, by name. Codes are shared with the Triton kernels (constexpr switch).
-FUNCTIONS = {"identity": 0, "silu": 1, "relu": 2, "relu2": 3, "gelu": 4, "gelu_tanh": 5}
+# Element-wise functions, by name. Codes are shared with the Triton kernels (constexpr switch) and the native
+# ones (native.h act()). "fatrelu" (ProSparse, MiniCPM-S) keeps v where v >= threshold, else 0.
+FUNCTIONS = {"identity": 0, "silu": 1, "relu": 2, "relu2": 3, "gelu": 4, "gelu_tanh": 5, "fatrelu": 6}
 
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    """h = gate_fn(g) * up_fn(u + b) when gated, else up_fn(u + b)."""
+    """h = gate_fn(g) * up_fn(u + b) when gated, else up_fn(u + b); `threshold` is FATReLU's t (the one
+    parameter any function takes: the kernels receive it with the function codes)."""
 
     gated: bool
     gate_fn: str
     up_fn: str
+    threshold: float = 0.0
 
 
 ACTIVATIONS: dict[str, ActivationSpec] = {
@@ -36,6 +40,7 @@ ACTIVATIONS: dict[str, ActivationSpec] = {
     "drelu": ActivationSpec(True, "relu", "relu"),
     "geglu": ActivationSpec(True, "gelu", "identity"),
     "geglu_tanh": ActivationSpec(True, "gelu_tanh", "identity"),
+    "fatrelu": ActivationSpec(True, "fatrelu", "identity"),  # threshold: see with_threshold
     "relu": ActivationSpec(False, "identity", "relu"),
     "relu2": ActivationSpec(False, "identity", "relu2"),
     "gelu": ActivationSpec(False, "identity", "gelu"),
@@ -43,13 +48,18 @@ ACTIVATIONS: dict[str, ActivationSpec] = {
 }
 
 
+def with_threshold(activation: str, threshold: float) -> ActivationSpec:
+    """The spec of a table name with FATReLU's threshold t (ignored by the other functions)."""
+    return dataclasses.replace(activation_spec(activation), threshold=float(threshold))
+
+
 def code_name(code: int) -> str:
     """The FUNCTIONS name of a code."""
     return next(name for name, c in FUNCTIONS.items() if c == code)
 
 
-def apply_fn(name: str, v: torch.Tensor) -> torch.Tensor:
-    """One element-wise function of FUNCTIONS (in the dtype of v)."""
+def apply_fn(name: str, v: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """One element-wise function of FUNCTIONS (in the dtype of v); `threshold` is read by fatrelu only."""
     if name == "identity":
         return v
     if name == "silu":
@@ -62,10 +72,15 @@ def apply_fn(name: str, v: torch.Tensor) -> torch.Tensor:
         return F.gelu(v)
     if name == "gelu_tanh":
         return F.gelu(v, approximate="tanh")
+    if name == "fatrelu":  # >=, as ProSparse's training code
+        return torch.where(v >= threshold, v, torch.zeros((), dtype=v.dtype, device=v.device))
     raise ValueError(f"unknown element-wise function {name!r}")
 
 
-def activation_spec(activation: str) -> ActivationSpec:
+def activation_spec(activation: str | ActivationSpec) -> ActivationSpec:
+    """The spec of a table name; a spec is its own (how a FATReLU threshold reaches the kernels)."""
+    if isinstance(activation, ActivationSpec):
+        return activation
     try:
         return ACTIVATIONS[activation]
     except KeyError:
@@ -76,7 +91,7 @@ def check_gate_up(
     x: torch.Tensor,
     w_up: torch.Tensor,
     idx: torch.Tensor,
-    activation: str,
+    activation: str | ActivationSpec,
     w_gate: torch.Tensor | None,
     up_bias: torch.Tensor | None,
     token_mask: torch.Tensor | None,
@@ -130,7 +145,7 @@ def gathered_gate_up(
     x: torch.Tensor,
     w_up: torch.Tensor,
     idx: torch.Tensor,
-    activation: str,
+    activation: str | ActivationSpec,
     w_gate: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
@@ -144,12 +159,12 @@ def gathered_gate_up(
     u = xw @ w_up[idx].float().T
     if up_bias is not None:
         u = u + up_bias[idx].float()
-    h = apply_fn(spec.up_fn, u)
+    h = apply_fn(spec.up_fn, u, spec.threshold)
     if spec.gated:
         g = xw @ w_gate[idx].float().T
         if gate_bias is not None:
             g = g + gate_bias[idx].float()
-        h = apply_fn(spec.gate_fn, g) * h
+        h = apply_fn(spec.gate_fn, g, spec.threshold) * h
     if token_mask is not None:
         h = torch.where(token_mask, h, torch.zeros((), dtype=h.dtype, device=h.device))
     return h

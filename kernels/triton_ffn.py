@@ -24,15 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import FUNCTIONS, check_down, check_gate_up
+from .reference import FUNCTIONS, ActivationSpec, check_down, check_gate_up
 
 _DOT_MIN_BATCH = 5  # batches at least this large use tl.dot (MMA tiles need >= 16 rows; pad wastes less)
 _GEMV_TILE = 4096  # products per program per loop step on the GEMV path
 
 
 @triton.jit
-def _apply(v, FN: tl.constexpr):
-    # codes: kernels.reference.FUNCTIONS
+def _apply(v, FN: tl.constexpr, threshold):
+    # codes: kernels.reference.FUNCTIONS; threshold: FATReLU's t (code 6)
     if FN == 1:
         v = v * tl.sigmoid(v)
     elif FN == 2:
@@ -44,6 +44,8 @@ def _apply(v, FN: tl.constexpr):
         v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
     elif FN == 5:  # 0.5 v (1 + tanh(z)) = v * sigmoid(2z)
         v = v * tl.sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
+    elif FN == 6:
+        v = tl.where(v >= threshold, v, 0.0)
     return v
 
 
@@ -73,7 +75,7 @@ def _mac_t(acc, a, bt, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(
     x_ptr, wu_ptr, wg_ptr, bias_ptr, gbias_ptr, idx_ptr, mask_ptr, h_ptr,
-    B, K, H, stride_xb, stride_wu, stride_wg, stride_mb, stride_hb,
+    B, K, H, stride_xb, stride_wu, stride_wg, stride_mb, stride_hb, threshold,
     GATED: tl.constexpr, GATE_FN: tl.constexpr, UP_FN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -98,11 +100,11 @@ def _gate_up_kernel(
             acc_g = _mac_t(acc_g, xt, wg, USE_DOT, DOT_F32)
     if HAS_BIAS:
         acc_u += tl.load(bias_ptr + rows, mask=mk, other=0.0).to(tl.float32)[None, :]
-    h = _apply(acc_u, UP_FN)
+    h = _apply(acc_u, UP_FN, threshold)
     if GATED:
         if HAS_GATE_BIAS:
             acc_g += tl.load(gbias_ptr + rows, mask=mk, other=0.0).to(tl.float32)[None, :]
-        h = _apply(acc_g, GATE_FN) * h
+        h = _apply(acc_g, GATE_FN, threshold) * h
     out_mask = mb[:, None] & mk[None, :]
     if HAS_MASK:
         keep = tl.load(mask_ptr + offs_b[:, None] * stride_mb + offs_k[None, :], mask=out_mask, other=0)
@@ -174,7 +176,7 @@ def gathered_gate_up(
     x: torch.Tensor,
     w_up: torch.Tensor,
     idx: torch.Tensor,
-    activation: str,
+    activation: str | ActivationSpec,
     w_gate: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
@@ -204,6 +206,7 @@ def gathered_gate_up(
             x, w_up, w_gate, up_bias if up_bias is not None else w_up,
             gate_bias if gate_bias is not None else w_up, idx, mask, h,
             B, K, H, x.stride(0), w_up.stride(0), w_gate.stride(0), mask.stride(0), h.stride(0),
+            float(spec.threshold),
             GATED=spec.gated, GATE_FN=FUNCTIONS[spec.gate_fn], UP_FN=FUNCTIONS[spec.up_fn],
             HAS_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None, HAS_MASK=token_mask is not None,
             USE_DOT=use_dot,

@@ -24,7 +24,7 @@ def _fraction(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default' (SmolLM2-135M)")
     parser.add_argument("--activation", default=None,
-                        choices=["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"],
+                        choices=["swiglu", "reglu", "drelu", "geglu", "fatrelu", "relu", "relu2", "gelu"],
                         help="override the FFN activation the config declares")
     parser.add_argument("--out", required=True, type=Path, help="the plan folder to write")
     parser.add_argument("--corpus", nargs="+", type=Path, default=None, metavar="FILE",

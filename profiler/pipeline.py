@@ -21,7 +21,7 @@ from hotcold.profiler import collect, placement, predictor, search
 from hotcold.profiler.corpus import Corpus
 from hotcold.profiler.stats import CettSample, LayerSummary
 
-RELU_FAMILY = {"relu", "reglu", "drelu", "relu2"}
+RELU_FAMILY = {"relu", "reglu", "drelu", "relu2", "fatrelu"}
 
 
 @dataclass

@@ -29,6 +29,7 @@ SPECS = {
     "drelu": ("relu", "relu"),
     "geglu": ("gelu", "identity"),
     "geglu_tanh": ("gelu_tanh", "identity"),
+    "fatrelu": ("fatrelu", "identity"),  # threshold 0 here; tests/test_published_archs.py sets one
     "relu": (None, "relu"),
     "relu2": (None, "relu2"),
     "gelu": (None, "gelu"),
@@ -43,6 +44,8 @@ def f64(name: str, v: torch.Tensor) -> torch.Tensor:
         return v / (1.0 + torch.exp(-v))
     if name == "relu":
         return torch.where(v > 0, v, 0.0)
+    if name == "fatrelu":
+        return torch.where(v >= 0, v, 0.0)
     if name == "relu2":
         return torch.where(v > 0, v * v, 0.0)
     if name == "gelu":

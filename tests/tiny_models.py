@@ -195,3 +195,152 @@ def make_bin_checkpoint(src: Path, out_dir: Path, num_shards: int = 1) -> Path:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
     return out_dir
+
+
+# ---- The published activation-sparse checkpoints (issue 12), tiny: config.json written with the keys the real
+# ones carry (architectures, model_type, hidden_act, hidden_act_param, auto_map, MiniCPM's scalings), tensors
+# under their real names, random weights. Built by transformers' Llama / Mistral / Mixtral, whose tensor layout
+# they share; `published_reference` loads them back into those classes with the real activation swapped in.
+
+def _auto_map(module: str, name: str) -> dict[str, str]:
+    return {"AutoConfig": f"configuration_{module}.{name}Config",
+            "AutoModel": f"modeling_{module}.{name}Model",
+            "AutoModelForCausalLM": f"modeling_{module}.{name}ForCausalLM"}
+
+
+_PUBLISHED_SHAPE: dict[str, Any] = dict(
+    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.02,
+    bos_token_id=BOS_ID, eos_token_id=EOS_ID, torch_dtype="bfloat16", use_cache=True, rope_scaling=None,
+)
+
+# kind -> (transformers class family, config.json as published: tiny sizes, the real keys and values)
+PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {
+    "prosparse_llama": ("llama", dict(  # ProSparse-Llama-2-7B
+        _PUBLISHED_SHAPE, architectures=["SparseLlamaForCausalLM"], model_type="sparsellama",
+        auto_map=_auto_map("sparsellama", "SparseLlama"), hidden_act="fatrelu", hidden_act_param=0.01,
+        pretraining_tp=1, tie_word_embeddings=False, transformers_version="4.31.0")),
+    "minicpm_s": ("llama", dict(  # MiniCPM-S-1B: no model_type, tied embeddings by MiniCPMConfig's default
+        _PUBLISHED_SHAPE, architectures=["MiniCPMForCausalLM"], auto_map=_auto_map("minicpm", "MiniCPM"),
+        hidden_act="fatrelu", hidden_act_param=0.03, scale_emb=12, dim_model_base=16, scale_depth=1.4,
+        initializer_range=0.1, transformers_version="4.36.0")),
+    "bamboo": ("mistral", dict(  # Bamboo-7B / TurboSparse-Mistral: dReLU though hidden_act says relu
+        _PUBLISHED_SHAPE, architectures=["BambooForCausalLM"], model_type="bamboo",
+        auto_map=_auto_map("bamboo", "Bamboo"), hidden_act="relu", sliding_window=16, rope_theta=10000.0,
+        attention_dropout=0.0, tie_word_embeddings=False)),
+    "turbosparse_mixtral": ("mixtral", dict(  # TurboSparse-Mixtral-47B: dReLU experts
+        _PUBLISHED_SHAPE, architectures=["TurboSparseMixtralForCausalLM"], model_type="turbosparsemixtral",
+        auto_map=_auto_map("turbosparsemixtral", "TurboSparseMixtral"), hidden_act="relu", num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=None, rope_theta=1000000.0, router_aux_loss_coef=0.02,
+        tie_word_embeddings=False)),
+}
+PREDICTOR_RANK = 8  # TurboSparse ships predictors in the checkpoint: mlp.predictor.fc1 / fc2 (ignored here)
+
+
+def _base_config(family: str, published: dict[str, Any]):
+    """The transformers config of the class whose layout the published checkpoint shares."""
+    from transformers import AutoConfig
+
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id")
+    kwargs = {k: published[k] for k in keys}
+    kwargs.update(hidden_act="relu", pad_token_id=PAD_ID, dtype="float32",
+                  tie_word_embeddings=published.get("tie_word_embeddings", True),
+                  rope_parameters={"rope_type": "default", "rope_theta": float(published.get("rope_theta", 1e4))})
+    if family in ("mistral", "mixtral"):
+        kwargs["sliding_window"] = published.get("sliding_window")
+    if family == "mixtral":
+        kwargs.update(num_local_experts=published["num_local_experts"],
+                      num_experts_per_tok=published["num_experts_per_tok"])
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def make_published_checkpoint(kind: str, out_dir: Path) -> Path:
+    """A tiny `kind` of PUBLISHED. FATReLU models get gate rows scaled so that gate pre-activations have a spread
+    of ~1.5 t (a quarter of them land in [0, t): the threshold matters) and up rows scaled back by as much."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    family, published = PUBLISHED[kind]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(_base_config(family, published), dtype=torch.float32).eval()
+    _randomize(model, torch.Generator().manual_seed(SEED))
+    if published["hidden_act"] == "fatrelu":
+        spread = 1.5 * published["hidden_act_param"]
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.gate_proj.weight.mul_(spread)
+                layer.mlp.up_proj.weight.div_(spread)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "config.json").write_text(json.dumps(published, indent=2))
+    if kind in ("bamboo", "turbosparse_mixtral"):
+        path = out_dir / "model.safetensors"
+        state = load_file(str(path))
+        gen = torch.Generator().manual_seed(SEED + 1)
+        H, I = published["hidden_size"], published["intermediate_size"]
+        mlps = [f"model.layers.{i}.mlp" for i in range(published["num_hidden_layers"])]
+        if kind == "turbosparse_mixtral":
+            mlps = [f"model.layers.{i}.block_sparse_moe.experts.{e}" for i in range(published["num_hidden_layers"])
+                    for e in range(published["num_local_experts"])]
+        for mlp in mlps:
+            state[f"{mlp}.predictor.fc1.weight"] = torch.randn(PREDICTOR_RANK, H, generator=gen)
+            state[f"{mlp}.predictor.fc2.weight"] = torch.randn(I, PREDICTOR_RANK, generator=gen)
+        save_file(state, str(path), metadata={"format": "pt"})
+    _save_tokenizer(out_dir)
+    return out_dir
+
+
+class FATReLU(torch.nn.Module):
+    """ProSparse's activation: the gate where gate >= t, else 0."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.where(g >= self.threshold, g, torch.zeros_like(g))
+
+
+def _drelu_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return mlp.down_proj(torch.relu(mlp.gate_proj(x)) * torch.relu(mlp.up_proj(x)))
+
+
+def _drelu_experts_forward(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' MixtralExperts.forward (eager) with relu(gate) * relu(up) in place of silu(gate) * up."""
+    out = torch.zeros_like(hidden)
+    for e in range(experts.num_experts):
+        pos, tokens = torch.where((top_k_index == e).T)
+        if tokens.numel():
+            gate, up = torch.nn.functional.linear(hidden[tokens], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(torch.relu(gate) * torch.relu(up), experts.down_proj[e])
+            out.index_add_(0, tokens, y * top_k_weights[tokens, pos, None])
+    return out
+
+
+def published_reference(kind: str, path: Path, activation: str | None = None):
+    """The checkpoint in transformers' Llama / Mistral / Mixtral (float32, eager) with the published activation
+    swapped into its MLPs: "fatrelu" (threshold from config.json), "drelu", or `activation` "relu" for plain
+    ReLU(gate) * up. MiniCPM's scalings are not applied here (tests/test_published_archs.py has them)."""
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    family, _ = PUBLISHED[kind]
+    published = json.loads((Path(path) / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), config=_base_config(family, published), dtype=torch.float32, attn_implementation="eager",
+        experts_implementation="eager").eval()
+    act = activation or ("fatrelu" if published["hidden_act"] == "fatrelu" else "drelu")
+    for layer in model.model.layers:
+        if act == "fatrelu":
+            layer.mlp.act_fn = FATReLU(float(published["hidden_act_param"]))
+        elif act == "drelu" and family == "mixtral":
+            layer.mlp.experts.forward = types.MethodType(_drelu_experts_forward, layer.mlp.experts)
+        elif act == "drelu":
+            layer.mlp.forward = types.MethodType(_drelu_mlp_forward, layer.mlp)
+        elif act != "relu":
+            raise ValueError(act)
+    return model
