@@ -76,7 +76,13 @@ class ModelConfig:
         return self.activation in GATED
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields; those added for the sparse families are left out at their defaults, so the fingerprint
+        (loader.model_fingerprint) of every other model stays what it was and its plans stay valid."""
+        out = dataclasses.asdict(self)
+        for key in _OMITTED_AT_DEFAULT:
+            if out[key] == ModelConfig.__dataclass_fields__[key].default:
+                del out[key]
+        return out
 
     def validate(self) -> ModelConfig:
         if self.activation not in ACTIVATIONS:
@@ -84,6 +90,9 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise HotcoldError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         return self
+
+
+_OMITTED_AT_DEFAULT = ("activation_threshold", "embed_scale", "residual_scale", "logit_divisor")
 
 
 def _need(cfg: dict, *keys: str) -> Any:

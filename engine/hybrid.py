@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from hotcold import kernels
+from hotcold.engine.activations import kernel_activation
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, kernel_activation, linear
+from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, linear
 from hotcold.engine.plan import LayerPlan, Plan
 from hotcold.kernels import native
 

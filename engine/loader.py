@@ -74,15 +74,9 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return calibrate.default_dtype()
 
 
-_FINGERPRINT_IF_SET = ("activation_threshold", "embed_scale", "residual_scale", "logit_divisor")
-
-
 def model_fingerprint(cfg: ModelConfig, tensors: dict[str, tuple[tuple[int, ...], str]]) -> str:
     """A hash of the model's shape and its checkpoint's tensor names/shapes/dtypes: plans are bound to it."""
     shape = {k: v for k, v in cfg.to_dict().items() if k not in ("eos_token_ids", "bos_token_id")}
-    for key in _FINGERPRINT_IF_SET:  # fields added later: at their defaults, fingerprints stay as they were
-        if shape[key] == ModelConfig.__dataclass_fields__[key].default:
-            del shape[key]
     return compute_fingerprint(shape, tensors)
 
 

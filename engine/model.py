@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hotcold.engine.activations import activate, gate_up_bias, kernel_activation
 from hotcold.engine.cache import KVCache, rows_of
 from hotcold.engine.config import GATED, ModelConfig
 from hotcold.kernels import cpu_sparse, native, quant
 from hotcold.kernels.quant import QuantTensor
-from hotcold.kernels.reference import FUNCTIONS, ActivationSpec, apply_fn, with_threshold
+from hotcold.kernels.reference import FUNCTIONS
 
 Weight = torch.Tensor | QuantTensor
 
@@ -40,33 +41,6 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, norm: Norm
         y = native.linear(x, w)
         return (y if b is None else y + b.float()).to(x.dtype)
     return F.linear(x, w, b)
-
-
-def activate(activation: str, up: torch.Tensor, gate: torch.Tensor | None = None,
-             gelu_approximate: str = "none", threshold: float = 0.0) -> torch.Tensor:
-    """The FFN non-linearity: gated variants combine gate and up, plain ones act on up alone. The rule of each
-    is the kernels' table (kernels.reference), so the dense and sparse paths cannot disagree."""
-    spec = kernel_activation(activation, gelu_approximate, threshold)
-    h = apply_fn(spec.up_fn, up, spec.threshold)
-    return apply_fn(spec.gate_fn, gate, spec.threshold) * h if spec.gated else h
-
-
-def kernel_activation(activation: str, gelu_approximate: str, threshold: float = 0.0) -> ActivationSpec:
-    """The kernels' spec of the activation (kernels.reference.ACTIVATIONS): tanh GELU has its own entry, and
-    FATReLU carries its threshold t."""
-    tanh = gelu_approximate == "tanh" and activation in ("gelu", "geglu")
-    try:
-        return with_threshold(activation + ("_tanh" if tanh else ""), threshold)
-    except ValueError:
-        raise ValueError(f"unknown activation {activation!r}") from None
-
-
-def gate_up_bias(gated: bool, up_bias: torch.Tensor | None, gate_bias: torch.Tensor | None) -> torch.Tensor | None:
-    """Biases in the gate/up layout: [I, 2] (gate, up) when gated, with zeros for the missing one; else up's."""
-    if not gated or (up_bias is None and gate_bias is None):
-        return up_bias
-    return torch.stack([gate_bias if gate_bias is not None else torch.zeros_like(up_bias),
-                        up_bias if up_bias is not None else torch.zeros_like(gate_bias)], dim=1).contiguous()
 
 
 class NeuronRows:

@@ -81,6 +81,9 @@ def test_configs_map_by_architecture(published):
     # hidden_act alone decides nothing: "relu" is ReGLU for Llama, dReLU for Bamboo; fatrelu needs its family
     llama_relu = dict(PUBLISHED["bamboo"][1], architectures=["LlamaForCausalLM"], model_type="llama")
     assert configs.from_hf_config(llama_relu).activation == "reglu"
+    # the new fields enter the fingerprint only where set: other models' plans stay valid
+    assert "activation_threshold" not in configs.from_hf_config(llama_relu).to_dict()
+    assert configs.from_hf_config(PUBLISHED["prosparse_llama"][1]).to_dict()["activation_threshold"] == 0.01
     with pytest.raises(HotcoldError, match="unsupported activation 'fatrelu'"):
         configs.from_hf_config(dict(PUBLISHED["prosparse_llama"][1], model_type="llama"))
     with pytest.raises(HotcoldError, match="bamboo with hidden_act 'silu'"):
