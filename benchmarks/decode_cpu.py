@@ -106,7 +106,8 @@ def cpu_line() -> str:
 
 
 def time_hotcold(loaded, prompt_ids, long_ids, new_tokens, runs) -> dict:
-    engine = LLMEngine(loaded, max_num_seqs=1, max_model_len=1024)
+    # no prefix cache: every run computes its prompt (the same prompt would be found cached from the 2nd on)
+    engine = LLMEngine(loaded, max_num_seqs=1, max_model_len=1024, enable_prefix_caching=False)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     decode, prefill = [], []
     list(engine.stream(prompt_ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))  # warm-up

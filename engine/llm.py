@@ -10,7 +10,7 @@ import torch
 
 from hotcold.engine.block_manager import BlockManager
 from hotcold.engine.cache import KVCache
-from hotcold.engine.config import ModelConfig
+from hotcold.engine.config import GATED, ModelConfig
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.loader import LoadedModel
 from hotcold.engine.model import StepBatch, attn_dtype
@@ -26,8 +26,8 @@ def attention_scale(cfg: ModelConfig) -> float:
     """Keys of context whose attention costs what one token's pass through the weights costs (the
     scheduler's token-equivalents): per layer, the projections' multiply-adds over attention's per key."""
     qkv_o = cfg.hidden_size * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    ffn = cfg.hidden_size * cfg.intermediate_size * (3 if cfg.activation in ("swiglu", "reglu", "drelu", "geglu")
-                                                     else 2) * max(1, min(cfg.num_experts, cfg.num_experts_per_tok))
+    ffn = cfg.hidden_size * cfg.intermediate_size * (3 if cfg.activation in GATED else 2) * max(
+        1, min(cfg.num_experts, cfg.num_experts_per_tok))
     return (qkv_o + ffn) / (2 * cfg.num_heads * cfg.head_dim)
 
 

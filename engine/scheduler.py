@@ -7,8 +7,9 @@ a cached prompt prefix is reused, not recomputed). Nothing is ever preempted.
 
 The budget is counted in token-equivalents: a token at position p costs 1 + p / attention_scale, because
 its attention reads p keys besides the weights every token reads. While other sequences wait on the step,
-its cost is also capped so that it should take no longer than `max_step_seconds`, judged from the times of
-earlier steps (`StepTimes`): a long prompt then slows the others down, boundedly, instead of stalling them.
+While sequences are decoding, a step's cost is also capped so that it should take no longer than
+`max_step_seconds`, judged from the times of earlier steps (`StepTimes`): a long prompt then slows the
+streams down, boundedly, instead of stalling them (with no stream waiting, prompts go at full speed).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class Scheduler:
         plan = [(s, 1) for s in decodes]
         spent = sum(self.cost(s.num_computed, 1) for s in decodes)
         budget = float(self.max_num_batched_tokens)
-        if len(self.running) > 1 and self.max_step_seconds:
+        if decodes and prefills and self.max_step_seconds:  # someone is streaming: keep its pace
             capped = self.step_times.budget(self.max_step_seconds)
             budget = min(budget, spent + FIRST_CHUNK if capped is None else capped)
         for i, seq in enumerate(prefills):

@@ -1,6 +1,6 @@
 /* The FFN and the whole pre-norm transformer block over quantized matrices, one native call each: the Python
  * and torch dispatch between a block's ~12 small ops cost as much as reading its weights on a small model.
- * The products are kernels/quant.c's (quant_dots); attention and RoPE are plain fp32 C here. */
+ * The products are kernels/quant.c's (quant_dots), attention kernels/attention.c's; RoPE is plain fp32 C here. */
 #include "native.h"
 
 #include <stdlib.h>
@@ -44,105 +44,12 @@ int quant_ffn(const uint8_t *Wgu, int type_gu, int64_t rb_gu, const uint8_t *Wd,
 /* ---- One pre-norm transformer block over quantized weights, for the tokens of one step ----
  * x [B, H] += o . attn(rope(qkv . rmsnorm(x)));  x += ffn(rmsnorm(x)): the Llama-family block, where each
  * token attends to the cached keys of its own sequence up to its own position. All tokens' keys and values
- * are written first, so prefill chunks are causal too. Attention runs in fp32, one (token, head) per work
- * item, scores scaled by 1/sqrt(D), softmax with the maximum subtracted.
+ * are written first, so prefill chunks are causal too. Attention (kernels/attention.c) runs in fp32.
  * The cache is paged (engine/cache.py): [blocks, block_size, n_kv, D], block_size = 1 << shift; token b's
  * sequence has the block table tables[seq[b] * max_blocks ...], so position p lives in cache row
  * (table[p >> shift] << shift) + (p & mask). */
-typedef struct {
-    const float *qkv;
-    float *out, *k_cache, *v_cache;
-    const int64_t *tables, *seq, *pos;
-    int64_t B, n_heads, n_kv, D, max_blocks, shift, window, qkv_dim;
-} attn_t;
-
 static inline size_t cache_row(const int64_t *table, int64_t shift, int64_t p) {
     return ((size_t)table[p >> shift] << shift) + (size_t)(p & ((1 << shift) - 1));
-}
-
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-    int64_t e = 0;
-    if (n % 16 == 0) {
-        v16 acc = {0};
-        for (; e < n; e += 16) {
-            v16 x, y;
-            memcpy(&x, a + e, sizeof x);
-            memcpy(&y, b + e, sizeof y);
-            acc += x * y;
-        }
-        typedef float v8 __attribute__((vector_size(32), aligned(4)));
-        typedef float v4 __attribute__((vector_size(16), aligned(4)));
-        v8 h8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
-        v4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-        s = (h4[0] + h4[2]) + (h4[1] + h4[3]);
-    }
-    for (; e < n; e++) s += a[e] * b[e];
-    return s;
-}
-
-static inline void axpy_f32(float *y, float w, const float *x, int64_t n) {
-    int64_t e = 0;
-    if (n % 16 == 0)
-        for (; e < n; e += 16) {
-            v16 a, b;
-            memcpy(&a, y + e, sizeof a);
-            memcpy(&b, x + e, sizeof b);
-            a += w * b;
-            memcpy(y + e, &a, sizeof a);
-        }
-    for (; e < n; e++) y[e] += w * x[e];
-}
-
-/* One (token, head): attention of q over the keys/values at positions lo..hi-1 (rows of D floats, `stride`
- * floats apart, found through the block table), online softmax over chunks of KCHUNK keys (no allocation,
- * any context length, the same operations whatever else the step holds or however the blocks lie).
- * Inlined with D a constant (64, 128) the accumulator stays in registers. */
-#define KCHUNK 256
-static inline void attend(const float *q, const float *K, const float *Vc, const int64_t *table, int64_t shift,
-                          int64_t stride, int64_t lo, int64_t hi, int64_t D, float scale, float *o) {
-    float s[KCHUNK], acc[D], mx = -INFINITY, sum = 0.0f;
-    for (int64_t e = 0; e < D; e++) acc[e] = 0.0f;
-    for (int64_t j0 = lo; j0 < hi; j0 += KCHUNK) {
-        int64_t jn = hi - j0 < KCHUNK ? hi - j0 : KCHUNK;
-        float cmax = -INFINITY;
-        for (int64_t j = 0; j < jn; j++) {
-            s[j] = dot_f32(q, K + cache_row(table, shift, j0 + j) * stride, D) * scale;
-            cmax = s[j] > cmax ? s[j] : cmax;
-        }
-        if (cmax > mx) { /* rescale what was summed under the old maximum */
-            float r = expf(mx - cmax);
-            sum *= r;
-            for (int64_t e = 0; e < D; e++) acc[e] *= r;
-            mx = cmax;
-        }
-        for (int64_t j = 0; j < jn; j++) {
-            float w = expf(s[j] - mx);
-            sum += w;
-            axpy_f32(acc, w, Vc + cache_row(table, shift, j0 + j) * stride, D);
-        }
-    }
-    for (int64_t e = 0; e < D; e++) o[e] = acc[e] / sum;
-}
-
-static void attn_task(void *p, int64_t i0, int64_t i1) {
-    const attn_t *a = p;
-    int64_t D = a->D, group = a->n_heads / a->n_kv, stride = a->n_kv * D;
-    float scale = 1.0f / sqrtf((float)D);
-    for (int64_t i = i0; i < i1; i++) {
-        int64_t b = i / a->n_heads, h = i % a->n_heads, kvh = h / group, pos = a->pos[b];
-        int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
-        const float *q = a->qkv + b * a->qkv_dim + h * D;
-        const int64_t *table = a->tables + a->seq[b] * a->max_blocks;
-        const float *K = a->k_cache + kvh * D, *Vc = a->v_cache + kvh * D;
-        float *o = a->out + b * a->n_heads * D + h * D;
-        if (D == 64) attend(q, K, Vc, table, a->shift, stride, lo, pos + 1, 64, scale, o);
-        else if (D == 128) attend(q, K, Vc, table, a->shift, stride, lo, pos + 1, 128, scale, o);
-        else attend(q, K, Vc, table, a->shift, stride, lo, pos + 1, D, scale, o);
-    }
 }
 
 /* rope (rotate-half, cos/sin [B, D]) on q and k heads, then k and v into each token's cache row. */
@@ -197,10 +104,8 @@ int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const fl
             for (int64_t j = 0; j < qkv_dim; j++) qkv[b * qkv_dim + j] += bqkv[j];
     rope_and_store(qkv, B, qkv_dim, n_heads, n_kv, D, cos, sin, k_cache, v_cache, tables, seq, pos, max_blocks,
                    shift);
-    attn_t a = {.qkv = qkv, .out = att, .k_cache = k_cache, .v_cache = v_cache, .tables = tables, .seq = seq,
-                .pos = pos, .B = B, .n_heads = n_heads, .n_kv = n_kv, .D = D, .max_blocks = max_blocks,
-                .shift = shift, .window = window, .qkv_dim = qkv_dim};
-    pool_run(attn_task, &a, B * n_heads, 1);
+    paged_attention(qkv, qkv_dim, att, k_cache, v_cache, tables, seq, pos, B, n_heads, n_kv, D, max_blocks, shift,
+                    window);
     s = quant_dots(wo->data, (int)wo->type, H, wo->row_bytes, q_size, 1, 0, H, att, B, 0, 0.0f, xq, proj);
     if (s) return s;
     for (int64_t b = 0; b < B; b++)

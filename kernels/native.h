@@ -1,4 +1,4 @@
-/* Shared by the native CPU kernels (pool.c, gathered.c, quant.c), built into one library by kernels/native.py. */
+/* Shared by the native CPU kernels (pool.c, gathered.c, quant.c, attention.c, block.c), built into one library by kernels/native.py. */
 #ifndef HOTCOLD_NATIVE_H
 #define HOTCOLD_NATIVE_H
 #include <math.h>
@@ -20,6 +20,11 @@ static inline int check_ids(const int64_t *idx, int64_t K, int64_t n_rows) {
         if (idx[k] < 0 || idx[k] >= n_rows) return -1;
     return 0;
 }
+/* kernels/attention.c: causal attention of a step's tokens over the paged KV cache; see there. */
+void paged_attention(const float *qkv, int64_t qkv_dim, float *out, const float *k_cache, const float *v_cache,
+                     const int64_t *tables, const int64_t *seq, const int64_t *pos, int64_t B, int64_t n_heads,
+                     int64_t n_kv, int64_t D, int64_t max_blocks, int64_t shift, int64_t window);
+
 /* kernels/quant.c: out [B, K, parts] = quantized rows . (rmsnorm of) x; see there. */
 int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols, int64_t parts,
                const int64_t *idx, int64_t K, const float *x, int64_t B, const float *norm, float eps, void *xq,

@@ -1,4 +1,4 @@
-"""The native CPU kernels (pool.c, gathered.c, quant.c, block.c): built per machine and ISA level, called by ctypes.
+"""The native CPU kernels (kernels/*.c): built per machine and ISA level, called by ctypes.
 
 Why C at all: torch has no gathered dot product and no product over GGUF's quantized blocks; the C kernels
 stream each row once, over all cores (a thread pool that splits rows or columns; results bitwise the same
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "pool.c", HERE / "gathered.c", HERE / "quant.c", HERE / "block.c"]
+SOURCES = [HERE / "pool.c", HERE / "gathered.c", HERE / "quant.c", HERE / "attention.c", HERE / "block.c"]
 HEADERS = [HERE / "native.h"]
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi"]
 OPENMP = ["-fopenmp"]  # dropped where the compiler has no OpenMP: the kernels then run on the calling thread

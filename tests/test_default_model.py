@@ -106,8 +106,9 @@ def test_gguf_blocks_kept_and_logits_near_transformers(blocks, theirs, default_m
     cfg = blocks.config
     cache = KVCache(cfg.num_layers, 16, cfg.num_kv_heads, 8, cfg.head_dim, torch.float32)
     logits = model(torch.tensor(ids), StepBatch([SCATTERED], [0], [len(ids)]), cache)
-    # int8 activations (per 32 values, as llama.cpp) move the logits by ~2.5% of their scale here
-    assert (logits - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
+    # int8 activations (per 32 values, as llama.cpp), in the head too (its fixed per-token order), move the
+    # logits by ~5% of their scale here (2.5% with a float head)
+    assert (logits - expected).abs().max().item() <= 0.065 * expected.abs().max().item()
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
 
 
