@@ -22,7 +22,21 @@ def _sentence(rng: random.Random, n: int) -> str:
 
 
 async def _turn(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    """One streamed turn; a connection the server closed before answering (a kept-alive socket it timed out
+    as the request went out) is retried, at most twice, and counted."""
+    for attempt in range(3):
+        try:
+            return {**await _turn_once(client, url, model, messages, max_tokens), "retries": attempt}
+        except httpx.RemoteProtocolError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _turn_once(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
+    # ignore_eos (hotcold, vLLM and llama-server all take it): every answer is max_tokens long on every server
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     t0 = time.perf_counter()
     ttft, text, chunks = None, "", 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
@@ -75,7 +89,7 @@ def chat_load(url: str, model: str, seed: int, conversations: int = 4, turns: in
                                          max_tokens))
     first = [r["ttft"] * 1e3 for r in records if r["turn"] == 1]
     later = [r["ttft"] * 1e3 for r in records if r["turn"] > 1]
-    return {"requests": len(records), "duration_s": duration,
+    return {"requests": len(records), "retries": sum(r["retries"] for r in records), "duration_s": duration,
             "output_throughput": sum(r["chunks"] for r in records) / duration,
             "ttft_first_turn_ms": {"median": statistics.median(first), "p99": _pct(first, 0.99)},
             "ttft_later_turns_ms": {"median": statistics.median(later), "p99": _pct(later, 0.99)}}

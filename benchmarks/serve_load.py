@@ -155,7 +155,8 @@ def print_chat(rows: list[dict], peer: dict, args: argparse.Namespace) -> None:
         ratio = f"{r['output_throughput'] / peer[r['concurrency']]:6.2f}x" if r["concurrency"] in peer else "      -"
         a, b = r["ttft_first_turn_ms"], r["ttft_later_turns_ms"]
         print(f"{r['server']:16s} {r['concurrency']:5d} {r['requests']:4d} {r['output_throughput']:10.1f} {ratio} "
-              f"{a['median']:16.0f} {a['p99']:7.0f} {b['median']:18.0f} {b['p99']:7.0f}")
+              f"{a['median']:16.0f} {a['p99']:7.0f} {b['median']:18.0f} {b['p99']:7.0f}"
+              + (f"  ({r['retries']} retried)" if r["retries"] else ""))
 
 
 def write(rows: list[dict], args: argparse.Namespace, machine: str) -> None:

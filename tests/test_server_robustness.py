@@ -186,3 +186,20 @@ def test_disconnect_storm_leaves_no_blocks_referenced(srv):
     assert m["hotcold:num_requests_running"] == m["hotcold:num_requests_waiting"] == 0
     assert m["hotcold:kv_cache_usage_perc"] == 0  # no block is referenced any more
     assert _post(srv, {"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_a_request_without_sampling_fields_gets_the_model_defaults(srv):
+    ask = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+           "max_tokens": 16, "seed": 11}
+
+    def answer(extra: dict) -> str:
+        return _post(srv, {**ask, **extra}, "/v1/chat/completions").json()["choices"][0]["message"]["content"]
+
+    unset = answer({})
+    assert "Paris" in unset
+    differs_from_openai_default = False
+    for seed in range(6):
+        mine = answer({"seed": seed})
+        assert mine == answer({"seed": seed, "temperature": 0.2, "top_p": 0.9})  # the model card's settings
+        differs_from_openai_default |= mine != answer({"seed": seed, "temperature": 1.0, "top_p": 1.0})
+    assert differs_from_openai_default
