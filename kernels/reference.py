@@ -97,7 +97,9 @@ def check_gate_up(
     token_mask: torch.Tensor | None,
     gate_bias: torch.Tensor | None = None,
 ) -> ActivationSpec:
-    """Validate the arguments of gathered_gate_up (shapes and dtypes only: no device sync)."""
+    """Validate the arguments of gathered_gate_up (shapes and dtypes only: no device sync). Weights and biases
+    may be strided views (the executor passes gate_up[:, 0] / gate_up_bias[:, 1], stride 2): every backend
+    must index them through their strides."""
     spec = activation_spec(activation)
     if x.dim() != 2 or w_up.dim() != 2 or x.shape[1] != w_up.shape[1]:
         raise ValueError(f"x must be [B,H] and w_up [I,H]; got {tuple(x.shape)} and {tuple(w_up.shape)}")
@@ -108,8 +110,8 @@ def check_gate_up(
     elif w_gate is not None:
         raise ValueError(f"activation {activation!r} is not gated: pass w_gate=None")
     for name, bias in (("up_bias", up_bias), ("gate_bias", gate_bias)):
-        if bias is not None and bias.shape != (w_up.shape[0],):
-            raise ValueError(f"{name} must be [I]={w_up.shape[0]}; got {tuple(bias.shape)}")
+        if bias is not None and (bias.shape != (w_up.shape[0],) or not bias.is_floating_point()):
+            raise ValueError(f"{name} must be a float [I]={w_up.shape[0]}; got {bias.dtype} {tuple(bias.shape)}")
     if gate_bias is not None and not spec.gated:
         raise ValueError(f"activation {activation!r} is not gated: pass gate_bias=None")
     if token_mask is not None and (

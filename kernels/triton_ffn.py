@@ -75,7 +75,7 @@ def _mac_t(acc, a, bt, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(
     x_ptr, wu_ptr, wg_ptr, bias_ptr, gbias_ptr, idx_ptr, mask_ptr, h_ptr,
-    B, K, H, stride_xb, stride_wu, stride_wg, stride_mb, stride_hb, threshold,
+    B, K, H, stride_xb, stride_wu, stride_wg, stride_bu, stride_bg, stride_mb, stride_hb, threshold,
     GATED: tl.constexpr, GATE_FN: tl.constexpr, UP_FN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -99,11 +99,11 @@ def _gate_up_kernel(
             wg = tl.load(wg_ptr + rows[:, None] * stride_wg + offs_h[None, :], mask=wmask, other=0.0)
             acc_g = _mac_t(acc_g, xt, wg, USE_DOT, DOT_F32)
     if HAS_BIAS:
-        acc_u += tl.load(bias_ptr + rows, mask=mk, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bias_ptr + rows * stride_bu, mask=mk, other=0.0).to(tl.float32)[None, :]
     h = _apply(acc_u, UP_FN, threshold)
     if GATED:
         if HAS_GATE_BIAS:
-            acc_g += tl.load(gbias_ptr + rows, mask=mk, other=0.0).to(tl.float32)[None, :]
+            acc_g += tl.load(gbias_ptr + rows * stride_bg, mask=mk, other=0.0).to(tl.float32)[None, :]
         h = _apply(acc_g, GATE_FN, threshold) * h
     out_mask = mb[:, None] & mk[None, :]
     if HAS_MASK:
@@ -200,12 +200,17 @@ def gathered_gate_up(
     # GEMV: ~4096 products per program per step (8 KB of bf16 rows in flight), within register budget
     block_h = block_h or (64 if use_dot else min(1024, max(32, _GEMV_TILE // (block_b * block_k))))
     mask = token_mask.contiguous().view(torch.uint8) if token_mask is not None else h
+    # biases are read through their stride: the executor passes the interleaved views gate_up_bias[:, 1] and
+    # [:, 0] (stride 2), and copying them per call would cost a launch per layer per step
+    stride_bu = up_bias.stride(0) if up_bias is not None else 0
+    stride_bg = gate_bias.stride(0) if gate_bias is not None else 0
     grid = (triton.cdiv(K, block_k), triton.cdiv(B, block_b))
     with _on(x.device):
         _gate_up_kernel[grid](
             x, w_up, w_gate, up_bias if up_bias is not None else w_up,
             gate_bias if gate_bias is not None else w_up, idx, mask, h,
-            B, K, H, x.stride(0), w_up.stride(0), w_gate.stride(0), mask.stride(0), h.stride(0),
+            B, K, H, x.stride(0), w_up.stride(0), w_gate.stride(0), stride_bu, stride_bg, mask.stride(0),
+            h.stride(0),
             float(spec.threshold),
             GATED=spec.gated, GATE_FN=FUNCTIONS[spec.gate_fn], UP_FN=FUNCTIONS[spec.up_fn],
             HAS_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None, HAS_MASK=token_mask is not None,
