@@ -13,7 +13,6 @@ there (benchmarks/ffn_cpu.py measures the crossover). With no CUDA device the "G
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -23,8 +22,9 @@ from torch import nn
 from hotcold import kernels
 from hotcold.engine.activations import kernel_activation
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import DenseFFN, NeuronRows, Transformer, linear
+from hotcold.engine.model import DenseFFN, NeuronRows, Transformer
 from hotcold.engine.plan import LayerPlan, Plan
+from hotcold.engine.sparsity import plan_predictor
 from hotcold.kernels import native
 
 MODES = ("off", "oracle", "predictor")
@@ -127,14 +127,9 @@ class HybridFFN(nn.Module):
         self.norms = dense.down_t.float().norm(dim=1).to(gpu)  # ||down_t[i]||: oracle magnitudes
         self._pinned: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # CUDA only: staging buffers
         self._copied: dict[torch.dtype, torch.cuda.Event] = {}
-        self.predictor = None
-        if cfg.mode == "predictor":
-            if layer.predictor is None:
-                raise HotcoldError(f"the plan has no predictor for layer {layer.index}: use --sparsity oracle")
-            w = layer.predictor.weights
-            self.predictor = {k: w[k].to(gpu, torch.float32) for k in ("w1", "b1", "w2", "b2")}
-            tau = min(max(layer.predictor.tau, 1e-6), 1 - 1e-6)
-            self.logit_cut = math.log(tau / (1 - tau))
+        self.predictor, self.rule = None, {}
+        if cfg.mode == "predictor":  # the rule MaskedFFN and the profiler's evaluation use (engine.sparsity)
+            self.predictor, self.rule = plan_predictor(layer, cfg.strategy, gpu)
 
     def _dense_h(self, side: _Side, x: torch.Tensor) -> torch.Tensor:
         """fp32 activations of all of a side's rows (one GEMM), in the side's local order."""
@@ -148,13 +143,7 @@ class HybridFFN(nn.Module):
                 if side.num:
                     h[:, side.ids.to(x.device)] = self._dense_h(side, x).to(x.device)
             return (h.abs() * self.norms) > self.layer.threshold, h
-        p = self.predictor
-        logits = linear(torch.relu(linear(x.float(), p["w1"], p["b1"])), p["w2"], p["b2"])
-        if self.cfg.strategy == "topk":
-            k = max(1, min(self.layer.predictor.top_k, logits.shape[1]))
-            mask = torch.zeros_like(logits, dtype=torch.bool)
-            return mask.scatter_(1, logits.topk(k, dim=1).indices, True), None
-        return logits >= self.logit_cut, None
+        return self.predictor.predict(x, **self.rule), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.mode == "off":

@@ -57,9 +57,22 @@ class LowRankPredictor(nn.Module):
     def num_params(hidden: int, rank: int, intermediate: int) -> int:
         return rank * (hidden + 1) + intermediate * (rank + 1)
 
+    @torch.no_grad()
+    def predict(self, x: Tensor, tau: float | None = None, top_k: int | None = None) -> Tensor:
+        """The active mask of inputs x [..., H] under one decision rule (see predicted_mask): what the
+        executor runs and what the profiler's evaluation and MaskedFFN measure, so the two cannot drift."""
+        return predicted_mask(self(x.to(self.fc1.weight.dtype)), tau, top_k)
+
 
 def predicted_mask(logits: Tensor, tau: float | None = None, top_k: int | None = None) -> Tensor:
-    """Neurons a predictor calls active: sigmoid(logit) >= tau, or the top_k logits of each token."""
+    """Neurons a predictor calls active: sigmoid(logit) >= tau, or the top_k logits of each token.
+
+    The one decision rule of the project (profiler evaluation, MaskedFFN, hybrid executor). tau is compared
+    as a probability, not as a logit cut log(tau/(1-tau)): the profiler tunes tau as one of these fp32
+    sigmoid values, so the same comparison reproduces the tuned recall exactly (a logit cut can flip the
+    boundary neurons by rounding, and tau = 1.0, tuned on a layer never active, has no finite logit).
+    top_k is clamped to [0, I]: k = 0 is what tune_top_k returns for a layer never active on the
+    validation tokens, and the plan's quality was measured with no neuron computed there."""
     if top_k is not None:
         k = max(0, min(int(top_k), logits.shape[-1]))
         mask = torch.zeros_like(logits, dtype=torch.bool)
@@ -97,8 +110,7 @@ class MaskedFFN(nn.Module):
 
     def mask(self, x: Tensor, h: Tensor) -> Tensor:
         if self.predictor is not None:
-            logits = self.predictor(x.to(self.predictor.fc1.weight.dtype))
-            return predicted_mask(logits, self.tau, self.top_k)
+            return self.predictor.predict(x, self.tau, self.top_k)
         return h.float().abs() * self.down_norm > self.threshold
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,16 +130,21 @@ def masked_ffn_for(ffn: nn.Module, layer: LayerPlan, mode: str, strategy: str = 
         raise HotcoldError(f"unknown sparsity mode {mode!r} (choose from {', '.join(MODES)})")
     if mode == "oracle":
         return MaskedFFN(ffn, threshold=layer.threshold)
+    pred, rule = plan_predictor(layer, strategy, ffn.down_t.device)
+    return MaskedFFN(ffn, predictor=pred, **rule)
+
+
+def plan_predictor(layer: LayerPlan, strategy: str, device: torch.device | str) -> tuple[LowRankPredictor, dict]:
+    """A plan layer's predictor on `device` and its decision rule as predict() keywords ({"tau": t} or
+    {"top_k": k}): the one way the engine's MaskedFFN and the hybrid executor read a plan's predictor."""
     if layer.predictor is None or not layer.predictor.weights:
         raise HotcoldError(f"the plan has no predictor for layer {layer.index}; use --sparsity oracle")
     if strategy not in STRATEGIES:
         raise HotcoldError(f"unknown predictor strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
-    pred = LowRankPredictor.from_weights(layer.predictor.weights)
-    down = ffn.down_t
-    pred = pred.to(device=down.device)
-    if strategy == "topk":
-        return MaskedFFN(ffn, predictor=pred, top_k=layer.predictor.top_k)
-    return MaskedFFN(ffn, predictor=pred, tau=layer.predictor.tau)
+    pred = LowRankPredictor.from_weights(layer.predictor.weights).to(device=device)
+    pred.requires_grad_(False)
+    rule = {"top_k": layer.predictor.top_k} if strategy == "topk" else {"tau": layer.predictor.tau}
+    return pred, rule
 
 
 def apply_plan(model: nn.Module, plan: Plan, mode: str = "oracle", strategy: str = "threshold") -> list[nn.Module]:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.model import StepBatch
-from hotcold.engine.sparsity import MaskedFFN, measured_sparsity
+from hotcold.engine.sparsity import MaskedFFN, measured_sparsity, predicted_mask
 from hotcold.profiler.predictor import magnitude_codes
 from hotcold.profiler.stats import LayerCounter
 
@@ -177,13 +177,10 @@ class PredictorProbe(MaskedFFN):
         self.counts = torch.zeros(6, dtype=torch.float64)  # pos, tp_tau, pred_tau, tp_topk, pred_topk, n
 
     def mask(self, x: Tensor, h: Tensor) -> Tensor:
-        logits = self.predictor(x.to(self.predictor.fc1.weight.dtype))
         oracle = h.float().abs() * self.down_norm > self.oracle_threshold
-        m = torch.sigmoid(logits) >= self.tau
-        k = max(0, min(self.k, logits.shape[-1]))
-        topk = torch.zeros_like(m)
-        if k:
-            topk.scatter_(-1, logits.topk(k, dim=-1).indices, True)
+        logits = self.predictor(x.to(self.predictor.fc1.weight.dtype))  # once for both rules:
+        m = predicted_mask(logits, tau=self.tau)  # the executor's rule (LowRankPredictor.predict)
+        topk = predicted_mask(logits, top_k=self.k)
         self.counts += torch.tensor([oracle.sum(), (m & oracle).sum(), m.sum(), (topk & oracle).sum(),
                                      topk.sum(), m.numel()], dtype=torch.float64)
         return m

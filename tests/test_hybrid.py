@@ -1,7 +1,9 @@
 """The hybrid executor: exact on ReLU-family models for any hot/cold split, predictor masks honoured,
-batch invariance, and no races between the GPU side and the CPU workers."""
+batch invariance, and the two sides running at once without interfering."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -105,19 +107,46 @@ def test_predictor_mask_is_what_gets_computed(kind, tiny_checkpoint):
     assert not torch.allclose(got, dense)  # the mask really changed something
 
 
-def test_no_races_with_cpu_workers(tiny_checkpoint):
-    path = tiny_checkpoint("relu_llama")
-    loaded = load_model(path, dtype="float32")
+def keep_only_f64(dense, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A gated (SiLU) FFN with biases, only the `keep` neurons, in float64 from the model's weights."""
+    gu, b = dense.gate_up.double(), dense.gate_up_bias.double()
+    xd = x.double()
+    g, u = xd @ gu[:, 0].T + b[:, 0], xd @ gu[:, 1].T + b[:, 1]
+    return (g / (1.0 + torch.exp(-g)) * u * keep) @ dense.down_t.double() + dense.down_bias.double()
+
+
+def test_two_cpu_sides_run_at_once(tiny_checkpoint):
+    """Hot side (this thread) and cold side (a worker) on the CPU really run at the same time, on the shared
+    input, mask and id tables: each side waits at a two-party barrier before computing, so a call that does
+    not overlap the two sides breaks the barrier (times out) and fails; every result is the float64 one."""
+    loaded = load_model(tiny_checkpoint("llama_untied_bias"), dtype="float32")
     cfg = loaded.config
-    gen = torch.Generator().manual_seed(2)
-    weights = {"w1": torch.randn(8, cfg.hidden_size, generator=gen), "b1": torch.zeros(8),
-               "w2": torch.randn(cfg.intermediate_size, 8, generator=gen), "b2": torch.zeros(cfg.intermediate_size)}
-    apply_hybrid(loaded.model, make_plan(loaded, "random", predictor=weights), HybridConfig(mode="predictor"),
-                 loaded.fingerprint, workers=2)
-    engine = LLMEngine(loaded, max_num_seqs=2, max_model_len=64)
-    params = SamplingParams(max_tokens=12, temperature=0.8, seed=11, ignore_eos=True)
-    runs = {tuple(engine.generate([[3, 4, 5, 6]], params)[0].output_ids) for _ in range(20)}
-    assert len(runs) == 1
+    n = cfg.intermediate_size
+    keep = torch.rand(n, generator=torch.Generator().manual_seed(2)) < 0.4
+    weights = {"w1": torch.zeros(4, cfg.hidden_size), "b1": torch.zeros(4), "w2": torch.zeros(n, 4),
+               "b2": torch.where(keep, 5.0, -5.0)}
+    apply_hybrid(loaded.model, make_plan(loaded, "random", seed=4, predictor=weights),
+                 HybridConfig(mode="predictor"), loaded.fingerprint, gpu_device="cpu", workers=2)
+    layer = loaded.model.layers[0].ffn
+    hot = torch.zeros(n, dtype=torch.bool)
+    hot[layer.hot.ids] = True
+    assert (keep & hot).any() and (keep & ~hot).any()  # both sides have work on every call
+    barrier, threads = threading.Barrier(2, timeout=20), set()
+    side = layer._side
+
+    def at_once(*args):
+        threads.add(threading.get_ident())
+        barrier.wait()  # the other side must be running now
+        return side(*args)
+
+    layer._side = at_once
+    gen = torch.Generator().manual_seed(3)
+    for step in range(30):
+        x = torch.randn(1 + step % 4, cfg.hidden_size, generator=gen)
+        got = layer(x)
+        want = keep_only_f64(layer.dense, keep, x)
+        assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert len(threads) == 2 and not barrier.broken
 
 
 def test_plan_for_another_model_is_refused(tiny_checkpoint):
@@ -157,3 +186,47 @@ def test_hybrid_on_cuda_is_exact(kind, activation, tiny_checkpoint):
     for ids in (IDS, IDS[:1], IDS[:5]):
         got = loaded.model.forward_sequence(ids).cpu()
         assert (got - dense[: len(ids)]).abs().max().item() <= 1e-4 * dense.abs().max().item()
+
+
+@pytest.mark.parametrize("strategy,value", [("threshold", 0.3), ("threshold", 0.9), ("topk", 7), ("topk", 0),
+                                            ("topk", 10**6)])
+def test_one_predictor_rule_everywhere(strategy, value, tiny_checkpoint):
+    """The executor, MaskedFFN and the profiler's evaluation probe decide the same neurons as a float64
+    brute force of the rule (sigmoid(logit) >= tau; the k largest logits, k clamped to [0, I])."""
+    from hotcold.engine.sparsity import masked_ffn_for
+    from hotcold.profiler.collect import PredictorProbe
+
+    loaded = load_model(tiny_checkpoint("llama_untied_bias"), dtype="float32")
+    cfg = loaded.config
+    n = cfg.intermediate_size
+    gen = torch.Generator().manual_seed(8)
+    w = {"w1": torch.randn(6, cfg.hidden_size, generator=gen), "b1": torch.randn(6, generator=gen),
+         "w2": torch.randn(n, 6, generator=gen), "b2": torch.randn(n, generator=gen)}
+    plan = make_plan(loaded, "random", predictor=w)
+    for lp in plan.layers:
+        lp.predictor.tau, lp.predictor.top_k = (value, 3) if strategy == "threshold" else (0.5, value)
+    x = torch.randn(5, cfg.hidden_size, generator=gen)
+    logits = torch.relu(x.double() @ w["w1"].double().T + w["b1"].double()) @ w["w2"].double().T + w["b2"].double()
+    if strategy == "threshold":
+        want = torch.sigmoid(logits) >= value
+    else:
+        k = min(value, n)
+        want = torch.zeros(5, n, dtype=torch.bool)
+        for t in range(5):
+            want[t, sorted(range(n), key=lambda i: -logits[t, i].item())[:k]] = True
+    dense = loaded.model.layers[0].ffn
+    masked = masked_ffn_for(dense, plan.layers[0], "predictor", strategy)
+    h = dense.activations(x)
+    assert torch.equal(masked.mask(x, h), want)
+    probe = PredictorProbe(dense, 0.0, masked.predictor, plan.layers[0].predictor.tau, plan.layers[0].predictor.top_k)
+    tau_mask = probe.mask(x, h)
+    if strategy == "threshold":
+        assert torch.equal(tau_mask, want)
+    else:
+        assert probe.counts[4].item() == want.sum().item()  # the top-k decisions it scored
+    apply_hybrid(loaded.model, plan, HybridConfig(mode="predictor", strategy=strategy), loaded.fingerprint,
+                 gpu_device="cpu")
+    layer = loaded.model.layers[0].ffn
+    assert torch.equal(layer.active_mask(x)[0], want)
+    if strategy == "topk" and value == 0:  # nothing computed: the down bias alone, as the plan was measured
+        assert torch.equal(layer(x), dense.down_bias.expand(5, -1))
