@@ -114,3 +114,43 @@ def test_per_token_cost_does_not_grow_with_the_output(tokenizer):
         stamps.append(time.perf_counter())
     first, last = stamps[200] - stamps[0], stamps[-1] - stamps[-201]
     assert last <= 3 * first + 0.01, f"last 200 tokens {last * 1e3:.1f} ms vs first 200 {first * 1e3:.1f} ms"
+
+
+def test_a_forward_failure_fails_its_step_and_the_engine_goes_on(tiny_checkpoint):
+    """An exception in the model itself ends that step's requests with an error (not a hang), frees their
+    blocks, and the next request is served as if nothing happened."""
+    import asyncio
+
+    from hotcold.server.async_engine import AsyncEngine, Backend
+
+    loaded = load_model(tiny_checkpoint("llama"), dtype="float32")
+    engine = LLMEngine(loaded, max_num_seqs=4, max_model_len=64)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [o.new_token_ids for o in engine.stream([3, 4, 5], params, "ref")]
+    real, calls = loaded.model.forward, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom in the forward pass")
+        return real(*args, **kwargs)
+
+    loaded.model.forward = flaky
+
+    async def serve() -> list:
+        front = AsyncEngine(lambda: Backend(engine=engine, tokenizer=loaded.tokenizer), max_in_flight=8)
+        front.start(asyncio.get_running_loop())
+        while not front.ready:
+            await asyncio.sleep(0.01)
+        try:
+            group = await front.submit([("a", [3, 4, 5], params), ("b", [6, 7], params)])
+            with pytest.raises(RuntimeError, match="boom"):
+                async for _ in group.outputs():
+                    pass
+            again = await front.submit([("c", [3, 4, 5], params)])
+            return [o.new_token_ids async for o in again.outputs()]
+        finally:
+            front.shutdown()
+
+    assert asyncio.run(serve()) == expected
+    assert calls["n"] > 3 and engine.blocks.num_referenced == 0 and not engine.has_unfinished()
