@@ -24,7 +24,7 @@ from hotcold.engine.activations import kernel_activation
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.model import DenseFFN, NeuronRows, Transformer
 from hotcold.engine.plan import LayerPlan, Plan
-from hotcold.engine.sparsity import plan_predictor
+from hotcold.engine.sparsity import plan_predictor, predictor_input
 from hotcold.kernels import native
 
 MODES = ("off", "oracle", "predictor")
@@ -135,7 +135,13 @@ class HybridFFN(nn.Module):
         """fp32 activations of all of a side's rows (one GEMM), in the side's local order."""
         return side.activations(x.to(side.device, side.gate_up.dtype)).float()
 
-    def active_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @property
+    def wants_residual(self) -> bool:
+        """True when the plan's predictor reads the residual before the FFN norm (Block then passes it)."""
+        return self.predictor is not None and self.predictor.input == "residual"
+
+    def active_mask(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[T, I] bool of the neurons each token needs; in oracle mode also the dense activations."""
         if self.cfg.mode == "oracle":  # the true activations, each side over its rows, in global order
             h = torch.empty(x.shape[0], self.dense.intermediate_size, dtype=torch.float32, device=x.device)
@@ -143,12 +149,12 @@ class HybridFFN(nn.Module):
                 if side.num:
                     h[:, side.ids.to(x.device)] = self._dense_h(side, x).to(x.device)
             return (h.abs() * self.norms) > self.layer.threshold, h
-        return self.predictor.predict(x, **self.rule), None
+        return self.predictor.predict(predictor_input(self.predictor, x, residual), **self.rule), None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.mode == "off":
             return self.dense(x)
-        mask, h_known = self.active_mask(x)
+        mask, h_known = self.active_mask(x, residual)
         T, num = x.shape[0], self.dense.intermediate_size
         union = mask[0] if T == 1 else mask.any(0)
         if self.hot.num and self.cold.num:

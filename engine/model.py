@@ -307,11 +307,16 @@ class Block(nn.Module):
         if self.pre_norm and isinstance(self.ffn, QuantFFN):  # the norms run inside the native calls
             x = x + self._branch(self.attn(x, *attn_args, norm=self.attn_norm))
             return x + self._branch(self.ffn(x, norm=self.ffn_norm))
+        # an FFN whose predictor reads the residual before the FFN norm (PowerInfer's ffn_inp) says so with
+        # `wants_residual`; it gets that residual as a keyword, every other FFN only its input
+        extra = {"residual": x} if getattr(self.ffn, "wants_residual", False) else {}
         if self.pre_norm:
             x = x + self._branch(self.attn(self.attn_norm(x), *attn_args))
-            return x + self._branch(self.ffn(self.ffn_norm(x)))
+            extra = {"residual": x} if extra else extra
+            return x + self._branch(self.ffn(self.ffn_norm(x), **extra))
         x = self.attn_norm(x + self._branch(self.attn(x, *attn_args)))
-        return self.ffn_norm(x + self._branch(self.ffn(x)))
+        extra = {"residual": x} if extra else extra  # post-norm: the FFN input is the residual itself
+        return self.ffn_norm(x + self._branch(self.ffn(x, **extra)))
 
 
 def native_block(block: Block) -> quant.BlockWeights | None:

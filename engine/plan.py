@@ -5,11 +5,15 @@ A plan folder holds
 - `hot_neurons.safetensors`: per layer `layers.{i}.hot_ids` (int64, the GPU neurons, most frequent first)
   and `layers.{i}.frequency` (float32 [I], how often each neuron was active on the calibration corpus);
 - `predictors.safetensors` (when predictors were trained): per layer `layers.{i}.predictor.{w1,b1,w2,b2}`,
-  a low-rank MLP  logits = w2 @ relu(w1 @ x + b1) + b2  (w1 [r, H], b1 [r], w2 [I, r], b2 [I]).
+  a low-rank MLP  logits = w2 @ relu(w1 @ x + b1) + b2  (w1 [r, H], b1 [r], w2 [I, r], b2 [I]); an imported
+  PowerInfer predictor has no b1/b2 (zero biases).
 
 Conventions: neuron i of layer l is *active* on a token iff |h_i| * ||down_t[i]||_2 > threshold_l, where
 h = ffn.activations(x) (so threshold 0 keeps every non-zero neuron). A predictor says neuron i is active
-iff sigmoid(logit_i) >= tau_l, or, with the top-k strategy, iff it is among the top_k_l logits.
+iff sigmoid(logit_i) >= tau_l (predictor rule "sigmoid", hotcold's) or logit_i >= tau_l (rule "logit",
+PowerInfer's sparse_threshold), or, with the top-k strategy, iff it is among the top_k_l logits. x is the
+FFN's normed input (predictor input "ffn_norm") or the residual stream before the FFN norm ("residual",
+PowerInfer's ffn_inp). Plans without rule/input fields read as sigmoid / ffn_norm.
 Layers are always keyed and listed by their integer index, never by a string sort.
 
 This module imports nothing from the profiler: the engine reads plans through it.
@@ -64,7 +68,10 @@ class PredictorPlan:
     sparsity: float  # held-out fraction of neurons predicted inactive, threshold strategy
     topk_recall: float
     topk_sparsity: float
-    weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # w1, b1, w2, b2
+    weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # w1, b1, w2, b2 (no b*: none)
+    rule: str = "sigmoid"  # "sigmoid": sigmoid(logit) >= tau; "logit": logit >= tau (PowerInfer)
+    input: str = "ffn_norm"  # "ffn_norm": the normed FFN input; "residual": the residual before the norm
+    source: str = "trained"  # "trained" by hotcold profile, or where an imported predictor came from
 
 
 @dataclass
@@ -202,7 +209,10 @@ def _layer_from(d: dict[str, Any], hot: dict, preds: dict) -> LayerPlan:
         pred = PredictorPlan(rank=int(p["rank"]), tau=float(p["tau"]), top_k=int(p["top_k"]),
                              recall=float(p["recall"]), sparsity=float(p["sparsity"]),
                              topk_recall=float(p["topk_recall"]), topk_sparsity=float(p["topk_sparsity"]),
-                             weights=w)
+                             weights=w, rule=str(p.get("rule", "sigmoid")), input=str(p.get("input", "ffn_norm")),
+                             source=str(p.get("source", "trained")))
+        if pred.rule not in ("sigmoid", "logit") or pred.input not in ("ffn_norm", "residual"):
+            raise ValueError(f"layer {i}: unknown predictor rule {pred.rule!r} or input {pred.input!r}")
     lp = LayerPlan(index=i, threshold=float(d["threshold"]), cett=float(d["cett"]),
                    sparsity=float(d["sparsity"]), num_neurons=int(d["num_neurons"]),
                    hot_ids=t["hot_ids"].to(torch.int64), frequency=t["frequency"], predictor=pred)

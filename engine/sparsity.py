@@ -22,13 +22,26 @@ MODES = ("oracle", "predictor")
 STRATEGIES = ("threshold", "topk")
 
 
-class LowRankPredictor(nn.Module):
-    """hidden -> rank -> intermediate MLP whose logits say which FFN neurons will be active (Deja Vu)."""
+RULES = ("sigmoid", "logit")  # how a threshold predictor's tau is compared (see predicted_mask)
+INPUTS = ("ffn_norm", "residual")  # what a predictor reads: the FFN's normed input, or the residual before it
 
-    def __init__(self, hidden: int, rank: int, intermediate: int) -> None:
+
+class LowRankPredictor(nn.Module):
+    """hidden -> rank -> intermediate MLP whose logits say which FFN neurons will be active (Deja Vu).
+
+    hotcold's own predictors have biases, read the normed FFN input and compare sigmoid(logit) >= tau;
+    PowerInfer's (TurboSparse/Bamboo `mlp.predictor`, `model_{i}.pt`) have no biases, read the residual
+    stream before the FFN norm (`ffn_inp`) and compare the raw logit >= sparse_threshold. `bias`, `rule`
+    and `input` select between the two so there is one predictor implementation."""
+
+    def __init__(self, hidden: int, rank: int, intermediate: int, bias: bool = True, rule: str = "sigmoid",
+                 input: str = "ffn_norm") -> None:
         super().__init__()
-        self.fc1 = nn.Linear(hidden, rank)
-        self.fc2 = nn.Linear(rank, intermediate)
+        if rule not in RULES or input not in INPUTS:
+            raise HotcoldError(f"unknown predictor rule {rule!r} or input {input!r}")
+        self.fc1 = nn.Linear(hidden, rank, bias=bias)
+        self.fc2 = nn.Linear(rank, intermediate, bias=bias)
+        self.rule, self.input = rule, input
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
@@ -38,19 +51,24 @@ class LowRankPredictor(nn.Module):
         return self.fc1.out_features
 
     def export(self) -> dict[str, Tensor]:
-        """Weights under the plan's names (w1, b1, w2, b2)."""
-        return {"w1": self.fc1.weight.detach().clone(), "b1": self.fc1.bias.detach().clone(),
-                "w2": self.fc2.weight.detach().clone(), "b2": self.fc2.bias.detach().clone()}
+        """Weights under the plan's names (w1, b1, w2, b2; no b1/b2 for a bias-free predictor)."""
+        out = {"w1": self.fc1.weight.detach().clone(), "w2": self.fc2.weight.detach().clone()}
+        if self.fc1.bias is not None:
+            out.update(b1=self.fc1.bias.detach().clone(), b2=self.fc2.bias.detach().clone())
+        return out
 
     @classmethod
-    def from_weights(cls, w: dict[str, Tensor]) -> LowRankPredictor:
+    def from_weights(cls, w: dict[str, Tensor], rule: str = "sigmoid", input: str = "ffn_norm") -> LowRankPredictor:
+        """A predictor from plan weights; biases only where the plan stores b1 and b2."""
         rank, hidden = w["w1"].shape
-        p = cls(hidden, rank, w["w2"].shape[0])
+        bias = "b1" in w
+        p = cls(hidden, rank, w["w2"].shape[0], bias=bias, rule=rule, input=input)
         with torch.no_grad():
             p.fc1.weight.copy_(w["w1"])
-            p.fc1.bias.copy_(w["b1"])
             p.fc2.weight.copy_(w["w2"])
-            p.fc2.bias.copy_(w["b2"])
+            if bias:
+                p.fc1.bias.copy_(w["b1"])
+                p.fc2.bias.copy_(w["b2"])
         return p.eval()
 
     @staticmethod
@@ -61,11 +79,13 @@ class LowRankPredictor(nn.Module):
     def predict(self, x: Tensor, tau: float | None = None, top_k: int | None = None) -> Tensor:
         """The active mask of inputs x [..., H] under one decision rule (see predicted_mask): what the
         executor runs and what the profiler's evaluation and MaskedFFN measure, so the two cannot drift."""
-        return predicted_mask(self(x.to(self.fc1.weight.dtype)), tau, top_k)
+        return predicted_mask(self(x.to(self.fc1.weight.dtype)), tau, top_k, self.rule)
 
 
-def predicted_mask(logits: Tensor, tau: float | None = None, top_k: int | None = None) -> Tensor:
-    """Neurons a predictor calls active: sigmoid(logit) >= tau, or the top_k logits of each token.
+def predicted_mask(logits: Tensor, tau: float | None = None, top_k: int | None = None,
+                   rule: str = "sigmoid") -> Tensor:
+    """Neurons a predictor calls active: sigmoid(logit) >= tau (rule "sigmoid"), logit >= tau (rule "logit",
+    PowerInfer's `idx < sparse_threshold` skips a row), or the top_k logits of each token.
 
     The one decision rule of the project (profiler evaluation, MaskedFFN, hybrid executor). tau is compared
     as a probability, not as a logit cut log(tau/(1-tau)): the profiler tunes tau as one of these fp32
@@ -81,6 +101,8 @@ def predicted_mask(logits: Tensor, tau: float | None = None, top_k: int | None =
         return mask
     if tau is None:
         raise ValueError("predicted_mask needs tau or top_k")
+    if rule == "logit":
+        return logits >= tau
     return torch.sigmoid(logits) >= tau
 
 
@@ -108,16 +130,22 @@ class MaskedFFN(nn.Module):
     def sparsity(self) -> float | None:
         return None if self.total == 0 else 1.0 - self.active / self.total
 
-    def mask(self, x: Tensor, h: Tensor) -> Tensor:
+    @property
+    def wants_residual(self) -> bool:
+        """True when the predictor reads the residual before the FFN norm (Block then passes it)."""
+        return self.predictor is not None and self.predictor.input == "residual"
+
+    def mask(self, x: Tensor, h: Tensor, residual: Tensor | None = None) -> Tensor:
         if self.predictor is not None:
-            return self.predictor.predict(x, self.tau, self.top_k)
+            return self.predictor.predict(predictor_input(self.predictor, x, residual), self.tau, self.top_k)
         return h.float().abs() * self.down_norm > self.threshold
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         h = self.ffn.activations(x2)
-        m = self.mask(x2, h)
+        # subclasses (the profiler's PredictorProbe) override mask(x, h): the residual only when there is one
+        m = self.mask(x2, h) if residual is None else self.mask(x2, h, residual.reshape(-1, shape[-1]))
         self.active += float(m.sum())
         self.total += m.numel()
         out = self.ffn.project_down(h * m.to(h.dtype))
@@ -134,6 +162,16 @@ def masked_ffn_for(ffn: nn.Module, layer: LayerPlan, mode: str, strategy: str = 
     return MaskedFFN(ffn, predictor=pred, **rule)
 
 
+def predictor_input(pred: LowRankPredictor, x: Tensor, residual: Tensor | None) -> Tensor:
+    """What `pred` reads: the FFN input x, or the pre-norm residual (an error if the caller has none, so a
+    residual predictor is never silently fed the normed input)."""
+    if pred.input != "residual":
+        return x
+    if residual is None:
+        raise HotcoldError("this predictor reads the residual before the FFN norm, which was not passed")
+    return residual
+
+
 def plan_predictor(layer: LayerPlan, strategy: str, device: torch.device | str) -> tuple[LowRankPredictor, dict]:
     """A plan layer's predictor on `device` and its decision rule as predict() keywords ({"tau": t} or
     {"top_k": k}): the one way the engine's MaskedFFN and the hybrid executor read a plan's predictor."""
@@ -141,7 +179,8 @@ def plan_predictor(layer: LayerPlan, strategy: str, device: torch.device | str) 
         raise HotcoldError(f"the plan has no predictor for layer {layer.index}; use --sparsity oracle")
     if strategy not in STRATEGIES:
         raise HotcoldError(f"unknown predictor strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
-    pred = LowRankPredictor.from_weights(layer.predictor.weights).to(device=device)
+    pred = LowRankPredictor.from_weights(layer.predictor.weights, layer.predictor.rule,
+                                         layer.predictor.input).to(device=device)
     pred.requires_grad_(False)
     rule = {"top_k": layer.predictor.top_k} if strategy == "topk" else {"tau": layer.predictor.tau}
     return pred, rule

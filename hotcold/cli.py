@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("hotcold.engine.commands_generate", "stream a completion to stdout"),
     "perplexity": ("hotcold.engine.commands_perplexity", "perplexity of the model over a text file"),
     "profile": ("hotcold.profiler.commands", "profile activations and write a hot/cold plan"),
+    "plan": ("hotcold.profiler.commands_plan", "plan tools: `plan import` turns shipped predictors into a plan"),
     "serve": ("hotcold.server.commands", "OpenAI-compatible HTTP server"),
     "loadtest": ("hotcold.server.loadtest", "load-test an OpenAI-compatible server"),
     "info": ("hotcold.engine.commands_info", "the CPU, ISA level, threads and kernel paths chosen here"),
