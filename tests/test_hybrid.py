@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import fixed_set_predictor
 
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.hybrid import HybridConfig, apply_hybrid
@@ -122,9 +123,7 @@ def test_two_cpu_sides_run_at_once(tiny_checkpoint):
     loaded = load_model(tiny_checkpoint("llama_untied_bias"), dtype="float32")
     cfg = loaded.config
     n = cfg.intermediate_size
-    keep = torch.rand(n, generator=torch.Generator().manual_seed(2)) < 0.4
-    weights = {"w1": torch.zeros(4, cfg.hidden_size), "b1": torch.zeros(4), "w2": torch.zeros(n, 4),
-               "b2": torch.where(keep, 5.0, -5.0)}
+    weights, keep = fixed_set_predictor(cfg.hidden_size, n, seed=2)
     apply_hybrid(loaded.model, make_plan(loaded, "random", seed=4, predictor=weights),
                  HybridConfig(mode="predictor"), loaded.fingerprint, gpu_device="cpu", workers=2)
     layer = loaded.model.layers[0].ffn

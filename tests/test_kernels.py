@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interpreted import INTERPRETED, run_interpreter_cases
 
 import hotcold.kernels as kernels
 from hotcold.kernels import calibrate, cpu_sparse, native, reference
@@ -309,20 +310,10 @@ def test_import_without_triton():
 # Triton reads TRITON_INTERPRET when it is first imported (its own tl.* helpers are jitted then), so the
 # interpreter cases run in a child pytest on this file with the variable set from the start; the parent
 # process keeps the normal JIT for anything that imports triton after us.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def test_triton_under_interpreter():
-    if INTERPRETED:
-        pytest.skip("TRITON_INTERPRET=1 already: the test_interp_* cases run in this process")
-    pytest.importorskip("triton")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_", __file__],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
-    )
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    assert out.returncode == 0 and "failed" not in summary and "skipped" not in summary, out.stdout[-6000:]
-    assert int(summary.split(" passed")[0].split()[-1]) >= 25, summary
+    run_interpreter_cases(__file__, min_passed=25, timeout=300)
 
 
 if INTERPRETED:

@@ -6,18 +6,15 @@ Issue 14: the Triton kernel read biases at bias_ptr + row (stride 1), so it adde
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from interpreted import INTERPRETED, run_interpreter_cases
+from tiny_models import fixed_set_predictor
 
 import hotcold.kernels as kernels
 from hotcold.kernels import cpu_sparse, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # interpreter exp()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def make(I: int, H: int, B: int, K: int, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -83,17 +80,7 @@ def test_reference_and_cpu_take_strided_biases(dtype, B, use_native):
 
 
 def test_strided_biases_under_the_interpreter():
-    """The Triton cases run in a child pytest with TRITON_INTERPRET=1 (see tests/test_kernels.py for why)."""
-    if INTERPRETED:
-        pytest.skip("TRITON_INTERPRET=1 already: the test_interp_* cases run in this process")
-    pytest.importorskip("triton")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_", __file__],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
-    )
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    assert out.returncode == 0 and "failed" not in summary and "skipped" not in summary, out.stdout[-6000:]
-    assert int(summary.split(" passed")[0].split()[-1]) >= 5, summary
+    run_interpreter_cases(__file__, min_passed=5)
 
 
 def hybrid_layer(tiny_checkpoint, device: str, backend: str, placement: str):
@@ -106,9 +93,7 @@ def hybrid_layer(tiny_checkpoint, device: str, backend: str, placement: str):
     loaded = load_model(tiny_checkpoint("llama_untied_bias"), dtype="float32")
     cfg = loaded.config
     n = cfg.intermediate_size
-    keep = torch.rand(n, generator=torch.Generator().manual_seed(5)) < 0.4
-    w = {"w1": torch.zeros(4, cfg.hidden_size), "b1": torch.zeros(4), "w2": torch.zeros(n, 4),
-         "b2": torch.where(keep, 5.0, -5.0)}
+    w, keep = fixed_set_predictor(cfg.hidden_size, n, seed=5)
     hot = torch.randperm(n, generator=torch.Generator().manual_seed(6))[: n // 2]
     layers = [LayerPlan(index=i, threshold=0.0, cett=0.0, sparsity=0.0, num_neurons=n, hot_ids=hot,
                         frequency=torch.zeros(n),

@@ -344,3 +344,14 @@ def published_reference(kind: str, path: Path, activation: str | None = None):
         elif act != "relu":
             raise ValueError(act)
     return model
+
+
+def fixed_set_predictor(hidden_size: int, num_neurons: int, seed: int, share: float = 0.4) -> tuple[dict, torch.Tensor]:
+    """Low-rank predictor weights (w1, b1, w2, b2) that always pick the same random neurons (their logits
+    come from b2 alone: +5 kept, -5 not), and that neuron mask: an executor test then knows which rows run."""
+    import torch
+
+    keep = torch.rand(num_neurons, generator=torch.Generator().manual_seed(seed)) < share
+    weights = {"w1": torch.zeros(4, hidden_size), "b1": torch.zeros(4), "w2": torch.zeros(num_neurons, 4),
+               "b2": torch.where(keep, 5.0, -5.0)}
+    return weights, keep
