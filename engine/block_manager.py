@@ -44,6 +44,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # first out: first
         self.cached: dict[bytes, int] = {}
         self.promised = 0
+        self.num_referenced = 0  # blocks with a reference: kept here, not counted, as stats read it every step
         self.queried_tokens = 0  # prompt tokens looked up in the cache, and the ones found there
         self.hit_tokens = 0
 
@@ -79,6 +80,7 @@ class BlockManager:
             block = self.blocks[b]
             if block.ref_count == 0:
                 del self.free[b]
+                self.num_referenced += 1
             block.ref_count += 1
         self.promised += needed
         if use_cache and self.enable_caching:
@@ -98,6 +100,7 @@ class BlockManager:
                     del self.cached[block.hash]
                 block.hash, block.token_ids = None, ()
             block.ref_count = 1
+            self.num_referenced += 1
             table.blocks.append(block.id)
             table.promised -= 1
             self.promised -= 1
@@ -123,15 +126,12 @@ class BlockManager:
             block = self.blocks[b]
             block.ref_count -= 1
             if block.ref_count == 0:
+                self.num_referenced -= 1
                 self.free[b] = None
                 if block.hash is None:
                     self.free.move_to_end(b, last=False)
         self.promised -= table.promised
         table.blocks, table.promised = [], 0
-
-    @property
-    def num_referenced(self) -> int:
-        return sum(1 for b in self.blocks if b.ref_count > 0)
 
     @property
     def hit_rate(self) -> float:

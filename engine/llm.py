@@ -106,7 +106,7 @@ class LLMEngine:
         ids, rows, wanted = [], [], []  # wanted: (sequence, its first row in `rows`, prompt rows, samples?)
         for seq, n in plan:
             start = len(ids)
-            ids.extend(seq.all_ids[seq.num_computed: seq.num_computed + n])
+            ids.extend(seq.tokens(seq.num_computed, seq.num_computed + n))
             prompt_rows = 0
             if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens - 1:
                 prompt_rows = min(n, seq.num_prompt_tokens - 1 - seq.num_computed)  # row t scores token t+1

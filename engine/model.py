@@ -7,6 +7,7 @@ versions elsewhere, all with `activations(x) -> h` and `project_down(h) -> y`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -214,11 +215,13 @@ class StepBatch:
         return torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, self.lengths)])
 
     def token_seqs(self) -> torch.Tensor:
-        """Each token's sequence (its row in `table_tensor`)."""
+        """Each token's sequence (its row in `tables_tensor`)."""
         return torch.cat([torch.full((n,), i) for i, n in enumerate(self.lengths)])
 
-    def table_tensor(self) -> torch.Tensor:
-        """The block tables as one int64 tensor [sequences, longest table] (padded with block 0)."""
+    @functools.cached_property
+    def tables_tensor(self) -> torch.Tensor:
+        """The block tables as one int64 tensor [sequences, longest table], padded with block 0 (built once
+        per step, read by every layer)."""
         width = max(1, max(len(t) for t in self.tables))
         return torch.tensor([t + [0] * (width - len(t)) for t in self.tables], dtype=torch.long)
 
@@ -246,7 +249,7 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
         if cache is not None:
             cache.write(layer, cache_rows, k, v)
-            tables = batch.table_tensor().to(x.device)
+            tables = batch.tables_tensor.to(x.device)
         out = torch.empty(T, cfg.num_heads, cfg.head_dim, dtype=q.dtype, device=q.device)
         offset = 0
         for i, (start, n) in enumerate(zip(batch.starts, batch.lengths)):
@@ -389,7 +392,7 @@ class Transformer(nn.Module):
         blocks = self._native_blocks() if cache is not None and NATIVE_BLOCKS else None
         cfg = self.config
         if blocks is not None:
-            tables, token_seqs = batch.table_tensor(), batch.token_seqs()
+            tables, token_seqs = batch.tables_tensor, batch.token_seqs()
             _check_tables(batch, cache)
         elif cache is not None:
             rows = rows_of(batch.tables, batch.starts, batch.lengths, cache.block_size).to(self.device)

@@ -71,6 +71,11 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens start..stop-1 of prompt + output, without building the whole list (a step's slice)."""
+        p = len(self.prompt_ids)
+        return self.prompt_ids[start:stop] + self.output_ids[max(0, start - p): max(0, stop - p)]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -88,10 +88,6 @@ typedef struct {
     int64_t n_tiles, n_heads, n_kv, D, qkv_dim, max_blocks, shift, window;
 } pattn_t;
 
-static inline size_t cache_row(const int64_t *table, int64_t shift, int64_t p) {
-    return ((size_t)table[p >> shift] << shift) + (size_t)(p & ((1 << shift) - 1));
-}
-
 /* One tile (tokens tiles[t] .. tiles[t + 1] - 1) and one kv head g. */
 static void attend_tile(const pattn_t *a, int64_t t, int64_t g, int64_t D) {
     int64_t b0 = a->tiles[t], nb = a->tiles[t + 1] - b0, group = a->n_heads / a->n_kv, nq = nb * group;

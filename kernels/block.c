@@ -48,10 +48,6 @@ int quant_ffn(const uint8_t *Wgu, int type_gu, int64_t rb_gu, const uint8_t *Wd,
  * The cache is paged (engine/cache.py): [blocks, block_size, n_kv, D], block_size = 1 << shift; token b's
  * sequence has the block table tables[seq[b] * max_blocks ...], so position p lives in cache row
  * (table[p >> shift] << shift) + (p & mask). */
-static inline size_t cache_row(const int64_t *table, int64_t shift, int64_t p) {
-    return ((size_t)table[p >> shift] << shift) + (size_t)(p & ((1 << shift) - 1));
-}
-
 /* rope (rotate-half, cos/sin [B, D]) on q and k heads, then k and v into each token's cache row. */
 static void rope_and_store(float *qkv, int64_t B, int64_t qkv_dim, int64_t n_heads, int64_t n_kv, int64_t D,
                            const float *cos, const float *sin, float *k_cache, float *v_cache,

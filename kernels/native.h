@@ -2,6 +2,7 @@
 #ifndef HOTCOLD_NATIVE_H
 #define HOTCOLD_NATIVE_H
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* fn(ctx, begin, end) over [0, n) split into one contiguous range per thread, each range a multiple of
@@ -20,6 +21,12 @@ static inline int check_ids(const int64_t *idx, int64_t K, int64_t n_rows) {
         if (idx[k] < 0 || idx[k] >= n_rows) return -1;
     return 0;
 }
+/* The paged KV cache's row of position p of a sequence (engine/cache.py: blocks of 1 << shift positions,
+ * `table` the sequence's block ids). */
+static inline size_t cache_row(const int64_t *table, int64_t shift, int64_t p) {
+    return ((size_t)table[p >> shift] << shift) + (size_t)(p & ((1 << shift) - 1));
+}
+
 /* kernels/attention.c: causal attention of a step's tokens over the paged KV cache; see there. */
 void paged_attention(const float *qkv, int64_t qkv_dim, float *out, const float *k_cache, const float *v_cache,
                      const int64_t *tables, const int64_t *seq, const int64_t *pos, int64_t B, int64_t n_heads,

@@ -43,7 +43,6 @@ class Backend:
 
     engine: Any  # hotcold.engine.llm.LLMEngine
     tokenizer: Any
-    model: Any = None  # for prompt logprobs (echo + logprobs)
     vocab_size: int = 0
     generation_defaults: Any = None
 

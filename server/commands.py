@@ -154,7 +154,7 @@ def build_backend(args: argparse.Namespace) -> Any:
                        max_step_seconds=args.max_step_seconds or None)
     log.info("KV cache: %d blocks of %d tokens (%.0f MB reserved), prefix caching %s", engine.cache.num_blocks,
              engine.cache.block_size, engine.cache.nbytes() / 1e6, "off" if args.no_prefix_caching else "on")
-    return Backend(engine=engine, tokenizer=loaded.tokenizer, model=loaded.model,
+    return Backend(engine=engine, tokenizer=loaded.tokenizer,
                    vocab_size=int(loaded.config.vocab_size), generation_defaults=loaded.generation)
 
 

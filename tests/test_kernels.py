@@ -401,7 +401,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def test_ffn_gpu_benchmark_smoke_mode(tmp_path):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="Triton is not installed: its kernels cannot run at all here")
     out = tmp_path / "ffn_gpu_smoke.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(BENCH / "ffn_gpu.py"), "--device", "cpu", "--tiny", "--out", str(out)],

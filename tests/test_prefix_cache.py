@@ -42,6 +42,7 @@ def test_block_manager_refuses_what_it_cannot_promise_and_frees_everything():
         bm.register(t, PREFIX[:12], 12)
     bm.release(tables[0])
     assert bm.num_referenced == 3 and bm.promised == 0
+    assert bm.num_referenced == sum(b.ref_count > 0 for b in bm.blocks)  # the running count, by brute force
     c = bm.allocate([1, 2, 3, 4, 5], total_tokens=8)  # takes the unhashed-first / least recently used blocks
     bm.grow(c, 8)
     bm.release(tables[1])
