@@ -47,12 +47,10 @@ def load_from_args(args: argparse.Namespace):
     if args.sparsity not in (None, "off") and not args.plan:
         raise HotcoldError(f"--sparsity {args.sparsity} needs --plan PLAN_DIR (make one with `hotcold profile`)")
     dtype = args.dtype
-    if args.plan and dtype is None:  # the sparse executor gathers float rows (quantized rows: not yet)
-        from hotcold.engine.loader import default_dtype
+    if args.plan and dtype is None and torch.device(args.device).type != "cpu":
+        from hotcold.engine.loader import default_dtype  # the GPU side gathers 16/32-bit rows
 
         dtype = default_dtype(args.device)
-    if args.plan and args.quantize:
-        raise HotcoldError("--plan runs on float weights: drop --quantize")
     loaded = load_model(args.model, dtype=dtype, device=args.device, activation=args.activation,
                         quantize=getattr(args, "quantize", None))
     if args.model in (None, "", "default"):  # requests that set no sampling fields get the model card's

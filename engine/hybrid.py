@@ -22,7 +22,7 @@ from torch import nn
 from hotcold import kernels
 from hotcold.engine.activations import kernel_activation
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import DenseFFN, NeuronRows, Transformer
+from hotcold.engine.model import DenseFFN, NeuronRows, QuantFFN, Transformer
 from hotcold.engine.plan import LayerPlan, Plan
 from hotcold.engine.sparsity import plan_predictor, predictor_input
 from hotcold.kernels import native
@@ -271,6 +271,16 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
     counters = FFNCounters()
     model.ffn_counters = counters
     if cfg.mode == "off":
+        return counters
+    if any(isinstance(layer.ffn, QuantFFN) for layer in model.layers):
+        # quantized rows: the CPU path over the checkpoint's blocks (engine/quant_sparse.py)
+        if gpu.type != "cpu":
+            raise HotcoldError("a plan over quantized weights runs on the CPU only (quantized hot rows on the GPU "
+                               "are not implemented): load the model with --dtype float16 to use the GPU")
+        from hotcold.engine.quant_sparse import QuantSparseFFN
+
+        for layer, layer_plan in zip(model.layers, plan.layers):
+            layer.ffn = QuantSparseFFN(layer.ffn, layer_plan, cfg.mode, cfg.strategy, counters)
         return counters
     move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None

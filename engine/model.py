@@ -124,6 +124,8 @@ class QuantFFN(nn.Module):
     """The dense FFN over quantized weights, kept as the checkpoint stores them: gate and up rows interleaved
     (one product for both, [2I, H]) and down as [H, I] rows (GGUF's own layout: no re-quantization)."""
 
+    folds_norm = True  # Block passes the RMS norm in: it runs inside the native call
+
     def __init__(self, activation: str, up: QuantTensor, down: QuantTensor, gate: QuantTensor | None = None,
                  up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
                  down_bias: torch.Tensor | None = None, gelu_approximate: str = "none", threshold: float = 0.0):
@@ -307,12 +309,12 @@ class Block(nn.Module):
         return y if self.residual_scale == 1.0 else y * self.residual_scale
 
     def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
-        if self.pre_norm and isinstance(self.ffn, QuantFFN):  # the norms run inside the native calls
-            x = x + self._branch(self.attn(x, *attn_args, norm=self.attn_norm))
-            return x + self._branch(self.ffn(x, norm=self.ffn_norm))
         # an FFN whose predictor reads the residual before the FFN norm (PowerInfer's ffn_inp) says so with
         # `wants_residual`; it gets that residual as a keyword, every other FFN only its input
         extra = {"residual": x} if getattr(self.ffn, "wants_residual", False) else {}
+        if self.pre_norm and getattr(self.ffn, "folds_norm", False):  # the norms run inside the native calls
+            x = x + self._branch(self.attn(x, *attn_args, norm=self.attn_norm))
+            return x + self._branch(self.ffn_after_attention(x))
         if self.pre_norm:
             x = x + self._branch(self.attn(self.attn_norm(x), *attn_args))
             extra = {"residual": x} if extra else extra
@@ -322,13 +324,23 @@ class Block(nn.Module):
         return self.ffn_norm(x + self._branch(self.ffn(x, **extra)))
 
 
+    def ffn_after_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN branch of a pre-norm block whose FFN folds the norm in (x: the residual after attention)."""
+        extra = {"residual": x} if getattr(self.ffn, "wants_residual", False) else {}
+        return self.ffn(x, norm=self.ffn_norm, **extra)
+
+
 def native_block(block: Block) -> quant.BlockWeights | None:
     """The block's weights for kernels.quant.block (one native call per block), or None where that kernel
-    does not apply: it runs pre-norm RMS blocks whose matrices are all quantized, on the CPU."""
+    does not apply: it runs pre-norm RMS blocks whose matrices are all quantized, on the CPU. A block whose
+    FFN is another one that folds the norm in (a plan's sparse FFN) runs attention alone in that call
+    (BlockWeights without gate_up), then its FFN."""
     attn, ffn, n1, n2 = block.attn, block.ffn, block.attn_norm, block.ffn_norm
-    if not (block.pre_norm and isinstance(ffn, QuantFFN) and isinstance(attn.wqkv, QuantTensor)
+    if not (block.pre_norm and getattr(ffn, "folds_norm", False) and isinstance(attn.wqkv, QuantTensor)
             and isinstance(attn.wo, QuantTensor) and n1.kind == n2.kind == "rms" and n1.eps == n2.eps):
         return None
+    if not isinstance(ffn, QuantFFN):
+        return quant.BlockWeights(n1.weight, n2.weight, n1.eps, attn.wqkv, attn.bqkv, attn.wo, attn.bo)
     return quant.BlockWeights(n1.weight, n2.weight, n1.eps, attn.wqkv, attn.bqkv, attn.wo, attn.bo, ffn.gate_up,
                               ffn.down, 2 if ffn.gated else 1, ffn.gate_up_bias, ffn.down_bias, *ffn.codes)
     # (MiniCPM's scalings are not in that kernel: Transformer._native_blocks leaves such models to the per-op path)
@@ -400,6 +412,8 @@ class Transformer(nn.Module):
             if blocks is not None:
                 x = quant.block(x, blocks[i], rope, cache.k[i], cache.v[i], tables, token_seqs, positions,
                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window)
+                if blocks[i].gate_up is None:  # attention only: the FFN is the layer's own (a sparse one)
+                    x = x + layer.ffn_after_attention(x)
             else:
                 x = layer(x, rope, batch, cache, i, rows if cache is not None else None, positions)
         if logits_indices is not None:

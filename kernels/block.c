@@ -80,7 +80,7 @@ typedef struct { /* one quantized matrix, as Python passes it */
     int64_t type, rows, row_bytes, cols;
 } qmat_t;
 
-/* x [B, H] updated in place. scratch: enough floats for qkv [B, qkv_dim], the attention output [B, nh * D],
+/* x [B, H] updated in place (gate_up NULL: attention and its residual only). scratch: enough floats for qkv [B, qkv_dim], the attention output [B, nh * D],
  * the projections' [B, max(H, qkv_dim)] and the FFN's scratch (kernels/quant.py sizes it). */
 int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const float *ffn_norm, float eps,
                 const qmat_t *wqkv, const float *bqkv, const qmat_t *wo, const float *bo,
@@ -89,7 +89,7 @@ int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const fl
                 float *k_cache, float *v_cache, const int64_t *tables, const int64_t *seq, const int64_t *pos,
                 int64_t max_blocks, int64_t shift, int64_t n_heads, int64_t n_kv, int64_t D, int64_t window,
                 float *scratch, float threshold) {
-    int64_t qkv_dim = wqkv->rows, I = gate_up->rows / parts, q_size = n_heads * D;
+    int64_t qkv_dim = wqkv->rows, I = gate_up ? gate_up->rows / parts : 0, q_size = n_heads * D;
     float *qkv = scratch, *att = qkv + B * qkv_dim, *proj = att + B * q_size, *rest = proj + B * H;
     void *xq = rest;
     int s = quant_dots(wqkv->data, (int)wqkv->type, qkv_dim, wqkv->row_bytes, H, 1, 0, qkv_dim, x, B, attn_norm,
@@ -106,6 +106,7 @@ int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const fl
     if (s) return s;
     for (int64_t b = 0; b < B; b++)
         for (int64_t j = 0; j < H; j++) x[b * H + j] += proj[b * H + j] + (bo ? bo[j] : 0.0f);
+    if (!gate_up) return 0; /* attention alone: the caller runs the FFN */
     s = quant_ffn(gate_up->data, (int)gate_up->type, gate_up->row_bytes, down->data, (int)down->type,
                   down->row_bytes, I, H, parts, x, B, ffn_norm, eps, gu_bias, gate_fn, up_fn, rest, proj,
                   threshold);

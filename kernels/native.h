@@ -1,4 +1,4 @@
-/* Shared by the native CPU kernels (pool.c, gathered.c, quant.c, attention.c, block.c), built into one library by kernels/native.py. */
+/* Shared by the native CPU kernels (pool.c, gathered.c, quant.c, qsparse.c, attention.c, block.c), built into one library by kernels/native.py. */
 #ifndef HOTCOLD_NATIVE_H
 #define HOTCOLD_NATIVE_H
 #include <math.h>
@@ -36,6 +36,11 @@ void paged_attention(const float *qkv, int64_t qkv_dim, float *out, const float 
 int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols, int64_t parts,
                const int64_t *idx, int64_t K, const float *x, int64_t B, const float *norm, float eps, void *xq,
                float *out);
+/* kernels/quant.c: one row of `cols` quantized weights (a whole number of the type's blocks) as int8 codes q
+ * with a scale d and a minimum m per 32 (w = d * q + m); the type's bytes and weights per block. */
+void quant_unpack_row(int type, const uint8_t *r, int64_t cols, int8_t *q, float *d, float *m);
+int quant_block_bytes(int type);
+int quant_block_size(int type);
 
 /* The element-wise functions of kernels.reference.FUNCTIONS, by code; t is FATReLU's threshold (code 6). */
 static inline float act(int fn, float v, float t) {

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "pool.c", HERE / "gathered.c", HERE / "quant.c", HERE / "attention.c", HERE / "block.c"]
+SOURCES = [HERE / f"{name}.c" for name in ("pool", "gathered", "quant", "qsparse", "attention", "block")]
 HEADERS = [HERE / "native.h"]
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi"]
 OPENMP = ["-fopenmp"]  # dropped where the compiler has no OpenMP: the kernels then run on the calling thread
@@ -56,6 +56,9 @@ _SIGNATURES = {
     "quant_block": [_ptr, _i64, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
                     _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
                     _ptr, ctypes.c_float],
+    "quant_axpy": [_ptr, _int, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr],
+    "quant_sparse_ffn": [_ptr, _int, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr,
+                         ctypes.c_float, _ptr, _ptr, _int, _int, ctypes.c_float, _ptr, _ptr],
     "quant_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr, _i64, _ptr],
     "quant_quantize": [_ptr, _int, _i64, _i64, _ptr],
     "quant_block_bytes": [_int],

@@ -82,7 +82,7 @@ static inline void scale_min_k4(int j, const uint8_t *s, uint8_t *d, uint8_t *m)
 }
 
 /* One row of `cols` weights into q (int8), d and m (one each per 32 weights). */
-static void unpack_row(int type, const uint8_t *r, int64_t cols, int8_t *q, float *d, float *m) {
+void quant_unpack_row(int type, const uint8_t *r, int64_t cols, int8_t *q, float *d, float *m) {
     int64_t nb = cols / QK;
     if (type == Q4_K || type == Q5_K) {
         int bytes = quant_block_bytes(type);
@@ -506,7 +506,7 @@ static void dots_task(void *p, int64_t k0, int64_t k1) {
                     prefetch_span(c->W + ((c->idx ? c->idx[kn + a / parts] : kn + a / parts) * parts) *
                                   c->row_bytes, parts * c->row_bytes);
             }
-            unpack_row(c->type, c->W + row * c->row_bytes, cols, tq + r * cols, tdm + 2 * r * nb,
+            quant_unpack_row(c->type, c->W + row * c->row_bytes, cols, tq + r * cols, tdm + 2 * r * nb,
                        tdm + (2 * r + 1) * nb);
         }
         for (int64_t b = 0; b < c->B; b++) {
@@ -548,7 +548,7 @@ static void dequant_task(void *p, int64_t r0, int64_t r1) {
     if (!tq) return;
     for (int64_t r = r0; r < r1; r++) {
         int64_t row = c->idx ? c->idx[r] : r;
-        unpack_row(c->type, c->W + row * c->row_bytes, cols, tq, tdm, tdm + nb);
+        quant_unpack_row(c->type, c->W + row * c->row_bytes, cols, tq, tdm, tdm + nb);
         float *o = c->out + r * cols;
         for (int64_t j = 0; j < cols; j++) o[j] = tdm[j / QK] * (float)tq[j] + tdm[nb + j / QK];
     }

@@ -166,6 +166,60 @@ def ffn(x: torch.Tensor, gate_up: QuantTensor, down: QuantTensor, parts: int, ga
     return y
 
 
+def axpy(w: QuantTensor, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """fp32 y [B, cols] = sum_k h[b, k] * row idx[k] of w: the down projection of a neuron-sparse FFN over
+    down_t rows, or an input-sparse product over W^T rows. Each output sums its rows in k order (whatever
+    the threads); a zero h[b, k] skips the row for that token."""
+    lib = _lib()
+    idx = idx.to(torch.int64).contiguous()
+    h = h.float().contiguous()
+    if h.dim() != 2 or h.shape[1] != idx.numel():
+        raise ValueError(f"h must be [tokens, {idx.numel()}] (one value per row id); got {tuple(h.shape)}")
+    y = torch.zeros(h.shape[0], w.cols, dtype=torch.float32)
+    status = lib.quant_axpy(w.data.data_ptr(), NATIVE_TYPES[w.qtype], w.data.shape[0], w.data.shape[1], w.cols,
+                            idx.data_ptr(), idx.numel(), h.data_ptr(), h.shape[0], y.data_ptr())
+    _check(status, idx, w.data.shape[0])
+    return y
+
+
+def sparse_ffn(x: torch.Tensor, gate_up: QuantTensor, down_t: QuantTensor, parts: int, idx: torch.Tensor,
+               gate_fn: int, up_fn: int, mask: torch.Tensor | None = None,
+               gate_up_bias: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
+               threshold: float = 0.0) -> torch.Tensor:
+    """fp32 y [T, H] over the neurons idx only, in one native call: h = act(gate_up rows . rmsnorm(x)) (gate
+    and up interleaved, [I * parts, H]), zero where mask [T, K] (bool, per token) is False, then
+    y = sum_k h[:, k] * down_t[idx[k]] (down_t [I, H]). gate_up_bias fp32 [I * parts]."""
+    lib = _lib()
+    I, H = gate_up.shape[0] // parts, gate_up.cols
+    if down_t.shape != (I, H):
+        raise ValueError(f"down_t must be [{I}, {H}] (neuron-major); got {down_t.shape}")
+    x = x.float().contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    B, K = x.shape[0], idx.numel()
+    if mask is not None:
+        if mask.shape != (B, K):
+            raise ValueError(f"mask must be [{B}, {K}]; got {tuple(mask.shape)}")
+        mask = mask.to(torch.uint8).contiguous()
+    scratch = torch.empty(B * K * (parts + 1) + (B * H // 32 * 40 + 3) // 4, dtype=torch.float32)
+    y = torch.empty(B, H, dtype=torch.float32)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    bias = None if gate_up_bias is None else gate_up_bias.float().contiguous()
+    norm = None if norm is None else norm.float().contiguous()
+    status = lib.quant_sparse_ffn(gate_up.data.data_ptr(), NATIVE_TYPES[gate_up.qtype], gate_up.data.shape[1],
+                                  down_t.data.data_ptr(), NATIVE_TYPES[down_t.qtype], down_t.data.shape[1], I, H,
+                                  parts, idx.data_ptr(), K, x.data_ptr(), B, ptr(norm), eps, ptr(bias), ptr(mask),
+                                  gate_fn, up_fn, threshold, scratch.data_ptr(), y.data_ptr())
+    _check(status, idx, I)
+    return y
+
+
+def transpose(w: QuantTensor, qtype: str = "Q8_0") -> QuantTensor:
+    """w.T re-quantized to `qtype`: GGUF's ffn_down [H, I] as the neuron-major down_t [I, H] the sparse FFN
+    reads. Q8_0 by default: a second 4-bit rounding costs far more than the first (default model, 4096
+    held-out tokens: Q4_1 down as Q4_1 down_t +8.4% perplexity, as Q8_0 +0.4%; benchmarks/RESULTS.md)."""
+    return quantize(w.dequantize().T.contiguous(), qtype)
+
+
 class _QMat(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("type", ctypes.c_int64), ("rows", ctypes.c_int64),
                 ("row_bytes", ctypes.c_int64), ("cols", ctypes.c_int64)]
@@ -186,13 +240,13 @@ class BlockWeights:
     bqkv: torch.Tensor | None
     wo: QuantTensor
     bo: torch.Tensor | None
-    gate_up: QuantTensor
-    down: QuantTensor
-    parts: int
-    gate_up_bias: torch.Tensor | None
-    down_bias: torch.Tensor | None
-    gate_fn: int
-    up_fn: int
+    gate_up: QuantTensor | None = None  # None: the call runs attention alone (the caller runs the FFN)
+    down: QuantTensor | None = None
+    parts: int = 1
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    gate_fn: int = 0
+    up_fn: int = 0
     threshold: float = 0.0  # FATReLU's t
 
     def __post_init__(self) -> None:  # the C reads these as plain fp32 arrays
@@ -200,7 +254,8 @@ class BlockWeights:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.float().contiguous())
-        self._mats = [_qmat(m) for m in (self.wqkv, self.wo, self.gate_up, self.down)]
+        self._mats = [None if m is None else ctypes.byref(_qmat(m)) for m in (self.wqkv, self.wo, self.gate_up,
+                                                                              self.down)]
 
 
 def block(x: torch.Tensor, w: BlockWeights, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -210,13 +265,14 @@ def block(x: torch.Tensor, w: BlockWeights, rope: tuple[torch.Tensor, torch.Tens
     RoPE (cos/sin [T, head_dim]), keys/values stored into the paged fp32 caches
     [blocks, block_size, kv_heads, head_dim] at each token's position in its sequence's block table
     (tables [S, max_blocks] int64, token_seq [T]: each token's row in tables), attention of each token over
-    its own sequence up to its position (within `window`), o, residual, then the FFN and its residual. Why
+    its own sequence up to its position (within `window`), o, residual, then the FFN and its residual (not
+    when w.gate_up is None). Why
     one call: the Python and torch dispatch between ~12 small ops per block cost as much as the weights'
     reads on a small model."""
     lib = _lib()
     x = x.float().contiguous().clone()
     T, H = x.shape
-    qkv_dim, I = w.wqkv.shape[0], w.gate_up.shape[0] // w.parts
+    qkv_dim, I = w.wqkv.shape[0], 0 if w.gate_up is None else w.gate_up.shape[0] // w.parts
     widest = max(H, I, qkv_dim, n_heads * head_dim)
     n = T * (qkv_dim + n_heads * head_dim + H + I * (w.parts + 1)) + (T * widest // 32 * 40) // 4 + 64
     scratch = torch.empty(n, dtype=torch.float32)
@@ -228,8 +284,8 @@ def block(x: torch.Tensor, w: BlockWeights, rope: tuple[torch.Tensor, torch.Tens
     block_size = k_cache.shape[1]
     m = w._mats
     status = lib.quant_block(
-        x.data_ptr(), T, H, ptr(w.attn_norm), ptr(w.ffn_norm), w.eps, ctypes.byref(m[0]), ptr(w.bqkv),
-        ctypes.byref(m[1]), ptr(w.bo), ctypes.byref(m[2]), ctypes.byref(m[3]), w.parts, ptr(w.gate_up_bias),
+        x.data_ptr(), T, H, ptr(w.attn_norm), ptr(w.ffn_norm), w.eps, m[0], ptr(w.bqkv), m[1], ptr(w.bo), m[2], m[3],
+        w.parts, ptr(w.gate_up_bias),
         ptr(w.down_bias), w.gate_fn, w.up_fn, ptr(cos), ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(),
         tables.data_ptr(), token_seq.data_ptr(), positions.data_ptr(), tables.shape[1],
         block_size.bit_length() - 1, n_heads, n_kv_heads, head_dim, window or 0, scratch.data_ptr(),

@@ -1,0 +1,110 @@
+"""A plan's neuron-sparse FFN over quantized rows, on the CPU: the dense path's blocks, only fewer of them.
+
+Gate and up rows stay the checkpoint's own blocks (interleaved per neuron, as `QuantFFN` holds them). Down is
+re-quantized once, at load, into neuron-major `down_t` [I, H] rows (GGUF stores `ffn_down` as [H, I], where a
+neuron's weights are one value per row), as PowerInfer's converter does, but in Q8_0: a second 4-bit rounding
+cost the default model 8% perplexity (kernels.quant.transpose). Those two are the only copy
+of the FFN. Per step and layer:
+
+    predictor (its two products through the same integer kernels) or oracle -> mask [T, I]
+      -> the union's ids -> one native call: dots of the active rows, activation, per-token mask, axpy over
+         the active down_t rows (kernels/qsparse.c)
+
+Every token sums only its own active neurons, in a fixed order, so its result does not depend on the other
+tokens of the step; prefill chunks run the same path. The engine's `predicted_mask` is the decision rule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hotcold.engine.errors import HotcoldError
+from hotcold.engine.model import Norm, QuantFFN
+from hotcold.engine.plan import LayerPlan
+from hotcold.engine.sparsity import plan_predictor, predicted_mask
+from hotcold.kernels import quant
+from hotcold.kernels.quant import QuantTensor
+from hotcold.kernels.reference import apply_fn, code_name
+
+
+def _matrix(w: torch.Tensor) -> QuantTensor | torch.Tensor:
+    """A predictor matrix in Q8_0 where its width allows (the same integer kernels as the model), else fp32."""
+    w = w.detach().float()
+    return quant.quantize(w, "Q8_0") if w.shape[1] % 32 == 0 else w.contiguous()
+
+
+def _product(w: QuantTensor | torch.Tensor, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+    """fp32 rmsnorm(x) @ w.T (norm folded into the native call), one token at a time in a fixed order."""
+    if isinstance(w, QuantTensor):
+        return quant.dots(w, x, norm=None if norm is None else norm.weight, eps=norm.eps if norm else 0.0)[..., 0]
+    x = x.float() if norm is None else quant.rms_norm(x, norm.weight, norm.eps)
+    return torch.stack([xi @ w.T for xi in x]) if x.shape[0] > 1 else x @ w.T
+
+
+class QuantSparseFFN(nn.Module):
+    """Drop-in for a `QuantFFN` driven by one plan layer (oracle thresholds or the plan's predictor)."""
+
+    folds_norm = True  # Block passes the RMS norm in: it runs inside the native calls
+
+    def __init__(self, ffn: QuantFFN, layer: LayerPlan, mode: str, strategy: str, counters,
+                 down_type: str = "Q8_0"):
+        super().__init__()
+        if mode not in ("oracle", "predictor"):
+            raise HotcoldError(f"unknown sparsity mode {mode!r}")
+        self.gate_up, self.gate_up_bias, self.down_bias = ffn.gate_up, ffn.gate_up_bias, ffn.down_bias
+        self.parts, self.codes, self.index = 2 if ffn.gated else 1, ffn.codes, layer.index
+        self.intermediate_size = ffn.intermediate_size
+        self.down_t = quant.transpose(ffn.down, down_type)
+        self.mode, self.threshold, self.counters = mode, layer.threshold, counters
+        self.predictor = None
+        if mode == "oracle":  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule
+            self.norms = self.down_t.dequantize().norm(dim=1)
+        else:
+            pred, self.rule = plan_predictor(layer, strategy, "cpu")
+            self.predictor = pred
+            self.fc1, self.fc2 = _matrix(pred.fc1.weight), _matrix(pred.fc2.weight)
+            self.b1 = None if pred.fc1.bias is None else pred.fc1.bias.detach().float()
+            self.b2 = None if pred.fc2.bias is None else pred.fc2.bias.detach().float()
+
+    @property
+    def wants_residual(self) -> bool:
+        return self.predictor is not None and self.predictor.input == "residual"
+
+    def active_mask(self, x: torch.Tensor, norm: Norm | None, residual: torch.Tensor | None) -> torch.Tensor:
+        """[T, I] bool: the neurons each token computes."""
+        if self.predictor is None:
+            z = quant.dots(self.gate_up, x, parts=self.parts, norm=None if norm is None else norm.weight,
+                           eps=norm.eps if norm else 0.0)
+            if self.gate_up_bias is not None:
+                z = z + self.gate_up_bias.view(-1, self.parts)
+            h = apply_fn(code_name(self.codes[1]), z[..., -1], self.codes[2])
+            if self.parts == 2:
+                h = apply_fn(code_name(self.codes[0]), z[..., 0], self.codes[2]) * h
+            return h.abs() * self.norms > self.threshold
+        if self.wants_residual:
+            if residual is None:
+                raise HotcoldError("this predictor reads the residual before the FFN norm, which was not passed")
+            x, norm = residual, None
+        hidden = _product(self.fc1, x, norm)
+        hidden = torch.relu(hidden if self.b1 is None else hidden + self.b1)
+        logits = _product(self.fc2, hidden, None)
+        return predicted_mask(logits if self.b2 is None else logits + self.b2, rule=self.predictor.rule,
+                              **self.rule)
+
+    def forward(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if norm is not None and norm.kind != "rms":
+            x, norm = norm(x), None
+        T = x.shape[0]
+        mask = self.active_mask(x, norm, residual)
+        ids = (mask[0] if T == 1 else mask.any(0)).nonzero().flatten()
+        active = ids.numel() if T == 1 else int(mask.sum())
+        c = self.counters
+        c.computed, c.total = c.computed + active, c.total + T * self.intermediate_size
+        c.per_layer_density[self.index] = active / (T * self.intermediate_size)
+        y = quant.sparse_ffn(x, self.gate_up, self.down_t, self.parts, ids, self.codes[0], self.codes[1],
+                             mask=None if T == 1 else mask[:, ids], gate_up_bias=self.gate_up_bias,
+                             norm=None if norm is None else norm.weight, eps=norm.eps if norm else 0.0,
+                             threshold=self.codes[2])
+        return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)

@@ -1,0 +1,95 @@
+"""A plan over quantized weights (engine/quant_sparse.py): the sparse FFN on the checkpoint's blocks, against
+transformers with gguf's own Q8_0 round trip of every matrix (test_quantized_engine's reference), with the
+neurons the plan switches off zeroed there too."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from test_hybrid import make_plan
+from test_quantized_engine import PROMPT, quantized_reference
+from tiny_models import fixed_set_predictor
+
+from hotcold.engine.errors import HotcoldError
+from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+from hotcold.engine.llm import LLMEngine
+from hotcold.engine.loader import load_model
+from hotcold.engine.quant_sparse import QuantSparseFFN
+from hotcold.engine.sampling import SamplingParams
+from hotcold.kernels import native
+
+pytestmark = pytest.mark.skipif(native.load() is None, reason="quantized weights need the native kernels")
+BOUND = 0.06  # of the logits' scale: int8 activations (test_quantized_engine) plus down_t's second rounding
+
+
+def _keep_only(ref, keep: torch.Tensor | None, act: str):
+    """transformers' Llama MLPs as act(gate) * up with only `keep` neurons (None: all)."""
+    def forward(mlp, x):
+        g, u = mlp.gate_proj(x), mlp.up_proj(x)
+        h = (torch.relu(g) * u) if act == "reglu" else (torch.relu(g) * torch.relu(u))
+        return mlp.down_proj(h if keep is None else h * keep)
+
+    for layer in ref.model.layers:
+        layer.mlp.forward = types.MethodType(forward, layer.mlp)
+    return ref
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    err, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert err <= BOUND * scale, f"max abs error {err:.3g} > {BOUND:.0%} of the logits' scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("activation,qtype", [("reglu", "q8_0"), ("drelu", "q4_1")])
+def test_oracle_at_threshold_zero_is_the_dense_model(activation, qtype, tiny_checkpoint):
+    """Threshold 0 skips exactly the neurons whose activation is 0: the result is the dense model's."""
+    path = tiny_checkpoint("llama")
+    loaded = load_model(path, quantize=qtype, activation=activation)
+    dense = loaded.model.forward_sequence(torch.tensor(PROMPT))
+    apply_hybrid(loaded.model, make_plan(loaded, "random"), HybridConfig(mode="oracle"), loaded.fingerprint)
+    assert all(isinstance(layer.ffn, QuantSparseFFN) for layer in loaded.model.layers)
+    sparse = loaded.model.forward_sequence(torch.tensor(PROMPT))
+    _close(sparse, dense)
+    if qtype == "q8_0":
+        with torch.no_grad():
+            want = _keep_only(quantized_reference(path), None, activation)(torch.tensor([PROMPT])).logits[0]
+        _close(sparse, want)
+    assert 0 < loaded.model.ffn_counters.sparsity < 1  # the zeros really were skipped
+
+
+def test_predictor_mask_is_what_gets_computed(tiny_checkpoint):
+    """A predictor that always picks a known neuron set: transformers with the other neurons zeroed."""
+    path = tiny_checkpoint("llama")
+    loaded = load_model(path, quantize="q8_0", activation="reglu")
+    cfg = loaded.config
+    weights, keep = fixed_set_predictor(cfg.hidden_size, cfg.intermediate_size, seed=3)
+    apply_hybrid(loaded.model, make_plan(loaded, "random", predictor=weights), HybridConfig(mode="predictor"),
+                 loaded.fingerprint)
+    got = loaded.model.forward_sequence(torch.tensor(PROMPT))
+    with torch.no_grad():
+        want = _keep_only(quantized_reference(path), keep.float(), "reglu")(torch.tensor([PROMPT])).logits[0]
+        dense = _keep_only(quantized_reference(path), None, "reglu")(torch.tensor([PROMPT])).logits[0]
+    _close(got, want)
+    assert (got - dense).abs().max() > BOUND * dense.abs().max()  # the mask changed the result
+    assert loaded.model.ffn_counters.sparsity == pytest.approx(1 - keep.float().mean().item(), abs=1e-6)
+
+
+def test_a_token_does_not_depend_on_its_batch(tiny_checkpoint):
+    """Greedy decoding with the plan: prompts together (one long prefill sharing steps with the others'
+    decoding) give exactly what each gives alone."""
+    loaded = load_model(tiny_checkpoint("llama"), quantize="q4_0", activation="reglu")
+    apply_hybrid(loaded.model, make_plan(loaded, "random"), HybridConfig(mode="oracle"), loaded.fingerprint)
+    prompts = [PROMPT[:7], PROMPT[3:20], (PROMPT * 5)[:110]]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    together = LLMEngine(loaded, max_num_seqs=4, max_model_len=128).generate(prompts, params)
+    for prompt, seq in zip(prompts, together):
+        alone = LLMEngine(loaded, max_num_seqs=1, max_model_len=128).generate([prompt], params)[0]
+        assert alone.output_ids == seq.output_ids
+
+
+def test_quantized_plan_on_a_gpu_is_refused_in_one_line(tiny_checkpoint):
+    loaded = load_model(tiny_checkpoint("llama"), quantize="q8_0", activation="reglu")
+    with pytest.raises(HotcoldError, match="CPU only"):
+        apply_hybrid(loaded.model, make_plan(loaded, "random"), HybridConfig(mode="oracle"), loaded.fingerprint,
+                     gpu_device="meta")
