@@ -153,6 +153,26 @@ def time_transformers(path: Path, prompt_ids, long_ids, new_tokens, runs) -> dic
             "decode_runs": decode, "prefill_runs": prefill}
 
 
+def sparse_engine(path: Path, args: argparse.Namespace) -> tuple:
+    """(name, run, extra) of decode with the plan's predictors (`--plan-dtype auto`: on the GGUF's blocks)."""
+    from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+    from hotcold.engine.plan import load_plan
+
+    dtype = None if args.plan_dtype == "auto" else args.plan_dtype
+    loaded = load_model(path, dtype=dtype, activation=args.activation)
+    apply_hybrid(loaded.model, load_plan(args.plan, loaded.fingerprint),
+                 HybridConfig(mode="predictor", placement=args.placement), loaded.fingerprint, workers=args.workers)
+    prompt_ids = loaded.tokenizer.encode(PROMPT)
+    long_ids = loaded.tokenizer.encode(LONG_TEXT)[: args.prefill]
+
+    def run() -> dict:
+        loaded.model.ffn_counters.reset()
+        result = time_hotcold(loaded, prompt_ids, long_ids, args.new_tokens, 1)
+        return {**result, "ffn_sparsity": loaded.model.ffn_counters.sparsity}
+
+    return f"hotcold sparse predictor {args.plan_dtype} (plan)", run, {}
+
+
 def plan_rows(path: Path, args: argparse.Namespace) -> list[dict]:
     """Dense vs predictor mode, float32: decode speed and held-out perplexity (built-in evaluation text)."""
     from hotcold.engine.hybrid import HybridConfig, apply_hybrid
@@ -163,7 +183,7 @@ def plan_rows(path: Path, args: argparse.Namespace) -> list[dict]:
     rows, ids = [], []
     dtype = args.plan_dtype
     for mode in ("off", "predictor", "skip"):
-        loaded = load_model(path, dtype=dtype)
+        loaded = load_model(path, dtype=None if dtype == "auto" else dtype, activation=args.activation)
         plan = load_plan(args.plan, loaded.fingerprint)
         if not ids:  # the held-out text, tokenized once for the three rows
             for doc in builtin_texts()[1]:
@@ -246,13 +266,16 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true",
                     help="also decode with every product skipped: the per-token floor of everything else")
     ap.add_argument("--plan", default=None, help="also time predictor mode with this plan")
-    ap.add_argument("--plan-dtype", default="float32", help="dtype of the dense / predictor / ceiling rows")
+    ap.add_argument("--plan-dtype", default="auto",
+                    help="dtype of the plan rows (auto: a GGUF's blocks kept, as `hotcold serve` loads it)")
+    ap.add_argument("--activation", default=None, help="override the FFN activation (e.g. reglu)")
     ap.add_argument("--synthetic", default=None, metavar="SHAPE",
                     help="a synthetic ReGLU model of this shape (cpu-small, tiny), own plan, not --model")
     ap.add_argument("--profile-tokens", type=int, default=8000, help="calibration tokens for --synthetic's plan")
     ap.add_argument("--placement", default="cpu", choices=["hybrid", "gpu", "cpu"])
     ap.add_argument("--workers", type=int, default=0, help="CPU worker threads of the hybrid executor")
-    ap.add_argument("--eval-tokens", type=int, default=4000, help="held-out tokens for perplexity")
+    ap.add_argument("--eval-tokens", type=int, default=4000,
+                    help="held-out tokens for the plan's perplexity rows (0: no perplexity rows)")
     ap.add_argument("--out", default="benchmarks/results/decode_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -269,13 +292,15 @@ def main() -> None:
     print(calibrate.current().summary())
     engines = []  # (name, run once -> result, extra fields)
     for dtype in args.dtypes.split(","):
-        loaded = load_model(path, dtype=None if dtype == "auto" else dtype)
+        loaded = load_model(path, dtype=None if dtype == "auto" else dtype, activation=args.activation)
         prompt_ids = loaded.tokenizer.encode(PROMPT)
         long_ids = loaded.tokenizer.encode(LONG_TEXT)[: args.prefill]
         size = weight_bytes_per_token(loaded)
         name = "hotcold dense " + ("auto (GGUF blocks)" if dtype == "auto" and path.suffix == ".gguf" else dtype)
         engines.append((name, lambda lo=loaded, p=prompt_ids, lg=long_ids: time_hotcold(lo, p, lg, args.new_tokens, 1),
                         {"bytes_per_token": size, "floor_tok_s": bandwidth * 1e9 / size}))
+    if args.plan:  # the plan's predictors, interleaved with the dense rows and llama.cpp
+        engines.append(sparse_engine(path, args))
     if args.floor:
         loaded = load_model(path)
         prompt_ids = loaded.tokenizer.encode(PROMPT)
@@ -297,8 +322,9 @@ def main() -> None:
         runs = results[name]
         decode, prefill = [r["decode_tok_s"] for r in runs], [r["prefill_tok_s"] for r in runs]
         rows.append({"engine": name, **extra, "decode_tok_s": statistics.median(decode),
-                     "prefill_tok_s": statistics.median(prefill), "decode_runs": decode, "prefill_runs": prefill})
-    if args.plan:
+                     "prefill_tok_s": statistics.median(prefill), "decode_runs": decode, "prefill_runs": prefill,
+                     **({"ffn_sparsity": runs[-1]["ffn_sparsity"]} if "ffn_sparsity" in runs[-1] else {})})
+    if args.plan and args.eval_tokens:
         rows += plan_rows(path, args)
     if not args.no_transformers:
         loaded = load_model(path, dtype="float32")
@@ -318,6 +344,7 @@ def main() -> None:
         ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
         floor = f"{r['floor_tok_s']:.1f}" if "floor_tok_s" in r else "-"
         ppl = f"  perplexity {r['perplexity']:.3f}" if r.get("perplexity") else ""
+        ppl += f"  FFN sparsity {r['ffn_sparsity']:.3f}" if r.get("ffn_sparsity") is not None else ""
         pct = f"{100 * r['decode_tok_s'] / r['floor_tok_s']:.0f}%" if "floor_tok_s" in r else "-"
         print(f"{r['engine']:34s} {r['decode_tok_s']:12.1f} {ratio:>15s} {r['prefill_tok_s']:13.1f} {floor:>22s} "
               f"{pct:>10s}{ppl}")

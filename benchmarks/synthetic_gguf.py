@@ -2,7 +2,7 @@
 llama.cpp run: the realistic size (4096 hidden, 11008 intermediate, 32 heads) where a decoded token's time
 is the weights' reads, not the per-layer overhead that dominates a 135M model.
 
-    python benchmarks/synthetic_gguf.py [--layers 8] [--out PATH]      # prints the path
+    python benchmarks/synthetic_gguf.py [--layers 8] [--active 0.1] [--out PATH]      # prints the path
     python benchmarks/decode_cpu.py --model PATH --dtypes auto --no-transformers --new-tokens 32 --prefill 128
 
 The tokenizer (and so the head: 49152 rows, not Llama-2's 32000) is the default model's, copied from its
@@ -42,7 +42,11 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> int:
     return len(fields["tokenizer.ggml.tokens"])
 
 
-def make_synthetic_gguf(out: Path, layers: int = 8, seed: int = 0) -> Path:
+def make_synthetic_gguf(out: Path, layers: int = 8, seed: int = 0, active: float | None = None) -> Path:
+    """`active`: ReLU-family FFNs (hotcold runs them as ReGLU, `--activation reglu`) whose neurons fire on that
+    mean fraction of tokens, from gate rows and biases made as benchmarks/synthetic_model.py makes them (a
+    power law of frequencies; low-rank gates a predictor can learn); up and down biases are zeros. llama.cpp
+    reads the biases as the llama architecture's optional MLP biases and runs SwiGLU: the same bytes."""
     if out.exists():
         return out
     from hotcold.engine.default_model import ensure_default_model
@@ -70,15 +74,35 @@ def make_synthetic_gguf(out: Path, layers: int = 8, seed: int = 0) -> Path:
     def norm(name: str) -> None:
         writer.add_tensor(name, np.ones(HIDDEN, dtype=np.float32))
 
+    def ffn(i: int) -> None:
+        if active is None:
+            matrix(f"blk.{i}.ffn_gate.weight", INTERMEDIATE, HIDDEN)
+            matrix(f"blk.{i}.ffn_up.weight", INTERMEDIATE, HIDDEN)
+            matrix(f"blk.{i}.ffn_down.weight", HIDDEN, INTERMEDIATE)
+            return
+        gate, bias = sparse_gate(freqs, HIDDEN, HIDDEN // 16, 0.99, gen)
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", quant.quantize(gate, "Q4_0").data.numpy(),
+                          raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        writer.add_tensor(f"blk.{i}.ffn_gate.bias", bias.numpy().astype(np.float32))
+        matrix(f"blk.{i}.ffn_up.weight", INTERMEDIATE, HIDDEN)
+        writer.add_tensor(f"blk.{i}.ffn_up.bias", np.zeros(INTERMEDIATE, dtype=np.float32))
+        w = torch.randn(HIDDEN, INTERMEDIATE, generator=gen) * (1.0 / (INTERMEDIATE * active) ** 0.5)
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", quant.quantize(w, "Q4_0").data.numpy(),
+                          raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        writer.add_tensor(f"blk.{i}.ffn_down.bias", np.zeros(HIDDEN, dtype=np.float32))
+
+    if active is not None:
+        from synthetic_model import power_law_frequencies, sparse_gate
+
+        freqs = power_law_frequencies(INTERMEDIATE, active)
+
     matrix("token_embd.weight", vocab, HIDDEN)
     for i in range(layers):
         norm(f"blk.{i}.attn_norm.weight")
         for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
             matrix(f"blk.{i}.{part}.weight", HIDDEN, HIDDEN)
         norm(f"blk.{i}.ffn_norm.weight")
-        matrix(f"blk.{i}.ffn_gate.weight", INTERMEDIATE, HIDDEN)
-        matrix(f"blk.{i}.ffn_up.weight", INTERMEDIATE, HIDDEN)
-        matrix(f"blk.{i}.ffn_down.weight", HIDDEN, INTERMEDIATE)
+        ffn(i)
     norm("output_norm.weight")
     matrix("output.weight", vocab, HIDDEN)
     writer.write_header_to_file()
@@ -95,9 +119,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--active", type=float, default=None,
+                    help="ReLU-family FFNs whose neurons fire on this mean fraction of tokens (e.g. 0.1)")
     args = ap.parse_args()
-    out = Path(args.out) if args.out else cache_dir() / "synthetic" / f"llama7b-{args.layers}l-q4_0.gguf"
-    print(make_synthetic_gguf(out, args.layers))
+    tail = "" if args.active is None else f"-reglu{args.active:g}"
+    out = Path(args.out) if args.out else cache_dir() / "synthetic" / f"llama7b-{args.layers}l-q4_0{tail}.gguf"
+    print(make_synthetic_gguf(out, args.layers, active=args.active))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,18 @@ def _tokenizer(folder: Path, vocab: int) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
 
+def sparse_gate(freqs: torch.Tensor, hidden: int, gate_rank: int, low_rank_energy: float,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's gate rows [I, H] (low rank plus noise) and biases [I]: neuron i fires on about freqs[perm[i]]
+    of unit-mean-square inputs (see the module docstring)."""
+    I = freqs.numel()
+    basis = torch.linalg.qr(torch.randn(hidden, gate_rank, generator=gen))[0].T  # [r, H] orthonormal rows
+    gate = (low_rank_energy**0.5 * torch.randn(I, gate_rank, generator=gen) @ basis / gate_rank**0.5
+            + (1 - low_rank_energy) ** 0.5 * torch.randn(I, hidden, generator=gen) / hidden**0.5)
+    f = freqs[torch.randperm(I, generator=gen)]
+    return gate, torch.from_numpy(norm.ppf(f.numpy())).float() * gate.norm(dim=1)
+
+
 @torch.no_grad()
 def make_synthetic_checkpoint(folder: Path, shape: SyntheticShape, active: float = 0.10, seed: int = 0,
                               dtype: torch.dtype = torch.bfloat16, gate_rank: int = 0,
@@ -95,11 +107,7 @@ def make_synthetic_checkpoint(folder: Path, shape: SyntheticShape, active: float
                "model.norm.weight": torch.ones(H, dtype=dtype), "lm_head.weight": randn(shape.vocab, H, fan_in=H)}
     for layer in range(shape.layers):
         p = f"model.layers.{layer}."
-        basis = torch.linalg.qr(torch.randn(H, gate_rank, generator=gen))[0].T  # [r, H] orthonormal rows
-        gate = (low_rank_energy**0.5 * torch.randn(I, gate_rank, generator=gen) @ basis / gate_rank**0.5
-                + (1 - low_rank_energy) ** 0.5 * torch.randn(I, H, generator=gen) / H**0.5)
-        f = freqs[torch.randperm(I, generator=gen)]
-        bias = torch.from_numpy(norm.ppf(f.numpy())).float() * gate.norm(dim=1)
+        gate, bias = sparse_gate(freqs, H, gate_rank, low_rank_energy, gen)
         tensors.update({
             p + "input_layernorm.weight": torch.ones(H, dtype=dtype),
             p + "post_attention_layernorm.weight": torch.ones(H, dtype=dtype),

@@ -107,6 +107,7 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
     if path.suffix == ".gguf":
         reader = GGUFReader(path)
         cfg = configs.from_gguf_metadata(reader.metadata, activation)
+        cfg.mlp_bias = "blk.0.ffn_up.bias" in reader.tensor_names()  # optional in llama.cpp's llama too
         tokenizer = from_gguf_metadata(reader.metadata)
         gen = GenerationDefaults()
     else:
