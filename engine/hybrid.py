@@ -102,7 +102,10 @@ class HybridFFN(nn.Module):
     def __init__(self, dense: DenseFFN, layer: LayerPlan, cfg: HybridConfig, gpu: torch.device,
                  pool: ThreadPoolExecutor | None, counters: FFNCounters):
         super().__init__()
-        self.dense, self.layer, self.cfg, self.pool, self.counters = dense, layer, cfg, pool, counters
+        # the two sides hold the layer's only copy of its neurons: `dense` is not kept (a server with a plan
+        # held the FFN twice, 1.28x the dense model's resident memory)
+        self.layer, self.cfg, self.pool, self.counters = layer, cfg, pool, counters
+        self.intermediate_size = dense.intermediate_size
         self.activation, self.index = kernel_activation(dense.activation, "none", dense.threshold), layer.index
         if dense.gelu_approximate != "none":
             raise HotcoldError("the sparse kernels implement exact-erf GELU only (model uses tanh GELU)")
@@ -144,7 +147,7 @@ class HybridFFN(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[T, I] bool of the neurons each token needs; in oracle mode also the dense activations."""
         if self.cfg.mode == "oracle":  # the true activations, each side over its rows, in global order
-            h = torch.empty(x.shape[0], self.dense.intermediate_size, dtype=torch.float32, device=x.device)
+            h = torch.empty(x.shape[0], self.intermediate_size, dtype=torch.float32, device=x.device)
             for side in (self.hot, self.cold):
                 if side.num:
                     h[:, side.ids.to(x.device)] = self._dense_h(side, x).to(x.device)
@@ -152,10 +155,8 @@ class HybridFFN(nn.Module):
         return self.predictor.predict(predictor_input(self.predictor, x, residual), **self.rule), None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.cfg.mode == "off":
-            return self.dense(x)
         mask, h_known = self.active_mask(x, residual)
-        T, num = x.shape[0], self.dense.intermediate_size
+        T, num = x.shape[0], self.intermediate_size
         union = mask[0] if T == 1 else mask.any(0)
         if self.hot.num and self.cold.num:
             hot_ids = (union & self.is_hot).nonzero().flatten()
@@ -285,6 +286,7 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
     move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None
     for layer, layer_plan in zip(model.layers, plan.layers):
-        dense = layer.ffn.dense if isinstance(layer.ffn, HybridFFN) else layer.ffn
-        layer.ffn = HybridFFN(dense, layer_plan, cfg, gpu, pool, counters)
+        if not isinstance(layer.ffn, DenseFFN):
+            raise HotcoldError("the model already runs a plan (or has no dense FFN to split): load it again")
+        layer.ffn = HybridFFN(layer.ffn, layer_plan, cfg, gpu, pool, counters)
     return counters

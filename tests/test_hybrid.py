@@ -121,6 +121,7 @@ def test_two_cpu_sides_run_at_once(tiny_checkpoint):
     input, mask and id tables: each side waits at a two-party barrier before computing, so a call that does
     not overlap the two sides breaks the barrier (times out) and fails; every result is the float64 one."""
     loaded = load_model(tiny_checkpoint("llama_untied_bias"), dtype="float32")
+    dense = load_model(tiny_checkpoint("llama_untied_bias"), dtype="float32").model.layers[0].ffn
     cfg = loaded.config
     n = cfg.intermediate_size
     weights, keep = fixed_set_predictor(cfg.hidden_size, n, seed=2)
@@ -143,7 +144,7 @@ def test_two_cpu_sides_run_at_once(tiny_checkpoint):
     for step in range(30):
         x = torch.randn(1 + step % 4, cfg.hidden_size, generator=gen)
         got = layer(x)
-        want = keep_only_f64(layer.dense, keep, x)
+        want = keep_only_f64(dense, keep, x)
         assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     assert len(threads) == 2 and not barrier.broken
 
