@@ -231,11 +231,14 @@ def _from_hf_config(cfg: dict, activation: str | None) -> ModelConfig:
     ).validate()
 
 
-def from_gguf_metadata(meta: dict[str, Any], activation: str | None = None) -> ModelConfig:
-    """GGUF metadata (`{arch}.block_count`, ...) -> ModelConfig, for the llama and qwen2 GGUF families."""
+def from_gguf_metadata(meta: dict[str, Any], activation: str | None = None, powerinfer: bool = False) -> ModelConfig:
+    """GGUF metadata (`{arch}.block_count`, ...) -> ModelConfig, for the llama and qwen2 GGUF families and
+    PowerInfer's bamboo (llama-shaped, dReLU). The activation follows the architecture, as PowerInfer's
+    sparse FFN does: ReLU on the gate (ReGLU) for a PowerInfer llama file (ReluLLaMA), relu(gate) * relu(up)
+    for bamboo; SwiGLU for other llama files."""
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise HotcoldError(f"unsupported GGUF architecture {arch!r} (supported: llama, qwen2)")
+    if arch not in ("llama", "qwen2", "bamboo"):
+        raise HotcoldError(f"unsupported GGUF architecture {arch!r} (supported: llama, qwen2, bamboo)")
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -250,11 +253,12 @@ def from_gguf_metadata(meta: dict[str, Any], activation: str | None = None) -> M
     if experts:
         raise HotcoldError("GGUF mixture-of-experts models are not supported; use the safetensors checkpoint")
     head_dim = int(meta.get(f"{arch}.rope.dimension_count") or hidden // heads)
+    default_act = "drelu" if arch == "bamboo" else "reglu" if powerinfer else "swiglu"
     return ModelConfig(
-        arch=arch, vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")), num_heads=heads,
+        arch="llama" if arch == "bamboo" else arch, vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")), num_heads=heads,
         num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads), head_dim=head_dim,
-        activation=activation or "swiglu", norm="rms",
+        activation=activation or default_act, norm="rms",
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         max_position_embeddings=int(get("context_length", 2048)),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base") or 10000.0),

@@ -106,7 +106,7 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
     dtype = dtype or default_dtype(device)
     if path.suffix == ".gguf":
         reader = GGUFReader(path)
-        cfg = configs.from_gguf_metadata(reader.metadata, activation)
+        cfg = configs.from_gguf_metadata(reader.metadata, activation, powerinfer=reader.powerinfer)
         cfg.mlp_bias = "blk.0.ffn_up.bias" in reader.tensor_names()  # optional in llama.cpp's llama too
         tokenizer = from_gguf_metadata(reader.metadata)
         gen = GenerationDefaults()
@@ -132,7 +132,8 @@ def _large_weights(model: Transformer) -> list[torch.Tensor]:
     for block in model.layers:
         out += [block.attn.wqkv, block.attn.wo]
         ffns = block.ffn.experts if isinstance(block.ffn, MoEFFN) else [block.ffn]
-        out += [t for ffn in ffns for t in (ffn.gate_up, ffn.down if isinstance(ffn, QuantFFN) else ffn.down_t)]
+        out += [t for ffn in ffns for t in (ffn.gate_up, ffn.down_t if getattr(ffn, "down", None) is None
+                                                           else ffn.down)]
     return [w.data if isinstance(w, QuantTensor) else w for w in out]
 
 
@@ -183,18 +184,22 @@ def build_model(cfg: ModelConfig, reader: HFReader | GGUFReader, dtype: torch.dt
 
     def ffn(prefix: str) -> DenseFFN | QuantFFN:
         bias = cfg.mlp_bias
+        # PowerInfer GGUFs store down neuron-major (`ffn_down_t`, [I, H]) and no `ffn_down`
+        transposed = isinstance(reader, GGUFReader) and reader.has(f"{prefix}.down_t.weight") and not reader.has(
+            f"{prefix}.down.weight")
         if blocks or quantize:
             mats = [matrix(f"{prefix}.{n}.weight") for n in (("gate", "up") if cfg.gated else ("up",))]
-            down = matrix(f"{prefix}.down.weight")
+            down = matrix(f"{prefix}.down_t.weight" if transposed else f"{prefix}.down.weight")
             if all(isinstance(m, QuantTensor) for m in [*mats, down]):
                 mats = _same_type(mats)
-                return QuantFFN(cfg.activation, mats[-1], down, gate=mats[0] if cfg.gated else None,
+                return QuantFFN(cfg.activation, mats[-1], None if transposed else down,
+                                gate=mats[0] if cfg.gated else None, down_t=down if transposed else None,
                                 up_bias=get(f"{prefix}.up.bias", bias),
                                 gate_bias=get(f"{prefix}.gate.bias", bias and cfg.gated),
                                 down_bias=get(f"{prefix}.down.bias", bias), gelu_approximate=cfg.gelu_approximate,
                                 threshold=cfg.activation_threshold)
-        down = get(f"{prefix}.down.weight")
-        return DenseFFN(cfg.activation, get(f"{prefix}.up.weight"), down.t().contiguous(),
+        down_t = get(f"{prefix}.down_t.weight") if transposed else get(f"{prefix}.down.weight").t().contiguous()
+        return DenseFFN(cfg.activation, get(f"{prefix}.up.weight"), down_t,
                         gate=get(f"{prefix}.gate.weight") if cfg.gated else None,
                         up_bias=get(f"{prefix}.up.bias", bias),
                         gate_bias=get(f"{prefix}.gate.bias", bias and cfg.gated),

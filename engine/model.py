@@ -126,9 +126,10 @@ class QuantFFN(nn.Module):
 
     folds_norm = True  # Block passes the RMS norm in: it runs inside the native call
 
-    def __init__(self, activation: str, up: QuantTensor, down: QuantTensor, gate: QuantTensor | None = None,
+    def __init__(self, activation: str, up: QuantTensor, down: QuantTensor | None, gate: QuantTensor | None = None,
                  up_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
-                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none", threshold: float = 0.0):
+                 down_bias: torch.Tensor | None = None, gelu_approximate: str = "none", threshold: float = 0.0,
+                 down_t: QuantTensor | None = None):
         super().__init__()
         self.activation, self.gelu_approximate = activation, gelu_approximate
         self.gated = activation in GATED
@@ -136,7 +137,9 @@ class QuantFFN(nn.Module):
         self.gate_up = quant.interleave(gate, up) if self.gated else up
         bias = gate_up_bias(self.gated, up_bias, gate_bias)
         self.gate_up_bias = None if bias is None else bias.reshape(-1)  # matches gate_up's interleaved rows
-        self.down, self.down_bias = down, down_bias
+        # down [H, I] as GGUF stores it, or (PowerInfer GGUFs: `ffn_down_t`) only its neuron-major down_t [I, H]
+        self.down, self.down_t, self.down_bias = down, down_t, down_bias
+        self._all = torch.arange(self.intermediate_size)
         spec = kernel_activation(activation, gelu_approximate, threshold)
         self.codes = (FUNCTIONS[spec.gate_fn], FUNCTIONS[spec.up_fn], spec.threshold)  # as BlockWeights takes them
 
@@ -144,6 +147,12 @@ class QuantFFN(nn.Module):
         """One native call: RMS norm (when given), gate/up product, activation, down product."""
         if norm is not None and norm.kind != "rms":
             x, norm = norm(x), None
+        if self.down is None:  # every neuron through the sparse kernel over down_t: no second copy of down
+            y = quant.sparse_ffn(x, self.gate_up, self.down_t, 2 if self.gated else 1, self._all, self.codes[0],
+                                 self.codes[1], gate_up_bias=self.gate_up_bias,
+                                 norm=None if norm is None else norm.weight, eps=norm.eps if norm else 0.0,
+                                 threshold=self.codes[2])
+            return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)
         y = quant.ffn(x, self.gate_up, self.down, 2 if self.gated else 1, self.codes[0], self.codes[1],
                       self.gate_up_bias, None if norm is None else norm.weight, norm.eps if norm else 0.0,
                       threshold=self.codes[2])
@@ -339,7 +348,7 @@ def native_block(block: Block) -> quant.BlockWeights | None:
     if not (block.pre_norm and getattr(ffn, "folds_norm", False) and isinstance(attn.wqkv, QuantTensor)
             and isinstance(attn.wo, QuantTensor) and n1.kind == n2.kind == "rms" and n1.eps == n2.eps):
         return None
-    if not isinstance(ffn, QuantFFN):
+    if not isinstance(ffn, QuantFFN) or ffn.down is None:
         return quant.BlockWeights(n1.weight, n2.weight, n1.eps, attn.wqkv, attn.bqkv, attn.wo, attn.bo)
     return quant.BlockWeights(n1.weight, n2.weight, n1.eps, attn.wqkv, attn.bqkv, attn.wo, attn.bo, ffn.gate_up,
                               ffn.down, 2 if ffn.gated else 1, ffn.gate_up_bias, ffn.down_bias, *ffn.codes)

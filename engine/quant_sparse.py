@@ -55,7 +55,7 @@ class QuantSparseFFN(nn.Module):
         self.gate_up, self.gate_up_bias, self.down_bias = ffn.gate_up, ffn.gate_up_bias, ffn.down_bias
         self.parts, self.codes, self.index = 2 if ffn.gated else 1, ffn.codes, layer.index
         self.intermediate_size = ffn.intermediate_size
-        self.down_t = quant.transpose(ffn.down, down_type)
+        self.down_t = ffn.down_t if ffn.down_t is not None else quant.transpose(ffn.down, down_type)
         self.mode, self.threshold, self.counters = mode, layer.threshold, counters
         self.predictor = None
         if mode == "oracle":  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule

@@ -44,7 +44,10 @@ _GGUF_GLOBAL = {"embed": "token_embd", "final_norm": "output_norm", "lm_head": "
 _GGUF_LAYER = {
     "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
     "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down",
+    # PowerInfer GGUFs: down stored neuron-major ([I, H] rows), and the layer's predictor
+    "down_t": "ffn_down_t", "fc1": "fc1", "fc2": "fc2",
 }
+POWERINFER_MAGIC = int.from_bytes(b"PWRI", "little")  # in place of GGUF's magic (convert-hf-to-powerinfer-gguf.py)
 
 
 _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -237,12 +240,18 @@ def _checked_gguf_reader(path: Path) -> Any:
     import gguf
 
     class Checked(gguf.GGUFReader):
+        powerinfer = False  # the file is PowerInfer's GGUF variant (magic PWRI)
+
         def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
             end = int(offset) + np.dtype(dtype).itemsize * int(count)
             if end > len(self.data):
                 raise _Damaged(f"truncated or corrupt: its header runs past the end of the file (expected at "
                                f"least {end} bytes, found {len(self.data)})")
-            return super()._get(offset, dtype, count, override_order)
+            value = super()._get(offset, dtype, count, override_order)
+            if int(offset) == 0 and int(count) == 1 and int(value[0]) == POWERINFER_MAGIC:
+                self.powerinfer = True  # otherwise GGUF v3 as it is
+                return np.array([gguf.GGUF_MAGIC], dtype=value.dtype)
+            return value
 
         def _build_tensors(self, start_offs: int, fields: list) -> None:
             end = 0
@@ -274,6 +283,7 @@ class GGUFReader:
         except Exception as exc:
             raise HotcoldError(f"{path}: cannot read GGUF file, corrupt ({type(exc).__name__}: {exc})") from None
         self._tensors = {t.name: t for t in self._reader.tensors}
+        self.powerinfer = self._reader.powerinfer
         self.metadata = self._read_metadata()
         self.arch = self.metadata.get("general.architecture")
         self.n_head = self.metadata.get(f"{self.arch}.attention.head_count")
@@ -308,9 +318,12 @@ class GGUFReader:
 
     def _unpermute_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows of q/k back in transformers' order (llama.cpp's converter interleaves them for RoPE)."""
-        if self.arch == "llama" and name.endswith((".q.weight", ".k.weight")):
+        if self.arch in ("llama", "bamboo") and name.endswith((".q.weight", ".k.weight")):
             return _unpermute(rows, self.n_head if ".q." in name else self.n_head_kv).contiguous()
         return rows
+
+    def has(self, name: str) -> bool:
+        return self._tensor(name) is not None
 
     def is_quantized(self, name: str) -> bool:
         tensor = self._tensor(name)

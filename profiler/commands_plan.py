@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     imp = sub.add_parser("import", help="import predictors: the model folder (embedded mlp.predictor tensors) or "
                                         "a PowerInfer predictor folder (model_{i}.pt)")
-    imp.add_argument("src", type=Path, help="the model folder or a PowerInfer predictor folder")
+    imp.add_argument("src", type=Path, help="the model folder, a PowerInfer predictor folder or a PowerInfer GGUF")
     imp.add_argument("--model", required=True, help="the model the plan is for (HF folder or .gguf)")
     imp.add_argument("--out", required=True, type=Path, help="the plan folder to write")
     imp.add_argument("--sparse-threshold", type=float, default=None,

@@ -1,9 +1,10 @@
 """`hotcold plan import`: a plan from predictors that come with a model, without profiling.
 
-Two sources: the model folder itself (TurboSparse-Mistral / Bamboo ship `model.layers.N.mlp.predictor.fc1.weight`
-[r, H] and `fc2.weight` [I, r] in the checkpoint), or a PowerInfer predictor folder (`model_{i}.pt` state
+Three sources: the model folder itself (TurboSparse-Mistral / Bamboo ship `model.layers.N.mlp.predictor.fc1.weight`
+[r, H] and `fc2.weight` [I, r] in the checkpoint), a PowerInfer predictor folder (`model_{i}.pt` state
 dicts with `fc1.weight` / `fc2.weight`, an optional `config.json` with `sparse_threshold`, optional
-`activation/activation_{i}.pt` activation counts). PowerInfer's semantics are kept as they are
+`activation/activation_{i}.pt` activation counts), or a PowerInfer GGUF (`blk.N.fc1` / `fc2` tensors,
+`powerinfer.sparse_threshold`). PowerInfer's semantics are kept as they are
 (llama.cpp `llm_build_ffn_sparse`: idx = pre_w2 @ relu(pre_w1 @ ffn_inp), a row is skipped when
 idx < sparse_threshold): no biases, rule "logit", input "residual". Placement is hotcold's own optimizer;
 recall and sparsity are measured against the true activations on a few calibration tokens.
@@ -41,8 +42,11 @@ class ImportedPredictors:
 def read_predictors(src: str | Path, threshold: float | None = None) -> ImportedPredictors:
     """Predictors of a model folder (embedded tensors) or a PowerInfer predictor folder, layers by number."""
     root = Path(src)
+    if root.is_file() and root.suffix == ".gguf":
+        return _gguf_predictors(root, threshold)
     if not root.is_dir():
-        raise HotcoldError(f"{root} is not a folder (give the model folder or a PowerInfer predictor folder)")
+        raise HotcoldError(f"{root} is not a folder or a .gguf file (give the model folder, a PowerInfer "
+                           "predictor folder or a PowerInfer GGUF)")
     parts = {int(m.group(1)): p for p in root.iterdir() if (m := _PART.match(p.name))}
     weights: dict[int, dict[str, Tensor]] = {}
     if parts:
@@ -82,6 +86,25 @@ def read_predictors(src: str | Path, threshold: float | None = None) -> Imported
         raise HotcoldError(f"{act} has activation counts for layers {sorted(counts)}, the predictors cover "
                            f"{sorted(weights)}: all layers or none")
     return ImportedPredictors(weights, float(threshold), kind, counts)
+
+
+def _gguf_predictors(path: Path, threshold: float | None) -> ImportedPredictors:
+    """A PowerInfer GGUF's predictors: `blk.N.fc1.weight` [r, H] and `blk.N.fc2.weight` [I, r] (f16), and its
+    `powerinfer.sparse_threshold`."""
+    from hotcold.engine.weights import GGUFReader
+
+    reader = GGUFReader(path)
+    weights: dict[int, dict[str, Tensor]] = {}
+    while reader.has(f"layers.{len(weights)}.fc1.weight"):
+        i = len(weights)
+        weights[i] = {"w1": reader.get(f"layers.{i}.fc1.weight"), "w2": reader.get(f"layers.{i}.fc2.weight")}
+        if weights[i]["w2"] is None or weights[i]["w1"].shape[0] != weights[i]["w2"].shape[1]:
+            raise HotcoldError(f"{path}: layer {i}'s predictor needs fc1 [r, H] and fc2 [I, r]")
+    if not weights:
+        raise HotcoldError(f"{path} holds no predictors (no blk.N.fc1.weight / fc2.weight tensors)")
+    if threshold is None:
+        threshold = float(reader.metadata.get("powerinfer.sparse_threshold", 0.0))
+    return ImportedPredictors(weights, float(threshold), "powerinfer", {})
 
 
 class _Recorder(nn.Module):

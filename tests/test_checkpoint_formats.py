@@ -214,61 +214,13 @@ def test_corrupt_gguf_tensor_type_is_named(tmp_path):
     assert "corrupt" in message and "token_embd.weight" in message and "250" in message, message
 
 
-def _llama_gguf_from(folder, path) -> None:
-    """A float32 llama GGUF of a tiny HF checkpoint, written as llama.cpp's converter does (q/k rows permuted
-    for its RoPE layout, optional MLP biases), with the checkpoint's own vocabulary as tokenizer keys."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(folder)
-    sd = {k: v.float().numpy() for k, v in load_file(str(folder / "model.safetensors")).items()}
-    tok = json.loads((folder / "tokenizer.json").read_text())["model"]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(sorted(tok["vocab"], key=tok["vocab"].get))
-    writer.add_token_types([1] * len(tok["vocab"]))
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["merges"]])
-
-    def permute(w: np.ndarray, heads: int) -> np.ndarray:
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    names = {"self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    if "lm_head.weight" in sd:
-        writer.add_tensor("output.weight", sd["lm_head.weight"])
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        writer.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
-        for hf, ours in names.items():
-            for kind in ("weight", "bias"):
-                if p + f"{hf}.{kind}" in sd:
-                    writer.add_tensor(f"blk.{i}.{ours}.{kind}", sd[p + f"{hf}.{kind}"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def test_gguf_mlp_biases_are_read(tmp_path):
     """llama GGUFs may carry MLP biases (llama.cpp reads them as optional): hotcold must add them, not drop
     them. Reference: transformers on the HF checkpoint the GGUF was written from."""
-    from tiny_models import make_tiny_checkpoint
+    from tiny_models import make_tiny_checkpoint, write_llama_gguf
 
     folder = make_tiny_checkpoint("llama", tmp_path / "hf", mlp_bias=True, tie_word_embeddings=False)
-    _llama_gguf_from(folder, tmp_path / "biased.gguf")
+    write_llama_gguf(folder, tmp_path / "biased.gguf")
     loaded = load_model(tmp_path / "biased.gguf", dtype="float32")
     assert loaded.config.mlp_bias and loaded.model.layers[0].ffn.down_bias is not None
     ids = torch.tensor(list(range(3, 30)))
