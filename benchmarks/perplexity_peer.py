@@ -45,12 +45,29 @@ def chunked_ppl(model, ids: list[int], context: int) -> tuple[float, int]:
     return math.exp(total / count), len(ids) // context
 
 
+def _all_neurons_sparse(model, down_type: str) -> None:
+    """Every FFN through the sparse path (engine/quant_sparse.py) with a plan that keeps every neuron (oracle
+    threshold -1): the result differs from dense only by down's second rounding into down_t."""
+    from hotcold.engine.hybrid import FFNCounters
+    from hotcold.engine.plan import LayerPlan
+    from hotcold.engine.quant_sparse import QuantSparseFFN
+
+    counters = FFNCounters()
+    for layer in model.layers:
+        n = layer.ffn.intermediate_size
+        plan = LayerPlan(index=0, threshold=-1.0, cett=0.0, sparsity=0.0, num_neurons=n, hot_ids=torch.arange(0),
+                         frequency=torch.zeros(n))
+        layer.ffn = QuantSparseFFN(layer.ffn, plan, "oracle", "threshold", counters, down_type=down_type)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens to use (whole chunks)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--down-t", nargs="*", default=["Q4_1", "Q8_0"], metavar="TYPE",
+                    help="also score the sparse path's down_t re-quantized to these types (every neuron kept)")
     ap.add_argument("--out", default="benchmarks/results/perplexity_peer.json")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -84,6 +101,15 @@ def main() -> None:
         name = ("hotcold, GGUF blocks, int8 activations" if int8 else "hotcold, GGUF blocks, calibrated paths"
                 if dtype is None else "hotcold, dequantized to float32")
         rows.append({"engine": name, "perplexity": ppl, "chunks": chunks, "seconds": time.perf_counter() - t0})
+    quant._native_tokens = lambda: 1 << 30
+    for down_type in args.down_t:  # what re-quantizing down neuron-major (the sparse path's down_t) costs
+        loaded = load_model(path)
+        _all_neurons_sparse(loaded.model, down_type)
+        t0 = time.perf_counter()
+        ppl, chunks = chunked_ppl(loaded.model, ids, args.context)
+        rows.append({"engine": f"hotcold, GGUF blocks, down_t as {down_type}, sparse kernel, every neuron",
+                     "perplexity": ppl, "chunks": chunks, "seconds": time.perf_counter() - t0})
+    quant._native_tokens = calibrated
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(text)
     t0 = time.perf_counter()

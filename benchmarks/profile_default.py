@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from hotcold.engine.loader import load_model
+from hotcold.engine.placement import place_neurons
 from hotcold.engine.plan import save_plan
 from hotcold.profiler import collect, search
 from hotcold.profiler.corpus import build_corpus
 from hotcold.profiler.pipeline import ProfileConfig, profile
-from hotcold.profiler.placement import place_neurons
 from hotcold.profiler.report import write_report
 
 RESULTS = Path(__file__).parent / "results" / "profile_default.json"

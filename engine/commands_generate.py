@@ -32,6 +32,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(oracle), or the plan's predictors (default with --plan: predictor)")
     parser.add_argument("--placement", default="hybrid", choices=["hybrid", "gpu", "cpu"],
                         help="hot neurons on the GPU and cold on the CPU (hybrid), or all on one side")
+    add_gpu_memory_argument(parser)
+
+
+def add_gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
+    """--gpu-memory (shared with `hotcold serve`)."""
+    parser.add_argument("--gpu-memory", default=None,
+                        help="with --plan: re-place its hot neurons for this GPU budget (8GiB, 512MiB, 0, all) "
+                             "from the plan's measured frequencies, without re-profiling")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -46,6 +54,8 @@ def load_from_args(args: argparse.Namespace):
         native.set_threads(args.threads)
     if args.sparsity not in (None, "off") and not args.plan:
         raise HotcoldError(f"--sparsity {args.sparsity} needs --plan PLAN_DIR (make one with `hotcold profile`)")
+    if getattr(args, "gpu_memory", None) is not None and not args.plan:
+        raise HotcoldError("--gpu-memory places a plan's neurons: it needs --plan PLAN_DIR")
     dtype = args.dtype
     if args.plan and dtype is None and torch.device(args.device).type != "cpu":
         from hotcold.engine.loader import default_dtype  # the GPU side gathers 16/32-bit rows
@@ -64,11 +74,28 @@ def load_from_args(args: argparse.Namespace):
         from hotcold.engine.plan import load_plan
 
         plan = load_plan(args.plan, loaded.fingerprint)
+        if getattr(args, "gpu_memory", None) is not None:
+            _replan(plan, loaded, args)
         mode = args.sparsity or "predictor"
         config = HybridConfig(mode=mode, placement=args.placement)
         gpu = args.device if torch.device(args.device).type == "cuda" else None
         apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu)
     return loaded
+
+
+def _replan(plan, loaded, args: argparse.Namespace) -> None:
+    """--gpu-memory: the plan's hot neurons re-placed for that budget, and what was chosen, on stderr."""
+    from hotcold.engine.placement import fmt_bytes, parse_memory, replan
+
+    budget = parse_memory(args.gpu_memory)
+    context = getattr(args, "max_model_len", None) or loaded.config.max_position_embeddings
+    batch = getattr(args, "max_num_seqs", None) or 1
+    dtype_bytes = loaded.model.dtype.itemsize
+    placed = replan(plan, loaded.model, budget, dtype_bytes, context, batch)
+    p = placed.placement
+    print(f"hotcold: --gpu-memory {fmt_bytes(budget)}: {sum(p.hot_counts)} hot neurons ({fmt_bytes(p.hot_bytes)}, "
+          f"{100 * p.served / max(p.total, 1e-9):.0f}% of expected activations) after {fmt_bytes(placed.reserved)} "
+          f"for the dense parts and the KV cache of {batch} x {context} tokens", file=sys.stderr)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from hotcold.engine import placement
     from hotcold.engine.loader import load_model
-    from hotcold.profiler import placement, predictor
+    from hotcold.profiler import predictor
     from hotcold.profiler.corpus import build_corpus
     from hotcold.profiler.pipeline import ProfileConfig, profile
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(result, out: Path) -> None:
-    from hotcold.profiler.placement import fmt_bytes
+    from hotcold.engine.placement import fmt_bytes
 
     plan = result.plan
     ppl, pl, tg = plan.perplexity, plan.placement, plan.targets

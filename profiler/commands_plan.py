@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hotcold.engine import placement
     from hotcold.engine.loader import load_model
     from hotcold.engine.plan import save_plan
-    from hotcold.profiler import placement
     from hotcold.profiler.corpus import build_corpus
     from hotcold.profiler.import_plan import build_import_plan, read_predictors
 

@@ -150,7 +150,7 @@ def _quality(pred: Tensor, true: Tensor) -> tuple[float, float]:
 def build_import_plan(loaded, imported: ImportedPredictors, sequences: list[list[int]], gpu_memory: int | None,
                       gpu_dtype_bytes: int = 2, context: int = 1024, batch: int = 1) -> Plan:
     """The plan: imported predictors with their measured quality, hot neurons by hotcold's placement."""
-    from hotcold.profiler import placement
+    from hotcold.engine import placement
 
     model, mcfg = loaded.model, loaded.config
     if mcfg.num_experts:
@@ -175,14 +175,8 @@ def build_import_plan(loaded, imported: ImportedPredictors, sequences: list[list
         freqs.append(imported.counts[i].float() if i in imported.counts else mask.float().mean(0))
         preds.append((p, k))
     pred_params = sum(LowRankPredictor.num_params(H, p.rank, I) - p.rank - I for p, _ in preds)
-    parts = placement.dense_parts(model, gpu_dtype_bytes, pred_params, context, batch)
-    nbytes = placement.neuron_bytes(H, mcfg.gated, bool(getattr(mcfg, "mlp_bias", False)), gpu_dtype_bytes)
-    reserved = 0 if gpu_memory == 0 else sum(parts.values())
-    if gpu_memory not in (None, 0) and reserved > gpu_memory:
-        raise HotcoldError(f"--gpu-memory {placement.fmt_bytes(gpu_memory)} is smaller than the dense parts need "
-                           f"({placement.fmt_bytes(reserved)}); raise it, or use 0 for CPU only")
-    left = None if gpu_memory is None else max(0, gpu_memory - reserved)
-    place = placement.place_neurons(freqs, [nbytes] * L, left, 0)
+    budget = placement.place_for_budget(model, freqs, gpu_memory, gpu_dtype_bytes, pred_params, context, batch)
+    place, reserved, nbytes = budget.placement, budget.reserved, budget.neuron_bytes
     layers = []
     for i, ((p, k), (rec, sp, krec, ksp, true_sp)) in enumerate(zip(preds, quality, strict=True)):
         pp = PredictorPlan(rank=p.rank, tau=imported.threshold, top_k=k, recall=rec, sparsity=sp, topk_recall=krec,

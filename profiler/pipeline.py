@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
+from hotcold.engine import placement
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.plan import LayerPlan, Plan, PredictorPlan
 from hotcold.engine.sparsity import LowRankPredictor
-from hotcold.profiler import collect, placement, predictor, search
+from hotcold.profiler import collect, predictor, search
 from hotcold.profiler.corpus import Corpus
 from hotcold.profiler.stats import CettSample, LayerSummary
 
@@ -197,21 +198,10 @@ def profile(loaded, corpus: Corpus, cfg: ProfileConfig, quiet: bool = False) -> 
 
     # 6. placement
     pred_params = sum(LowRankPredictor.num_params(H, f.module.rank, I) for f in fitted)
-    parts = placement.dense_parts(model, cfg.gpu_dtype_bytes, pred_params, cfg.context, cfg.batch)
-    nbytes = placement.neuron_bytes(H, mcfg.gated, bool(getattr(mcfg, "mlp_bias", False)), cfg.gpu_dtype_bytes)
     freqs = [s.frequency for s in summaries]
-    if cfg.gpu_memory == 0:
-        place = placement.place_neurons(freqs, [nbytes] * L, 0, 0)
-        reserved = 0
-    else:
-        reserved = sum(parts.values())
-        if cfg.gpu_memory is not None and reserved > cfg.gpu_memory:
-            raise HotcoldError(f"--gpu-memory {placement.fmt_bytes(cfg.gpu_memory)} is smaller than the dense "
-                               f"parts need ({placement.fmt_bytes(reserved)}: "
-                               + ", ".join(f"{k} {placement.fmt_bytes(v)}" for k, v in parts.items())
-                               + "); raise it, or lower --context/--batch, or use 0 for CPU only")
-        left = None if cfg.gpu_memory is None else cfg.gpu_memory - reserved
-        place = placement.place_neurons(freqs, [nbytes] * L, left, cfg.min_hot_per_layer)
+    budget = placement.place_for_budget(model, freqs, cfg.gpu_memory, cfg.gpu_dtype_bytes, pred_params, cfg.context,
+                                        cfg.batch, cfg.min_hot_per_layer)
+    place, parts, reserved, nbytes = budget.placement, budget.parts, budget.reserved, budget.neuron_bytes
     timings["total"] = time.perf_counter() - t0
 
     # 7. the plan

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hotcold.profiler.placement import fmt_bytes
+from hotcold.engine.placement import fmt_bytes
 
 
 def _plt():

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from hotcold.engine.commands_generate import add_weight_arguments
+from hotcold.engine.commands_generate import add_gpu_memory_argument, add_weight_arguments
 from hotcold.engine.errors import HotcoldError
 
 log = logging.getLogger("hotcold.server")
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --plan: which neurons run (default predictor)")
     parser.add_argument("--placement", default="hybrid", choices=["hybrid", "gpu", "cpu"],
                         help="with --plan: hot neurons on the GPU and cold on the CPU, or all on one side")
+    add_gpu_memory_argument(parser)
     parser.add_argument("--activation", default=None,
                         choices=["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"],
                         help="override the FFN activation the config declares")
@@ -92,6 +93,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise HotcoldError("--max-connections must be at least 1")
     if args.sparsity not in (None, "off") and args.plan is None:
         raise HotcoldError(f"--sparsity {args.sparsity} needs --plan PLAN_DIR")
+    if args.gpu_memory is not None:
+        if args.plan is None:
+            raise HotcoldError("--gpu-memory places a plan's neurons: it needs --plan PLAN_DIR")
+        from hotcold.engine.placement import parse_memory
+
+        parse_memory(args.gpu_memory)  # a bad size fails now, not on the engine thread
     # a cheap early check (the loader checks fully on the engine thread, while /health says 503)
     if args.model != "default" and not Path(args.model).expanduser().exists():
         raise HotcoldError(f"model {args.model!r} not found (give a Hugging Face folder, a .gguf file, or 'default')")

@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from hotcold.engine.errors import HotcoldError
-from hotcold.profiler.placement import dense_parts, neuron_bytes, parse_memory, place_neurons
+from hotcold.engine.placement import dense_parts, neuron_bytes, parse_memory, place_neurons
 
 
 def _value(freqs, hot_ids) -> float:
@@ -130,3 +130,30 @@ def test_dense_parts_match_checkpoint(tiny_checkpoint):
     assert parts["kv_cache"] == kv
     assert parts["predictors"] == 200
     assert sum(parts.values()) - kv - 200 == numel * 2
+
+
+def test_replan_at_start_takes_the_most_frequent_neurons_that_fit(tiny_checkpoint):
+    """--gpu-memory at serve time: the plan's own frequencies, the dense parts and KV cache first, then exactly
+    as many neurons as the rest holds, by frequency (checked by sorting here); too small a budget is one line."""
+    from test_hybrid import make_plan
+
+    from hotcold.engine.loader import load_model
+    from hotcold.engine.placement import replan
+
+    loaded = load_model(tiny_checkpoint("relu_llama"), dtype="float32")
+    cfg = loaded.config
+    plan = make_plan(loaded, "random")
+    gen = torch.Generator().manual_seed(0)
+    for lp in plan.layers:
+        lp.frequency = torch.rand(cfg.intermediate_size, generator=gen)
+    reserved = sum(dense_parts(loaded.model, 2, 0, 64, 2).values())
+    per = neuron_bytes(cfg.hidden_size, True, False, 2)
+    placed = replan(plan, loaded.model, reserved + 37 * per + per // 2, 2, context=64, batch=2)
+    assert placed.reserved == reserved and sum(len(lp.hot_ids) for lp in plan.layers) == 37
+    everything = torch.cat([lp.frequency for lp in plan.layers])
+    chosen = torch.cat([lp.frequency[lp.hot_ids] for lp in plan.layers])
+    assert torch.equal(chosen.sort().values, everything.sort().values[-37:])
+    with pytest.raises(HotcoldError, match="smaller than the dense parts"):
+        replan(plan, loaded.model, reserved - 1, 2, context=64, batch=2)
+    replan(plan, loaded.model, 0, 2, context=64, batch=2)
+    assert all(len(lp.hot_ids) == 0 for lp in plan.layers)

@@ -1,4 +1,6 @@
-"""Hot/cold placement: which FFN neurons live on the GPU, given its memory budget.
+"""Hot/cold placement: which FFN neurons live on the GPU, given its memory budget. The profiler places a
+plan's neurons with it, and `--gpu-memory` at serve/generate time re-places them from the plan's measured
+frequencies (no re-profiling), so it lives with the engine.
 
 The value of a neuron is its expected number of activations per token (its activation frequency); the
 cost is the bytes of its rows (gate, up, down, biases). Every neuron of one layer costs the same, so:
@@ -104,6 +106,34 @@ def place_neurons(frequencies: list[Tensor], costs: list[int], budget: int | Non
     return Placement(hot, hot_bytes, total_bytes - hot_bytes, served, total)
 
 
+@dataclass
+class BudgetPlacement:
+    placement: Placement
+    parts: dict[str, int]  # the dense parts' GPU bytes (dense_parts)
+    reserved: int  # of those, what the budget holds back (0 for a CPU-only budget)
+    neuron_bytes: int
+
+
+def place_for_budget(model: nn.Module, frequencies: list[Tensor], gpu_memory: int | None, dtype_bytes: int,
+                     predictor_params: int, context: int, batch: int, min_per_layer: int = 0) -> BudgetPlacement:
+    """The placement for a GPU budget: the dense parts (embeddings,
+    attention, head, norms, predictors, KV cache for batch x context) go first, FFN neurons fill the rest by
+    frequency. gpu_memory 0: CPU only (nothing reserved); None: everything on the GPU."""
+    cfg = model.config
+    parts = dense_parts(model, dtype_bytes, predictor_params, context, batch)
+    nbytes = neuron_bytes(cfg.hidden_size, cfg.gated, bool(getattr(cfg, "mlp_bias", False)), dtype_bytes)
+    L = len(frequencies)
+    if gpu_memory == 0:
+        return BudgetPlacement(place_neurons(frequencies, [nbytes] * L, 0, 0), parts, 0, nbytes)
+    reserved = sum(parts.values())
+    if gpu_memory is not None and reserved > gpu_memory:
+        raise HotcoldError(f"a GPU memory budget of {fmt_bytes(gpu_memory)} is smaller than the dense parts need "
+                           f"({fmt_bytes(reserved)}: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items())
+                           + "); raise it, or lower the context/batch (KV cache), or use 0 for CPU only")
+    left = None if gpu_memory is None else gpu_memory - reserved
+    return BudgetPlacement(place_neurons(frequencies, [nbytes] * L, left, min_per_layer), parts, reserved, nbytes)
+
+
 def _lexsort_desc(key: Tensor, layer: Tensor, rank: Tensor):
     import numpy as np
 
@@ -160,3 +190,17 @@ def fmt_bytes(n: float | None) -> str:
         return f"{int(n)} B"
     exp = min(int(math.log(n, 1024)), 4)
     return f"{n / 1024**exp:.2f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exp]}"
+
+
+def replan(plan, model: nn.Module, gpu_memory: int | None, dtype_bytes: int, context: int, batch: int
+           ) -> BudgetPlacement:
+    """Re-place a plan's hot neurons for another GPU budget, in place, from the frequencies the plan measured
+    (PowerInfer's --vram-budget, without re-profiling). The dense parts and the KV cache for batch x context
+    tokens are reserved first."""
+    freqs = [lp.frequency for lp in plan.layers]
+    predictors = sum(sum(w.numel() for w in lp.predictor.weights.values()) for lp in plan.layers
+                     if lp.predictor is not None and lp.predictor.weights)
+    budget = place_for_budget(model, freqs, gpu_memory, dtype_bytes, predictors, context, batch)
+    for lp, ids in zip(plan.layers, budget.placement.hot_ids, strict=True):
+        lp.hot_ids = ids
+    return budget
