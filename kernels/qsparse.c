@@ -20,11 +20,11 @@
 #define G 8 /* blocks of 32 outputs per pass: 16 vector accumulators, and one K-quant super-block */
 
 typedef float vf __attribute__((vector_size(64), aligned(4)));
-typedef int8_t vq __attribute__((vector_size(16), aligned(1)));
 typedef uint8_t vb __attribute__((vector_size(16), aligned(1)));
 typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
-/* bytes -> int32 -> float: GCC widens in one step (vpmovzxbd / vpmovsxbd), where a direct byte -> float
- * conversion came out as 16 scalar conversions */
+/* unsigned bytes -> int32 -> float: GCC widens in one step (vpmovzxbd), where a direct byte -> float
+ * conversion, or a signed byte -> int32 one, came out as 16 scalar conversions; signed codes are shifted to
+ * unsigned (q + 128) and the shift folded into the block's minimum */
 #define TO_VF(v) __builtin_convertvector(__builtin_convertvector(v, vi), vf)
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* decoded inline below; other types through quant_unpack_row */
 
@@ -38,11 +38,11 @@ static inline float half(const uint8_t *p) {
 static inline __attribute__((always_inline)) void decode(int type, const uint8_t *r, vf *lo, vf *hi, float *d,
                                                          float *m) {
     *d = half(r);
-    if (type == Q8_0) {
-        vq a, b;
+    if (type == Q8_0) { /* codes shifted to unsigned (q + 128), the shift folded into m */
+        vb a, b;
         memcpy(&a, r + 2, 16);
         memcpy(&b, r + 18, 16);
-        *lo = TO_VF(a), *hi = TO_VF(b), *m = 0.0f;
+        *lo = TO_VF(a ^ 0x80), *hi = TO_VF(b ^ 0x80), *m = -128.0f * *d;
         return;
     }
     vb v;
@@ -60,10 +60,12 @@ typedef struct {
     float *y;
 } axpy_t;
 
-/* Outputs [g0 * 32, (g0 + G) * 32) of token b over Q4_0, Q4_1 or Q8_0 rows (type a constant at each call):
+/* Outputs [g0 * 32, (g0 + nb) * 32) of token b over Q4_0, Q4_1 or Q8_0 rows (type and nb <= G constants at
+ * each call, so that the loops unroll and the accumulators stay in registers):
  * the sum over every row with a nonzero h, kept in registers (acc: the d * q terms; ms: the minimum's m terms
  * per block), then added to y once. */
-static inline __attribute__((always_inline)) void fast_pass(const axpy_t *c, int type, int64_t b, int64_t g0) {
+static inline __attribute__((always_inline)) void fast_pass(const axpy_t *c, int type, int64_t b, int64_t g0,
+                                                            int nb) {
     vf acc[2 * G];
     float ms[G];
 #pragma GCC unroll 16
@@ -71,14 +73,14 @@ static inline __attribute__((always_inline)) void fast_pass(const axpy_t *c, int
 #pragma GCC unroll 8
     for (int i = 0; i < G; i++) ms[i] = 0.0f;
     const float *h = c->h + b * c->K;
-    int64_t off = g0 * c->bytes, span = G * c->bytes;
+    int64_t off = g0 * c->bytes, span = nb * c->bytes;
     for (int64_t k = 0; k < c->K; k++) {
         if (k + 8 < c->K) prefetch_span(c->W + c->idx[k + 8] * c->row_bytes + off, span);
         float hk = h[k];
         if (hk == 0.0f) continue;
         const uint8_t *r = c->W + c->idx[k] * c->row_bytes + off;
 #pragma GCC unroll 8
-        for (int blk = 0; blk < G; blk++) {
+        for (int blk = 0; blk < nb; blk++) {
             vf lo, hi;
             float db, mb;
             decode(type, r + blk * c->bytes, &lo, &hi, &db, &mb);
@@ -88,12 +90,24 @@ static inline __attribute__((always_inline)) void fast_pass(const axpy_t *c, int
         }
     }
     float *y = c->y + b * c->cols + g0 * QK;
-    for (int blk = 0; blk < G; blk++)
+    for (int blk = 0; blk < nb; blk++)
         for (int j = 0; j < 16; j++) {
             y[blk * QK + j] += acc[2 * blk][j] + ms[blk];
             y[blk * QK + 16 + j] += acc[2 * blk + 1][j] + ms[blk];
         }
 }
+
+#define FAST_CASES(T)                                                                                      \
+    switch (nb) {                                                                                          \
+    case 1: fast_pass(c, T, b, g0, 1); break;                                                              \
+    case 2: fast_pass(c, T, b, g0, 2); break;                                                              \
+    case 3: fast_pass(c, T, b, g0, 3); break;                                                              \
+    case 4: fast_pass(c, T, b, g0, 4); break;                                                              \
+    case 5: fast_pass(c, T, b, g0, 5); break;                                                              \
+    case 6: fast_pass(c, T, b, g0, 6); break;                                                              \
+    case 7: fast_pass(c, T, b, g0, 7); break;                                                              \
+    default: fast_pass(c, T, b, g0, G);                                                                    \
+    }
 
 /* The same for any type and nb blocks (a partial group, other formats): rows unpacked by quant.c, and the
  * sums in the same order as fast_pass, so a row's result does not depend on which of the two ran. */
@@ -109,13 +123,13 @@ static void slow_pass(const axpy_t *c, int64_t b, int64_t g0, int nb) {
         float hk = h[k];
         if (hk == 0.0f) continue;
         quant_unpack_row(c->type, c->W + c->idx[k] * c->row_bytes + off, (int64_t)nb * QK, q, d, m);
-        for (int blk = 0; blk < nb; blk++) {
-            vq lo, hi;
+        for (int blk = 0; blk < nb; blk++) { /* int8 codes as unsigned q + 128, as in decode */
+            vb lo, hi;
             memcpy(&lo, q + blk * QK, 16);
             memcpy(&hi, q + blk * QK + 16, 16);
-            acc[2 * blk] += (hk * d[blk]) * TO_VF(lo);
-            acc[2 * blk + 1] += (hk * d[blk]) * TO_VF(hi);
-            ms[blk] += hk * m[blk];
+            acc[2 * blk] += (hk * d[blk]) * TO_VF(lo ^ 0x80);
+            acc[2 * blk + 1] += (hk * d[blk]) * TO_VF(hi ^ 0x80);
+            ms[blk] += hk * (m[blk] - 128.0f * d[blk]);
         }
     }
     float *y = c->y + b * c->cols + g0 * QK;
@@ -126,15 +140,15 @@ static void slow_pass(const axpy_t *c, int64_t b, int64_t g0, int nb) {
         }
 }
 
-/* Columns [u0, u1) in blocks of 32 (whole blocks of the type), G blocks per pass, every token in turn. */
+/* Columns [u0, u1) in blocks of 32 (whole blocks of the type), up to G blocks per pass, every token in turn. */
 static void axpy_task(void *p, int64_t u0, int64_t u1) {
     const axpy_t *c = p;
     for (int64_t g0 = u0; g0 < u1; g0 += G) {
         int nb = u1 - g0 < G ? (int)(u1 - g0) : G;
         for (int64_t b = 0; b < c->B; b++) {
-            if (nb == G && c->type == Q4_0) fast_pass(c, Q4_0, b, g0); /* a constant type: fully unrolled */
-            else if (nb == G && c->type == Q4_1) fast_pass(c, Q4_1, b, g0);
-            else if (nb == G && c->type == Q8_0) fast_pass(c, Q8_0, b, g0);
+            if (c->type == Q4_0) FAST_CASES(Q4_0)
+            else if (c->type == Q4_1) FAST_CASES(Q4_1)
+            else if (c->type == Q8_0) FAST_CASES(Q8_0)
             else slow_pass(c, b, g0, nb);
         }
     }
@@ -153,7 +167,7 @@ int quant_axpy(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, in
     int64_t units = quant_block_size(type) / QK;
     axpy_t c = {.W = W, .type = type, .row_bytes = row_bytes, .cols = cols, .units = units,
                 .bytes = quant_block_bytes(type), .K = K, .B = B, .idx = idx, .h = h, .y = y};
-    pool_run(axpy_task, &c, cols / QK, units > G ? units : G);
+    pool_run(axpy_task, &c, cols / QK, units); /* whole blocks of the type: balanced over the threads */
     return 0;
 }
 
