@@ -23,7 +23,7 @@ from hotcold.engine.errors import HotcoldError
 from hotcold.engine.model import Norm, QuantFFN
 from hotcold.engine.plan import LayerPlan
 from hotcold.engine.sparsity import plan_predictor, predicted_mask
-from hotcold.kernels import quant
+from hotcold.kernels import native, quant
 from hotcold.kernels.quant import QuantTensor
 from hotcold.kernels.reference import apply_fn, code_name
 
@@ -56,6 +56,7 @@ class QuantSparseFFN(nn.Module):
         self.parts, self.codes, self.index = 2 if ffn.gated else 1, ffn.codes, layer.index
         self.intermediate_size = ffn.intermediate_size
         self.down_t = ffn.down_t if ffn.down_t is not None else quant.transpose(ffn.down, down_type)
+        native.use_huge_pages(self.down_t.data)  # gathered rows: a TLB walk each on 4 KiB pages
         self.mode, self.threshold, self.counters = mode, layer.threshold, counters
         self.predictor = None
         if mode == "oracle":  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule

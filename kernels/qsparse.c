@@ -18,6 +18,7 @@
 
 #define QK 32
 #define G 8 /* blocks of 32 outputs per pass: 16 vector accumulators, and one K-quant super-block */
+#define AHEAD 8 /* rows prefetched ahead */
 
 typedef float vf __attribute__((vector_size(64), aligned(4)));
 typedef uint8_t vb __attribute__((vector_size(16), aligned(1)));
@@ -65,7 +66,7 @@ typedef struct {
  * the sum over every row with a nonzero h, kept in registers (acc: the d * q terms; ms: the minimum's m terms
  * per block), then added to y once. */
 static inline __attribute__((always_inline)) void fast_pass(const axpy_t *c, int type, int64_t b, int64_t g0,
-                                                            int nb) {
+                                                            int nb, int64_t pf) {
     vf acc[2 * G];
     float ms[G];
 #pragma GCC unroll 16
@@ -73,9 +74,9 @@ static inline __attribute__((always_inline)) void fast_pass(const axpy_t *c, int
 #pragma GCC unroll 8
     for (int i = 0; i < G; i++) ms[i] = 0.0f;
     const float *h = c->h + b * c->K;
-    int64_t off = g0 * c->bytes, span = nb * c->bytes;
+    int64_t off = g0 * c->bytes;
     for (int64_t k = 0; k < c->K; k++) {
-        if (k + 8 < c->K) prefetch_span(c->W + c->idx[k + 8] * c->row_bytes + off, span);
+        if (pf && k + AHEAD < c->K) prefetch_span(c->W + c->idx[k + AHEAD] * c->row_bytes + off, pf);
         float hk = h[k];
         if (hk == 0.0f) continue;
         const uint8_t *r = c->W + c->idx[k] * c->row_bytes + off;
@@ -97,16 +98,16 @@ static inline __attribute__((always_inline)) void fast_pass(const axpy_t *c, int
         }
 }
 
-#define FAST_CASES(T)                                                                                      \
-    switch (nb) {                                                                                          \
-    case 1: fast_pass(c, T, b, g0, 1); break;                                                              \
-    case 2: fast_pass(c, T, b, g0, 2); break;                                                              \
-    case 3: fast_pass(c, T, b, g0, 3); break;                                                              \
-    case 4: fast_pass(c, T, b, g0, 4); break;                                                              \
-    case 5: fast_pass(c, T, b, g0, 5); break;                                                              \
-    case 6: fast_pass(c, T, b, g0, 6); break;                                                              \
-    case 7: fast_pass(c, T, b, g0, 7); break;                                                              \
-    default: fast_pass(c, T, b, g0, G);                                                                    \
+#define FAST_CASES(T)                                                                                          \
+    switch (nb) {                                                                                              \
+    case 1: fast_pass(c, T, b, g0, 1, pf); break;                                                              \
+    case 2: fast_pass(c, T, b, g0, 2, pf); break;                                                              \
+    case 3: fast_pass(c, T, b, g0, 3, pf); break;                                                              \
+    case 4: fast_pass(c, T, b, g0, 4, pf); break;                                                              \
+    case 5: fast_pass(c, T, b, g0, 5, pf); break;                                                              \
+    case 6: fast_pass(c, T, b, g0, 6, pf); break;                                                              \
+    case 7: fast_pass(c, T, b, g0, 7, pf); break;                                                              \
+    default: fast_pass(c, T, b, g0, G, pf);                                                                    \
     }
 
 /* The same for any type and nb blocks (a partial group, other formats): rows unpacked by quant.c, and the
@@ -146,6 +147,9 @@ static void axpy_task(void *p, int64_t u0, int64_t u1) {
     for (int64_t g0 = u0; g0 < u1; g0 += G) {
         int nb = u1 - g0 < G ? (int)(u1 - g0) : G;
         for (int64_t b = 0; b < c->B; b++) {
+            /* the first pass requests each row's whole range for this thread, AHEAD rows early (a gathered
+             * row is a DRAM miss the hardware prefetcher cannot guess); later passes find it in L2 */
+            int64_t pf = g0 == u0 && b == 0 ? (u1 - u0) * c->bytes : 0;
             if (c->type == Q4_0) FAST_CASES(Q4_0)
             else if (c->type == Q4_1) FAST_CASES(Q4_1)
             else if (c->type == Q8_0) FAST_CASES(Q8_0)

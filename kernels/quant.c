@@ -467,7 +467,7 @@ static void dots_direct_task(void *p, int64_t k0, int64_t k1) {
     const qcall_t *c = p;
     int64_t nb = c->cols / QK, parts = c->parts, rb = c->row_bytes;
     const int type = c->type;
-    int64_t ahead = 4096 / (parts * rb) + 1;
+    int64_t ahead = 16384 / (parts * rb) + 1;
     for (int64_t k = k0; k < k1; k++) {
         /* gathered rows are prefetched ahead; consecutive rows are left to the hardware prefetcher (measured:
          * software prefetches of dense rows cost ~10% of decode time on a 2-core EPYC) */
