@@ -13,6 +13,7 @@ there (benchmarks/ffn_cpu.py measures the crossover). With no CUDA device the "G
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from hotcold.engine.plan import LayerPlan, Plan
 from hotcold.engine.sparsity import plan_predictor, predictor_input
 from hotcold.kernels import native
 
+log = logging.getLogger(__name__)
 MODES = ("off", "oracle", "predictor")
 PLACEMENTS = ("hybrid", "gpu", "cpu")
 
@@ -40,6 +42,9 @@ class HybridConfig:
     #   measured the crossover at 0.56-0.9 for batch 4-16; at batch 1 the gather always wins
     max_sparse_tokens: int = 32  # longer chunks (prefill) run dense on both sides
     backend: str = "auto"  # kernels backend for the GPU side (auto: Triton on CUDA)
+    # quantized models: a layer whose plan expects more than this share of neurons active per token stays
+    # dense (None: the crossover kernels.calibrate measured on this machine; 1.0: every layer sparse)
+    max_sparse_density: float | None = None
 
     def validate(self) -> HybridConfig:
         if self.mode not in MODES:
@@ -278,10 +283,17 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
         if gpu.type != "cpu":
             raise HotcoldError("a plan over quantized weights runs on the CPU only (quantized hot rows on the GPU "
                                "are not implemented): load the model with --dtype float16 to use the GPU")
-        from hotcold.engine.quant_sparse import QuantSparseFFN
+        from hotcold.engine.quant_sparse import QuantSparseFFN, expected_density
+        from hotcold.kernels import calibrate
 
+        limit = calibrate.current().sparse_max_density if cfg.max_sparse_density is None else cfg.max_sparse_density
+        sparse = 0
         for layer, layer_plan in zip(model.layers, plan.layers):
-            layer.ffn = QuantSparseFFN(layer.ffn, layer_plan, cfg.mode, cfg.strategy, counters)
+            if expected_density(layer_plan, cfg.mode, cfg.strategy) <= limit:  # else dense: it would not pay
+                layer.ffn = QuantSparseFFN(layer.ffn, layer_plan, cfg.mode, cfg.strategy, counters)
+                sparse += 1
+        log.info("plan: %d of %d layers sparse (the others expect more than %.0f%% of their neurons active, "
+                 "where the dense FFN is faster on this machine)", sparse, len(plan.layers), 100 * limit)
         return counters
     move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None

@@ -42,6 +42,18 @@ def _product(w: QuantTensor | torch.Tensor, x: torch.Tensor, norm: Norm | None) 
     return torch.stack([xi @ w.T for xi in x]) if x.shape[0] > 1 else x @ w.T
 
 
+def expected_density(layer: LayerPlan, mode: str, strategy: str) -> float:
+    """The share of a layer's neurons a plan expects each token to compute: its measured predicted density in
+    predictor mode (top-k: k / I), the true one in oracle mode. A layer above the calibrated crossover
+    (kernels.calibrate: sparse_max_density) runs dense, which reads less (apply_hybrid)."""
+    p = layer.predictor
+    if mode == "oracle" or p is None:
+        return 1.0 - layer.sparsity
+    if strategy == "topk":
+        return p.top_k / max(1, layer.num_neurons)
+    return 1.0 - p.sparsity
+
+
 class QuantSparseFFN(nn.Module):
     """Drop-in for a `QuantFFN` driven by one plan layer (oracle thresholds or the plan's predictor)."""
 

@@ -6,7 +6,9 @@ one machine and lost 3x on another). So at first use this times, on a matrix lar
   serves up to the largest token count where it wins at every count up to it;
 - for quantized weights, the integer-dot kernel against dequantized tiles through torch's GEMM;
 - the default dtype for checkpoints that are not quantized: bf16 unless its decode is >10% slower than fp32's,
-  or its 128-token product (prefill) more than 1.5x slower (torch has no fast bf16 GEMM without avx512_bf16).
+  or its 128-token product (prefill) more than 1.5x slower (torch has no fast bf16 GEMM without avx512_bf16);
+- up to which share of active neurons the sparse FFN over quantized rows beats the dense one (a plan's layer
+  whose predicted density is above it stays dense).
 The result is cached in HOTCOLD_CACHE per CPU model and flags, ISA level, thread count, kernel sources and
 torch version; `hotcold info` prints it. HOTCOLD_CALIBRATE=0 skips measuring and assumes the native path
 for up to 8 tokens and bf16.
@@ -39,12 +41,16 @@ class Calibration:
     default_dtype: str
     seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # kind -> path -> time per T
     measured: bool = True
+    # largest share of a quantized FFN's neurons at which the one-call sparse FFN (kernels/qsparse.c, its
+    # predictor excluded) still beats the dense one at one token: above it a plan's layer stays dense
+    sparse_max_density: float = 0.25
 
     def summary(self) -> str:
         paths = ", ".join(f"{k} <= {v} tokens" for k, v in self.max_native_tokens.items())
         how = "measured" if self.measured else "assumed (HOTCOLD_CALIBRATE=0)"
         return (f"CPU {self.cpu}; ISA {self.isa}; {self.threads} threads; native kernels for {paths}; "
-                f"default dtype {self.default_dtype} ({how})")
+                f"default dtype {self.default_dtype}; sparse quantized FFN up to {self.sparse_max_density:.0%} "
+                f"of neurons ({how})")
 
 
 def _race(a, b, reps: int = 5) -> tuple[float, float]:
@@ -91,16 +97,51 @@ def measure() -> Calibration:
     nat, tor = _race_all(lambda x: quant.dots(wq, x), lambda x: quant.linear(x, wq, max_native_tokens=0), xs)
     seconds["quant"] = {"native": nat, "torch": tor}
     crossover["quant"] = _crossover(nat, tor)
-    fastest = {k: [min(a, b) for a, b in zip(v["native"], v["torch"])] for k, v in seconds.items()}
+    sparse_max_density, seconds["sparse_ffn"] = _sparse_crossover(gen)
+    fastest = {k: [min(a, b) for a, b in zip(v["native"], v["torch"])] for k, v in seconds.items()
+               if "torch" in v}
     bf16, fp32 = fastest["bfloat16"], fastest["float32"]
     bf16_ok = bf16[0] <= 1.1 * fp32[0] and bf16[-2] <= 1.5 * fp32[-2]  # within noise, half the bytes wins
     return Calibration(native.cpu_model(), native.best_isa(), native.threads(), crossover,
-                       "bfloat16" if bf16_ok else "float32", seconds)
+                       "bfloat16" if bf16_ok else "float32", seconds, sparse_max_density=sparse_max_density)
+
+
+DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
+FFN_SHAPE = (1024, 4096)  # hidden, intermediate: 7 MB of Q4_0 gate/up/down per layer
+FFN_LAYERS = 8  # taken in turn, 56 MB: past the last-level cache, as a model's layers are
+
+
+def _sparse_crossover(gen: torch.Generator) -> tuple[float, dict[str, list[float]]]:
+    """The largest density (of DENSITIES) up to which the sparse quantized FFN over that share of neurons beats
+    the dense one at one token, at every density up to it (0 when it never does); times are for all layers."""
+    from . import quant
+
+    H, I = FFN_SHAPE
+    w = torch.randn(2 * I, H, generator=gen) * 0.02
+    layers = []
+    for _ in range(FFN_LAYERS):  # copies of the same values: the point is where the bytes live
+        down = quant.quantize(w.reshape(-1)[: H * I].reshape(H, I), "Q4_0")
+        layers.append((quant.quantize(w, "Q4_0"), down, quant.transpose(down)))
+    x = torch.randn(1, H, generator=gen)
+    sparse, dense = [], []
+    for d in DENSITIES:
+        idx = torch.randperm(I, generator=gen)[: int(d * I)].sort().values
+        a, b = _race(lambda idx=idx: [quant.sparse_ffn(x, gu, dt, 2, idx, 2, 0) for gu, _, dt in layers],
+                     lambda: [quant.ffn(x, gu, dn, 2, 2, 0, max_native_tokens=1) for gu, dn, _ in layers])
+        sparse.append(a)
+        dense.append(b)
+    best = 0.0
+    for d, a, b in zip(DENSITIES, sparse, dense):
+        if a > b:
+            break
+        best = d
+    return best, {"sparse": sparse, "dense": dense}
 
 
 def _path() -> str:
     key = "\0".join([native.cpu_model(), " ".join(sorted(native.cpu_flags())), native.best_isa(),
-                     str(native.threads()), native.source_hash(), torch.__version__, repr(TOKENS), repr(SHAPE)])
+                     str(native.threads()), native.source_hash(), torch.__version__, repr(TOKENS), repr(SHAPE),
+                     hashlib.sha256(open(__file__, "rb").read()).hexdigest()])  # what is measured, and how
     return str(native.cache_dir() / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
 
 

@@ -118,6 +118,6 @@ def test_imported_predictors_decide_what_runs(relu_llama):
     qpath = _gguf(relu_llama, "Q8_0")  # a plan is bound to its file: import it from the Q8_0 one
     qplan = build_import_plan(load_model(qpath, dtype="float32"), read_predictors(qpath), [PROMPT], gpu_memory=0)
     quantized = load_model(qpath)
-    apply_hybrid(quantized.model, qplan, HybridConfig(mode="predictor"), quantized.fingerprint)
+    apply_hybrid(quantized.model, qplan, HybridConfig(mode="predictor", max_sparse_density=1.0), quantized.fingerprint)
     quantized.model.forward_sequence(torch.tensor(PROMPT))
     assert quantized.model.ffn_counters.sparsity == pytest.approx(sparsity, abs=0.03)

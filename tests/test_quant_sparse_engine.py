@@ -21,6 +21,8 @@ from hotcold.engine.sampling import SamplingParams
 from hotcold.kernels import native
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="quantized weights need the native kernels")
+ORACLE = HybridConfig(mode="oracle", max_sparse_density=1.0)  # every layer sparse, whatever pays here
+PREDICTOR = HybridConfig(mode="predictor", max_sparse_density=1.0)
 BOUND = 0.06  # of the logits' scale: int8 activations (test_quantized_engine) plus down_t's second rounding
 
 
@@ -47,7 +49,7 @@ def test_oracle_at_threshold_zero_is_the_dense_model(activation, qtype, tiny_che
     path = tiny_checkpoint("llama")
     loaded = load_model(path, quantize=qtype, activation=activation)
     dense = loaded.model.forward_sequence(torch.tensor(PROMPT))
-    apply_hybrid(loaded.model, make_plan(loaded, "random"), HybridConfig(mode="oracle"), loaded.fingerprint)
+    apply_hybrid(loaded.model, make_plan(loaded, "random"), ORACLE, loaded.fingerprint)
     assert all(isinstance(layer.ffn, QuantSparseFFN) for layer in loaded.model.layers)
     sparse = loaded.model.forward_sequence(torch.tensor(PROMPT))
     _close(sparse, dense)
@@ -64,7 +66,7 @@ def test_predictor_mask_is_what_gets_computed(tiny_checkpoint):
     loaded = load_model(path, quantize="q8_0", activation="reglu")
     cfg = loaded.config
     weights, keep = fixed_set_predictor(cfg.hidden_size, cfg.intermediate_size, seed=3)
-    apply_hybrid(loaded.model, make_plan(loaded, "random", predictor=weights), HybridConfig(mode="predictor"),
+    apply_hybrid(loaded.model, make_plan(loaded, "random", predictor=weights), PREDICTOR,
                  loaded.fingerprint)
     got = loaded.model.forward_sequence(torch.tensor(PROMPT))
     with torch.no_grad():
@@ -79,7 +81,7 @@ def test_a_token_does_not_depend_on_its_batch(tiny_checkpoint):
     """Greedy decoding with the plan: prompts together (one long prefill sharing steps with the others'
     decoding) give exactly what each gives alone."""
     loaded = load_model(tiny_checkpoint("llama"), quantize="q4_0", activation="reglu")
-    apply_hybrid(loaded.model, make_plan(loaded, "random"), HybridConfig(mode="oracle"), loaded.fingerprint)
+    apply_hybrid(loaded.model, make_plan(loaded, "random"), ORACLE, loaded.fingerprint)
     prompts = [PROMPT[:7], PROMPT[3:20], (PROMPT * 5)[:110]]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     together = LLMEngine(loaded, max_num_seqs=4, max_model_len=128).generate(prompts, params)
@@ -91,5 +93,20 @@ def test_a_token_does_not_depend_on_its_batch(tiny_checkpoint):
 def test_quantized_plan_on_a_gpu_is_refused_in_one_line(tiny_checkpoint):
     loaded = load_model(tiny_checkpoint("llama"), quantize="q8_0", activation="reglu")
     with pytest.raises(HotcoldError, match="CPU only"):
-        apply_hybrid(loaded.model, make_plan(loaded, "random"), HybridConfig(mode="oracle"), loaded.fingerprint,
+        apply_hybrid(loaded.model, make_plan(loaded, "random"), ORACLE, loaded.fingerprint,
                      gpu_device="meta")
+
+
+def test_layers_expected_too_dense_stay_dense(tiny_checkpoint):
+    """A layer whose plan expects more neurons active than the sparse path pays for keeps its dense FFN (and the
+    one-call block); the others turn sparse."""
+    from hotcold.engine.model import QuantFFN
+
+    loaded = load_model(tiny_checkpoint("llama"), quantize="q8_0", activation="reglu")
+    plan = make_plan(loaded, "random")
+    plan.layers[0].sparsity, plan.layers[1].sparsity = 0.9, 0.2  # oracle mode: 10% and 80% expected active
+    apply_hybrid(loaded.model, plan, HybridConfig(mode="oracle", max_sparse_density=0.5), loaded.fingerprint)
+    assert isinstance(loaded.model.layers[0].ffn, QuantSparseFFN)
+    assert isinstance(loaded.model.layers[1].ffn, QuantFFN)
+    blocks = loaded.model._native_blocks()
+    assert blocks[0].gate_up is None and blocks[1].gate_up is not None
