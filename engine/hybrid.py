@@ -292,6 +292,7 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
             if expected_density(layer_plan, cfg.mode, cfg.strategy) <= limit:  # else dense: it would not pay
                 layer.ffn = QuantSparseFFN(layer.ffn, layer_plan, cfg.mode, cfg.strategy, counters)
                 sparse += 1
+        native.release_heap()  # the temporaries of down's transposition
         log.info("plan: %d of %d layers sparse (the others expect more than %.0f%% of their neurons active, "
                  "where the dense FFN is faster on this machine)", sparse, len(plan.layers), 100 * limit)
         return counters

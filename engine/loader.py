@@ -123,6 +123,7 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
     model = build_model(cfg, reader, dtype, torch.device(device), keep_blocks=keep_blocks, quantize=quantize)
     for weight in _large_weights(model):
         native.use_huge_pages(weight)
+    native.release_heap()
     return LoadedModel(model, tokenizer, cfg, gen, str(path), model_fingerprint(cfg, tensors), tensors)
 
 

@@ -70,23 +70,23 @@ class QuantSparseFFN(nn.Module):
         self.down_t = ffn.down_t if ffn.down_t is not None else quant.transpose(ffn.down, down_type)
         native.use_huge_pages(self.down_t.data)  # gathered rows: a TLB walk each on 4 KiB pages
         self.mode, self.threshold, self.counters = mode, layer.threshold, counters
-        self.predictor = None
-        if mode == "oracle":  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule
+        self.predicts = mode == "predictor"
+        if not self.predicts:  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule
             self.norms = self.down_t.dequantize().norm(dim=1)
-        else:
+        else:  # only the predictor's matrices in Q8_0 and its rule are kept, not its fp32 module
             pred, self.rule = plan_predictor(layer, strategy, "cpu")
-            self.predictor = pred
+            self.rule_kind, self.input = pred.rule, pred.input
             self.fc1, self.fc2 = _matrix(pred.fc1.weight), _matrix(pred.fc2.weight)
             self.b1 = None if pred.fc1.bias is None else pred.fc1.bias.detach().float()
             self.b2 = None if pred.fc2.bias is None else pred.fc2.bias.detach().float()
 
     @property
     def wants_residual(self) -> bool:
-        return self.predictor is not None and self.predictor.input == "residual"
+        return self.predicts and self.input == "residual"
 
     def active_mask(self, x: torch.Tensor, norm: Norm | None, residual: torch.Tensor | None) -> torch.Tensor:
         """[T, I] bool: the neurons each token computes."""
-        if self.predictor is None:
+        if not self.predicts:
             z = quant.dots(self.gate_up, x, parts=self.parts, norm=None if norm is None else norm.weight,
                            eps=norm.eps if norm else 0.0)
             if self.gate_up_bias is not None:
@@ -102,8 +102,7 @@ class QuantSparseFFN(nn.Module):
         hidden = _product(self.fc1, x, norm)
         hidden = torch.relu(hidden if self.b1 is None else hidden + self.b1)
         logits = _product(self.fc2, hidden, None)
-        return predicted_mask(logits if self.b2 is None else logits + self.b2, rule=self.predictor.rule,
-                              **self.rule)
+        return predicted_mask(logits if self.b2 is None else logits + self.b2, rule=self.rule_kind, **self.rule)
 
     def forward(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None
                 ) -> torch.Tensor:

@@ -230,6 +230,13 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _release(mapped: np.ndarray) -> None:
+    """The file pages a tensor was copied from leave resident memory (streamed loading: kernels.native)."""
+    from hotcold.kernels.native import release_mapped
+
+    release_mapped(mapped.ctypes.data, mapped.nbytes)
+
+
 class _Damaged(Exception):
     """A GGUF file that ends before what its own header describes."""
 
@@ -341,6 +348,7 @@ class GGUFReader:
         except (ValueError, NotImplementedError) as exc:
             raise HotcoldError(f"{tensor.name}: cannot use its {tensor.tensor_type.name} data ({exc}); convert the "
                                "model to Q8_0, Q4_0, Q4_1 or F16 with llama-quantize") from None
+        _release(tensor.data)
         out.data = self._unpermute_rows(name, out.data)
         return out
 
@@ -352,4 +360,6 @@ class GGUFReader:
             return None
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         data = np.ascontiguousarray(data, dtype=np.float32)
+        if not np.shares_memory(data, tensor.data):
+            _release(tensor.data)
         return self._unpermute_rows(name, torch.from_numpy(data if data.flags.writeable else data.copy()))

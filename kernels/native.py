@@ -212,6 +212,31 @@ def use_huge_pages(t: torch.Tensor) -> bool:
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_COLLAPSE) == 0
 
 
+MADV_DONTNEED, PAGE = 4, 4096
+
+
+def release_mapped(addr: int, nbytes: int) -> None:
+    """Drop the pages of a read-only file mapping that a copy has just been taken from: they leave this
+    process's resident memory (a later read faults them back in from the page cache). Loading a model copies
+    each tensor out of its memory-mapped file; without this the file's pages stay resident beside the copies
+    (peak 2.5x the file)."""
+    if not sys.platform.startswith("linux") or nbytes <= 0:
+        return
+    start = addr // PAGE * PAGE
+    end = -(-(addr + nbytes) // PAGE) * PAGE
+    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def release_heap() -> None:
+    """Give the heap's free memory back to the system (glibc malloc_trim): loading and converting weights
+    frees large temporaries that would otherwise stay resident (measured: 300 MB on a 1.1 GB model)."""
+    if sys.platform.startswith("linux"):
+        try:
+            _libc().malloc_trim(0)
+        except AttributeError:  # not glibc
+            pass
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
