@@ -9,15 +9,13 @@ import types
 import pytest
 import torch
 from test_hybrid import make_plan
-from test_quantized_engine import PROMPT, quantized_reference
+from test_quantized_engine import PROMPT, assert_batch_independent, quantized_reference
 from tiny_models import fixed_set_predictor
 
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.hybrid import HybridConfig, apply_hybrid
-from hotcold.engine.llm import LLMEngine
 from hotcold.engine.loader import load_model
 from hotcold.engine.quant_sparse import QuantSparseFFN
-from hotcold.engine.sampling import SamplingParams
 from hotcold.kernels import native
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="quantized weights need the native kernels")
@@ -82,12 +80,7 @@ def test_a_token_does_not_depend_on_its_batch(tiny_checkpoint):
     decoding) give exactly what each gives alone."""
     loaded = load_model(tiny_checkpoint("llama"), quantize="q4_0", activation="reglu")
     apply_hybrid(loaded.model, make_plan(loaded, "random"), ORACLE, loaded.fingerprint)
-    prompts = [PROMPT[:7], PROMPT[3:20], (PROMPT * 5)[:110]]
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    together = LLMEngine(loaded, max_num_seqs=4, max_model_len=128).generate(prompts, params)
-    for prompt, seq in zip(prompts, together):
-        alone = LLMEngine(loaded, max_num_seqs=1, max_model_len=128).generate([prompt], params)[0]
-        assert alone.output_ids == seq.output_ids
+    assert_batch_independent(loaded, max_tokens=10)
 
 
 def test_quantized_plan_on_a_gpu_is_refused_in_one_line(tiny_checkpoint):

@@ -84,16 +84,19 @@ def test_torch_path_and_native_block_agree(tiny_checkpoint, monkeypatch):
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-3 * scale
 
 
-def test_batch_does_not_change_results(tiny_checkpoint):
+def assert_batch_independent(loaded, max_tokens: int = 12) -> None:
     """Greedy decoding of three prompts together (one long: its prefill shares steps with the others'
     decoding) gives exactly what each gives alone."""
-    loaded = load_model(tiny_checkpoint("qwen2"), quantize="q4_1")
     prompts = [PROMPT[:7], PROMPT[3:20], (PROMPT * 5)[:110]]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     together = LLMEngine(loaded, max_num_seqs=4, max_model_len=128).generate(prompts, params)
     for prompt, seq in zip(prompts, together):
         alone = LLMEngine(loaded, max_num_seqs=1, max_model_len=128).generate([prompt], params)[0]
         assert alone.output_ids == seq.output_ids
+
+
+def test_batch_does_not_change_results(tiny_checkpoint):
+    assert_batch_independent(load_model(tiny_checkpoint("qwen2"), quantize="q4_1"))
 
 
 def test_quantize_flag_errors(tiny_checkpoint):
