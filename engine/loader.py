@@ -127,6 +127,27 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
     return LoadedModel(model, tokenizer, cfg, gen, str(path), model_fingerprint(cfg, tensors), tensors)
 
 
+def memory_report(model: Transformer) -> str:
+    """Resident memory of this process beside the bytes of the model's tensors (and GPU memory in use), for
+    the start-up log: what a plan's budget promised against what the process holds."""
+    seen, weights = set(), 0
+    for t in [*model.parameters(), *model.buffers(), *_large_weights(model)] + [
+            v.data if isinstance(v, QuantTensor) else v for m in model.modules() for v in vars(m).values()
+            if isinstance(v, (torch.Tensor, QuantTensor))]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            weights += t.numel() * t.element_size()
+    rss = 0
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.memory_allocated() / 1e6:.0f} MB allocated" if torch.cuda.is_initialized() else ""
+    return f"{rss / 1e6:.0f} MB resident for {weights / 1e6:.0f} MB of model tensors{gpu}"
+
+
 def _large_weights(model: Transformer) -> list[torch.Tensor]:
     """The matrices read every token: what the native kernels stream (they want 2 MiB pages)."""
     out = [model.embed, model.lm_head]

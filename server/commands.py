@@ -155,6 +155,9 @@ def build_backend(args: argparse.Namespace) -> Any:
     from hotcold.kernels import calibrate
 
     log.info("kernels: %s", calibrate.current().summary())
+    from hotcold.engine.loader import memory_report
+
+    log.info("memory: %s", memory_report(loaded.model))
     engine = LLMEngine(loaded, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
                        block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,

@@ -143,3 +143,15 @@ def test_chunked_prefill_gives_the_same_tokens(tiny_checkpoint):
     chunked = LLMEngine(loaded, max_num_seqs=1, max_model_len=128, max_num_batched_tokens=16).generate(
         [prompt], params)[0]
     assert chunked.output_ids == whole.output_ids
+
+
+def test_memory_report_counts_the_files_bytes(default_model_path):
+    """The start-up log's model bytes: a GGUF kept in its blocks holds what the file holds (within its
+    metadata and tokenizer), each tensor counted once however many modules share it."""
+    import re
+
+    from hotcold.engine.loader import memory_report
+
+    report = memory_report(load_model(default_model_path).model)
+    held = float(re.search(r"for (\d+) MB of model tensors", report).group(1)) * 1e6
+    assert 0.9 * default_model_path.stat().st_size <= held <= default_model_path.stat().st_size
