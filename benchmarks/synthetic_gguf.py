@@ -42,7 +42,8 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> int:
     return len(fields["tokenizer.ggml.tokens"])
 
 
-def make_synthetic_gguf(out: Path, layers: int = 8, seed: int = 0, active: float | None = None) -> Path:
+def make_synthetic_gguf(out: Path, layers: int = 8, seed: int = 0, active: float | None = None,
+                        gate_rank: int = HIDDEN // 16) -> Path:
     """`active`: ReLU-family FFNs (hotcold runs them as ReGLU, `--activation reglu`) whose neurons fire on that
     mean fraction of tokens, from gate rows and biases made as benchmarks/synthetic_model.py makes them (a
     power law of frequencies; low-rank gates a predictor can learn); up and down biases are zeros. llama.cpp
@@ -80,7 +81,7 @@ def make_synthetic_gguf(out: Path, layers: int = 8, seed: int = 0, active: float
             matrix(f"blk.{i}.ffn_up.weight", INTERMEDIATE, HIDDEN)
             matrix(f"blk.{i}.ffn_down.weight", HIDDEN, INTERMEDIATE)
             return
-        gate, bias = sparse_gate(freqs, HIDDEN, HIDDEN // 16, 0.99, gen)
+        gate, bias = sparse_gate(freqs, HIDDEN, gate_rank, 0.99, gen)
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", quant.quantize(gate, "Q4_0").data.numpy(),
                           raw_dtype=gguf.GGMLQuantizationType.Q4_0)
         writer.add_tensor(f"blk.{i}.ffn_gate.bias", bias.numpy().astype(np.float32))
@@ -121,10 +122,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--active", type=float, default=None,
                     help="ReLU-family FFNs whose neurons fire on this mean fraction of tokens (e.g. 0.1)")
+    ap.add_argument("--gate-rank", type=int, default=HIDDEN // 16,
+                    help="rank of the gates' low-rank part (which neurons fire is a function of that many directions)")
     args = ap.parse_args()
     tail = "" if args.active is None else f"-reglu{args.active:g}"
+    tail += "" if args.gate_rank == HIDDEN // 16 else f"-r{args.gate_rank}"
     out = Path(args.out) if args.out else cache_dir() / "synthetic" / f"llama7b-{args.layers}l-q4_0{tail}.gguf"
-    print(make_synthetic_gguf(out, args.layers, active=args.active))
+    print(make_synthetic_gguf(out, args.layers, active=args.active, gate_rank=args.gate_rank))
 
 
 if __name__ == "__main__":
