@@ -302,4 +302,5 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
         if not isinstance(layer.ffn, DenseFFN):
             raise HotcoldError("the model already runs a plan (or has no dense FFN to split): load it again")
         layer.ffn = HybridFFN(layer.ffn, layer_plan, cfg, gpu, pool, counters)
+    native.release_heap()  # the dense FFNs' memory and the conversion's temporaries
     return counters

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from hotcold.engine import config as configs
 from hotcold.engine.config import ModelConfig
@@ -130,13 +131,22 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
 def memory_report(model: Transformer) -> str:
     """Resident memory of this process beside the bytes of the model's tensors (and GPU memory in use), for
     the start-up log: what a plan's budget promised against what the process holds."""
+    def tensors(obj, depth: int = 0):  # a module's tensors, and those of plain objects it holds (a side's rows)
+        for v in vars(obj).values():
+            if isinstance(v, (torch.Tensor, QuantTensor)):
+                yield v.data if isinstance(v, QuantTensor) else v
+            elif depth == 0 and hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type)):
+                yield from tensors(v, 1)
+            elif isinstance(v, (list, tuple)):
+                yield from (x.data if isinstance(x, QuantTensor) else x for x in v
+                            if isinstance(x, (torch.Tensor, QuantTensor)))
+
     seen, weights = set(), 0
-    for t in [*model.parameters(), *model.buffers(), *_large_weights(model)] + [
-            v.data if isinstance(v, QuantTensor) else v for m in model.modules() for v in vars(m).values()
-            if isinstance(v, (torch.Tensor, QuantTensor))]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            weights += t.numel() * t.element_size()
+    for t in [*model.parameters(), *model.buffers()] + [t for m in model.modules() for t in tensors(m)]:
+        storage = t.untyped_storage()  # views (a side's gate and up rows) share their tensor's storage
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            weights += storage.nbytes()
     rss = 0
     try:
         for line in open("/proc/self/status"):
