@@ -318,25 +318,23 @@ class Block(nn.Module):
         return y if self.residual_scale == 1.0 else y * self.residual_scale
 
     def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
-        # an FFN whose predictor reads the residual before the FFN norm (PowerInfer's ffn_inp) says so with
-        # `wants_residual`; it gets that residual as a keyword, every other FFN only its input
-        extra = {"residual": x} if getattr(self.ffn, "wants_residual", False) else {}
         if self.pre_norm and getattr(self.ffn, "folds_norm", False):  # the norms run inside the native calls
             x = x + self._branch(self.attn(x, *attn_args, norm=self.attn_norm))
             return x + self._branch(self.ffn_after_attention(x))
         if self.pre_norm:
             x = x + self._branch(self.attn(self.attn_norm(x), *attn_args))
-            extra = {"residual": x} if extra else extra
-            return x + self._branch(self.ffn(self.ffn_norm(x), **extra))
+            return x + self._branch(self.ffn(self.ffn_norm(x), **self._residual(x)))
         x = self.attn_norm(x + self._branch(self.attn(x, *attn_args)))
-        extra = {"residual": x} if extra else extra  # post-norm: the FFN input is the residual itself
-        return self.ffn_norm(x + self._branch(self.ffn(x, **extra)))
+        return self.ffn_norm(x + self._branch(self.ffn(x, **self._residual(x))))  # post-norm: x is the FFN input
 
+    def _residual(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An FFN whose predictor reads the residual before the FFN norm (PowerInfer's ffn_inp) says so with
+        `wants_residual`; it gets that residual as a keyword, every other FFN only its input."""
+        return {"residual": x} if getattr(self.ffn, "wants_residual", False) else {}
 
     def ffn_after_attention(self, x: torch.Tensor) -> torch.Tensor:
         """The FFN branch of a pre-norm block whose FFN folds the norm in (x: the residual after attention)."""
-        extra = {"residual": x} if getattr(self.ffn, "wants_residual", False) else {}
-        return self.ffn(x, norm=self.ffn_norm, **extra)
+        return self.ffn(x, norm=self.ffn_norm, **self._residual(x))
 
 
 def native_block(block: Block) -> quant.BlockWeights | None:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from hotcold.engine.errors import HotcoldError
+from hotcold.engine.plan import Plan
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -192,7 +193,7 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n / 1024**exp:.2f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exp]}"
 
 
-def replan(plan, model: nn.Module, gpu_memory: int | None, dtype_bytes: int, context: int, batch: int
+def replan(plan: Plan, model: nn.Module, gpu_memory: int | None, dtype_bytes: int, context: int, batch: int
            ) -> BudgetPlacement:
     """Re-place a plan's hot neurons for another GPU budget, in place, from the frequencies the plan measured
     (PowerInfer's --vram-budget, without re-profiling). The dense parts and the KV cache for batch x context

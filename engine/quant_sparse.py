@@ -25,7 +25,6 @@ from hotcold.engine.plan import LayerPlan
 from hotcold.engine.sparsity import plan_predictor, predicted_mask
 from hotcold.kernels import native, quant
 from hotcold.kernels.quant import QuantTensor
-from hotcold.kernels.reference import apply_fn, code_name
 
 
 def _matrix(w: torch.Tensor) -> QuantTensor | torch.Tensor:
@@ -69,7 +68,7 @@ class QuantSparseFFN(nn.Module):
         self.intermediate_size = ffn.intermediate_size
         self.down_t = ffn.down_t if ffn.down_t is not None else quant.transpose(ffn.down, down_type)
         native.use_huge_pages(self.down_t.data)  # gathered rows: a TLB walk each on 4 KiB pages
-        self.mode, self.threshold, self.counters = mode, layer.threshold, counters
+        self.threshold, self.counters = layer.threshold, counters
         self.predicts = mode == "predictor"
         if not self.predicts:  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule
             self.norms = self.down_t.dequantize().norm(dim=1)
@@ -89,11 +88,7 @@ class QuantSparseFFN(nn.Module):
         if not self.predicts:
             z = quant.dots(self.gate_up, x, parts=self.parts, norm=None if norm is None else norm.weight,
                            eps=norm.eps if norm else 0.0)
-            if self.gate_up_bias is not None:
-                z = z + self.gate_up_bias.view(-1, self.parts)
-            h = apply_fn(code_name(self.codes[1]), z[..., -1], self.codes[2])
-            if self.parts == 2:
-                h = apply_fn(code_name(self.codes[0]), z[..., 0], self.codes[2]) * h
+            h = quant.activate(z, self.codes[0], self.codes[1], self.gate_up_bias, self.codes[2])
             return h.abs() * self.norms > self.threshold
         if self.wants_residual:
             if residual is None:

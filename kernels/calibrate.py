@@ -70,12 +70,13 @@ def _race_all(native_fn, torch_fn, xs) -> tuple[list[float], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _crossover(native_s: list[float], torch_s: list[float]) -> int:
+def _crossover(native_s: list[float], torch_s: list[float], points: tuple = TOKENS) -> int | float:
+    """The largest point up to which the first way wins at every point (0 when it never does)."""
     best = 0
-    for T, a, b in zip(TOKENS, native_s, torch_s):
+    for point, a, b in zip(points, native_s, torch_s):
         if a > b:
             break
-        best = T
+        best = point
     return best
 
 
@@ -118,10 +119,11 @@ def _sparse_crossover(gen: torch.Generator) -> tuple[float, dict[str, list[float
 
     H, I = FFN_SHAPE
     w = torch.randn(2 * I, H, generator=gen) * 0.02
-    layers = []
-    for _ in range(FFN_LAYERS):  # copies of the same values: the point is where the bytes live
-        down = quant.quantize(w.reshape(-1)[: H * I].reshape(H, I), "Q4_0")
-        layers.append((quant.quantize(w, "Q4_0"), down, quant.transpose(down)))
+    gate_up, down = quant.quantize(w, "Q4_0"), quant.quantize(w.reshape(-1)[: H * I].reshape(H, I), "Q4_0")
+    down_t = quant.transpose(down)
+    copy = lambda m: quant.QuantTensor(m.data.clone(), m.qtype, m.cols)  # noqa: E731
+    # copies of the same values: the point is where the bytes live
+    layers = [(copy(gate_up), copy(down), copy(down_t)) for _ in range(FFN_LAYERS)]
     x = torch.randn(1, H, generator=gen)
     sparse, dense = [], []
     for d in DENSITIES:
@@ -130,12 +132,7 @@ def _sparse_crossover(gen: torch.Generator) -> tuple[float, dict[str, list[float
                      lambda: [quant.ffn(x, gu, dn, 2, 2, 0, max_native_tokens=1) for gu, dn, _ in layers])
         sparse.append(a)
         dense.append(b)
-    best = 0.0
-    for d, a, b in zip(DENSITIES, sparse, dense):
-        if a > b:
-            break
-        best = d
-    return best, {"sparse": sparse, "dense": dense}
+    return float(_crossover(sparse, dense, DENSITIES)), {"sparse": sparse, "dense": dense}
 
 
 def _path() -> str:

@@ -61,6 +61,15 @@ typedef struct {
     float *y;
 } axpy_t;
 
+/* y[blk * 32 + j] += acc + ms[blk]: a pass's sums, added to the outputs once. */
+static inline __attribute__((always_inline)) void store(float *y, const vf *acc, const float *ms, int nb) {
+    for (int blk = 0; blk < nb; blk++)
+        for (int j = 0; j < 16; j++) {
+            y[blk * QK + j] += acc[2 * blk][j] + ms[blk];
+            y[blk * QK + 16 + j] += acc[2 * blk + 1][j] + ms[blk];
+        }
+}
+
 /* Outputs [g0 * 32, (g0 + nb) * 32) of token b over Q4_0, Q4_1 or Q8_0 rows (type and nb <= G constants at
  * each call, so that the loops unroll and the accumulators stay in registers):
  * the sum over every row with a nonzero h, kept in registers (acc: the d * q terms; ms: the minimum's m terms
@@ -90,12 +99,7 @@ static inline __attribute__((always_inline)) void fast_pass(const axpy_t *c, int
             ms[blk] += hk * mb;
         }
     }
-    float *y = c->y + b * c->cols + g0 * QK;
-    for (int blk = 0; blk < nb; blk++)
-        for (int j = 0; j < 16; j++) {
-            y[blk * QK + j] += acc[2 * blk][j] + ms[blk];
-            y[blk * QK + 16 + j] += acc[2 * blk + 1][j] + ms[blk];
-        }
+    store(c->y + b * c->cols + g0 * QK, acc, ms, nb);
 }
 
 #define FAST_CASES(T)                                                                                          \
@@ -133,12 +137,7 @@ static void slow_pass(const axpy_t *c, int64_t b, int64_t g0, int nb) {
             ms[blk] += hk * (m[blk] - 128.0f * d[blk]);
         }
     }
-    float *y = c->y + b * c->cols + g0 * QK;
-    for (int blk = 0; blk < nb; blk++)
-        for (int j = 0; j < 16; j++) {
-            y[blk * QK + j] += acc[2 * blk][j] + ms[blk];
-            y[blk * QK + 16 + j] += acc[2 * blk + 1][j] + ms[blk];
-        }
+    store(c->y + b * c->cols + g0 * QK, acc, ms, nb);
 }
 
 /* Columns [u0, u1) in blocks of 32 (whole blocks of the type), up to G blocks per pass, every token in turn. */

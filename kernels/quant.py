@@ -135,6 +135,20 @@ def linear(x: torch.Tensor, w: QuantTensor, max_native_tokens: int | None = None
     return out
 
 
+def activate(z: torch.Tensor, gate_fn: int, up_fn: int, gate_up_bias: torch.Tensor | None = None,
+             threshold: float = 0.0) -> torch.Tensor:
+    """h [.., I] = gate_fn(z[..., 0]) * up_fn(z[..., -1]) from gate/up products z [.., I, parts] (parts 1: up
+    alone), biases fp32 [I * parts] added first: what the native FFN calls compute between their products."""
+    from .reference import apply_fn, code_name
+
+    if gate_up_bias is not None:
+        z = z + gate_up_bias.view(z.shape[-2], z.shape[-1])
+    h = apply_fn(code_name(up_fn), z[..., -1], threshold)
+    if z.shape[-1] == 2:
+        h = apply_fn(code_name(gate_fn), z[..., 0], threshold) * h
+    return h
+
+
 def ffn(x: torch.Tensor, gate_up: QuantTensor, down: QuantTensor, parts: int, gate_fn: int, up_fn: int,
         gate_up_bias: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
         max_native_tokens: int | None = None, threshold: float = 0.0) -> torch.Tensor:
@@ -142,16 +156,10 @@ def ffn(x: torch.Tensor, gate_up: QuantTensor, down: QuantTensor, parts: int, ga
     gate_up [I * parts, H] (parts 2; 1: up alone), down [H, I]; activation codes kernels.reference.FUNCTIONS
     (`threshold`: FATReLU's t);
     gate_up_bias fp32 [I * parts]. Past the calibrated token count, the same through `linear`."""
-    from .reference import apply_fn, code_name
-
     I, H = gate_up.shape[0] // parts, gate_up.cols
     if x.shape[0] > (_native_tokens() if max_native_tokens is None else max_native_tokens):
         z = linear(x, gate_up, norm=norm, eps=eps)
-        z = (z if gate_up_bias is None else z + gate_up_bias).view(-1, I, parts)
-        h = apply_fn(code_name(up_fn), z[..., -1], threshold)
-        if parts == 2:
-            h = apply_fn(code_name(gate_fn), z[..., 0], threshold) * h
-        return linear(h, down)
+        return linear(activate(z.view(-1, I, parts), gate_fn, up_fn, gate_up_bias, threshold), down)
     lib = _lib()
     x = x.float().contiguous()
     B = x.shape[0]

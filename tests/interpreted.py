@@ -16,7 +16,6 @@ def run_interpreter_cases(test_file: str, min_passed: int, timeout: float = 600)
     """Run `test_file`'s test_interp_* cases under the interpreter; all must pass, at least `min_passed`."""
     if INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1 already: the test_interp_* cases run in this process")
-    pytest.importorskip("triton", reason="Triton is not installed: its kernels cannot run at all here")
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_", test_file],
         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=timeout,

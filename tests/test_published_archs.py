@@ -307,7 +307,6 @@ def test_gathered_kernels_apply_the_threshold(t):
         assert (y.double() - y_want).abs().max() <= 1e-4 * y_want.abs().max()
 
 
-@pytest.mark.skipif(native.load() is None, reason="needs the native kernels (no C compiler here)")
 @pytest.mark.parametrize("tokens", [2, 40])  # the native call, and past the crossover the torch path
 def test_quantized_ffn_applies_the_threshold(tokens):
     """Integer activations with 127 in every 32-block quantize to int8 exactly, so the kernels' gate values are
@@ -335,7 +334,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.skipif(native.load() is None, reason="needs the native kernels (no C compiler here)")
 @pytest.mark.parametrize("kind", ["prosparse_llama", "minicpm_s"])
 def test_quantized_engine_runs_fatrelu(kind, published, monkeypatch):
     """--quantize q8_0: ProSparse's one-call native blocks (block.c) equal the per-op path (quant.ffn, checked
@@ -376,7 +374,6 @@ for t in (0.0, 0.3):
 
 
 def test_triton_kernel_applies_the_threshold():
-    pytest.importorskip("triton", reason="Triton is not installed: its kernels cannot run at all here")
     out = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -16,9 +16,7 @@ from hotcold.engine.errors import HotcoldError
 from hotcold.engine.hybrid import HybridConfig, apply_hybrid
 from hotcold.engine.loader import load_model
 from hotcold.engine.quant_sparse import QuantSparseFFN
-from hotcold.kernels import native
 
-pytestmark = pytest.mark.skipif(native.load() is None, reason="quantized weights need the native kernels")
 ORACLE = HybridConfig(mode="oracle", max_sparse_density=1.0)  # every layer sparse, whatever pays here
 PREDICTOR = HybridConfig(mode="predictor", max_sparse_density=1.0)
 BOUND = 0.06  # of the logits' scale: int8 activations (test_quantized_engine) plus down_t's second rounding
