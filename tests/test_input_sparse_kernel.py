@@ -1,0 +1,138 @@
+"""Input-sparse products over input-major quantized weights (kernels/tsparse.c, kernels/input_sparse.py).
+References: float64 over gguf.quants' dequantized rows, with the inputs masked by brute force."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_quant import gguf_dequantize, random_blocks
+
+from hotcold.kernels import input_sparse, native, quant
+
+
+def _bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """What the kernel may differ from float64 by, per token and output: each group's kept inputs are rounded
+    to int16 (half a step of max|x_g| / 32767 each), plus fp32 rounding of the sums."""
+    B, K = x.shape
+    step = np.abs(x).reshape(B, K // 32, 32).max(-1) / 32767  # [B, groups]
+    wg = np.abs(w).reshape(w.shape[0], K // 32, 32).sum(-1)  # [N, groups]
+    return 0.5 * step @ wg.T + 1e-5 * np.abs(x) @ np.abs(w).T + 1e-30
+
+
+@pytest.mark.parametrize("qtype", input_sparse.TYPES)
+@pytest.mark.parametrize("rows", [32, 96, 160, 288])
+def test_matches_float64_with_the_inputs_masked(qtype, rows):
+    """Odd output counts (a partial pass), several tokens, a threshold that drops about half of the inputs,
+    and tokens that run dense (sparse_tokens 0: every nonzero input kept)."""
+    cols = 256
+    raw = random_blocks(qtype, rows, cols, seed=rows)
+    w = input_sparse.to_input_major(quant.from_gguf(raw, qtype, cols), threshold=0.7)
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(rows))
+    x[1, :40] = 0.0
+    flags = torch.tensor([1, 1, 0, 1, 0])
+    ref_w = gguf_dequantize(raw, qtype, cols)
+    xs = x.double().numpy()
+    keep = (np.abs(xs) > 0.7) | (flags.numpy()[:, None] == 0)
+    masked = np.where(keep, xs, 0.0)
+    want = masked @ ref_w.T
+    got = input_sparse.linear(x, w, sparse_tokens=flags).double().numpy()
+    assert np.all(np.abs(got - want) <= _bound(ref_w, masked))
+    dense = xs @ ref_w.T
+    assert np.abs(got[2] - dense[2]).max() <= _bound(ref_w, xs)[2].max()  # a dense token equals the dense product
+    assert np.abs(got[0] - dense[0]).max() > 100 * _bound(ref_w, xs)[0].max()  # and a sparse one does not
+
+
+@pytest.mark.parametrize("qtype", input_sparse.TYPES)
+def test_layout_is_lossless(qtype):
+    """The input-major rearrangement holds the GGUF's numbers exactly (no second rounding)."""
+    rows, cols = 160, 96
+    raw = random_blocks(qtype, rows, cols, seed=3)
+    w = input_sparse.to_input_major(quant.from_gguf(raw, qtype, cols))
+    assert w.shape == (rows, cols)
+    assert np.array_equal(w.dequantize().double().numpy(), gguf_dequantize(raw, qtype, cols))
+    assert w.nbytes == raw.size  # the same bytes: codes, scales and minimums, nothing added
+
+
+def test_threshold_zero_equals_the_dense_product():
+    rows, cols = 128, 512
+    raw = random_blocks("Q4_1", rows, cols, seed=9)
+    w = input_sparse.to_input_major(quant.from_gguf(raw, "Q4_1", cols))
+    x = torch.randn(3, cols)
+    ref_w = gguf_dequantize(raw, "Q4_1", cols)
+    want = x.double().numpy() @ ref_w.T
+    got = input_sparse.linear(x, w).double().numpy()
+    assert np.all(np.abs(got - want) <= _bound(ref_w, x.double().numpy()))
+
+
+def test_rms_norm_folded_in():
+    rows, cols = 64, 128
+    raw = random_blocks("Q8_0", rows, cols, seed=4)
+    w = input_sparse.to_input_major(quant.from_gguf(raw, "Q8_0", cols), threshold=0.5)
+    x, norm = torch.randn(2, cols) * 3, torch.rand(cols) + 0.5
+    normed = quant.rms_norm(x, norm, 1e-5)
+    got = input_sparse.linear(x, w, norm=norm, eps=1e-5)
+    assert torch.equal(got, input_sparse.linear(normed, w))
+
+
+def test_results_do_not_depend_on_threads_or_batch():
+    rows, cols = 288, 256
+    w = input_sparse.to_input_major(quant.from_gguf(random_blocks("Q4_0", rows, cols), "Q4_0", cols), 0.4)
+    x = torch.randn(7, cols)
+    before = native.threads()
+    try:
+        outs = []
+        for n in (1, 2, 5):
+            native.set_threads(n)
+            outs.append(input_sparse.linear(x, w))
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+        alone = torch.cat([input_sparse.linear(x[i: i + 1], w) for i in range(7)])
+        assert torch.equal(alone, outs[0])
+    finally:
+        native.set_threads(before)
+
+
+def test_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="multiple of 32 rows"):
+        input_sparse.to_input_major(quant.from_gguf(random_blocks("Q4_0", 40, 64), "Q4_0", 64))
+    with pytest.raises(ValueError, match="input-major storage takes"):
+        input_sparse.to_input_major(quant.from_gguf(random_blocks("Q5_0", 32, 64), "Q5_0", 64))
+    w = input_sparse.to_input_major(quant.from_gguf(random_blocks("Q4_0", 32, 64), "Q4_0", 64))
+    with pytest.raises(ValueError, match="features"):
+        input_sparse.linear(torch.ones(1, 32), w)
+
+
+_ISA_SCRIPT = """
+import sys, json, torch
+sys.path.insert(0, {tests!r})
+from test_quant import random_blocks
+from hotcold.kernels import input_sparse, native, quant
+out = {{"isa": native.best_isa()}}
+for t in input_sparse.TYPES:
+    w = input_sparse.to_input_major(quant.from_gguf(random_blocks(t, 160, 256, seed=5), t, 256), 0.5)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    out[t] = input_sparse.linear(x, w).flatten().tolist()
+print(json.dumps(out))
+"""
+
+
+def test_every_isa_path_agrees():
+    """The vector path (int16 pairs) and the portable one compute the same integer sums: equal results."""
+    import json
+
+    results = {}
+    for isa in native.available_isas():
+        env = {**os.environ, "HOTCOLD_ISA": isa}
+        script = _ISA_SCRIPT.format(tests=os.path.dirname(__file__))
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[isa] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "portable" in results
+    for res in results.values():
+        for t in input_sparse.TYPES:
+            y, r = np.array(res[t]), np.array(results["portable"][t])
+            assert np.abs(y - r).max() <= 1e-6 * np.abs(r).max()
