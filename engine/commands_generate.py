@@ -27,12 +27,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override the FFN activation the config declares (e.g. drelu for TurboSparse)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--plan", default=None, help="a plan folder from `hotcold profile`: run the FFNs sparsely")
-    parser.add_argument("--sparsity", default=None, choices=["off", "oracle", "predictor"],
+    parser.add_argument("--sparsity", default=None, choices=["off", "oracle", "predictor", "input"],
                         help="which neurons run: all (off), the plan's thresholds on the true activations "
-                             "(oracle), or the plan's predictors (default with --plan: predictor)")
+                             "(oracle), or the plan's predictors; input: the plan's thresholds on every "
+                             "projection's inputs (default with --plan: what the plan was made for)")
+    add_sparse_prefill_argument(parser)
     parser.add_argument("--placement", default="hybrid", choices=["hybrid", "gpu", "cpu"],
                         help="hot neurons on the GPU and cold on the CPU (hybrid), or all on one side")
     add_gpu_memory_argument(parser)
+
+
+def add_sparse_prefill_argument(parser: argparse.ArgumentParser) -> None:
+    """--sparse-prefill (shared with `hotcold serve`)."""
+    parser.add_argument("--sparse-prefill", action="store_true",
+                        help="with an input-sparsity plan: drop small inputs in prompt tokens too (default: "
+                             "decode tokens only, as TEAL)")
 
 
 def add_gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
@@ -74,12 +83,28 @@ def load_from_args(args: argparse.Namespace):
         from hotcold.engine.plan import load_plan
 
         plan = load_plan(args.plan, loaded.fingerprint)
+        mode = args.sparsity or plan.sparsity_mode
+        if mode != "off" and (mode == "input") != (plan.sparsity_mode == "input"):
+            made = "input thresholds" if plan.sparsity_mode == "input" else "neuron thresholds and predictors"
+            raise HotcoldError(f"--sparsity {mode} does not fit plan {args.plan}, which holds {made}; use "
+                               f"--sparsity {plan.sparsity_mode} (or off)")
+        if mode == "input":
+            return _apply_input_plan(loaded, plan, args)
         if getattr(args, "gpu_memory", None) is not None:
             _replan(plan, loaded, args)
-        mode = args.sparsity or "predictor"
         config = HybridConfig(mode=mode, placement=args.placement)
         gpu = args.device if torch.device(args.device).type == "cuda" else None
         apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu)
+    return loaded
+
+
+def _apply_input_plan(loaded, plan, args: argparse.Namespace):
+    from hotcold.engine.input_sparsity import apply_input_sparsity
+
+    if getattr(args, "gpu_memory", None) is not None:
+        raise HotcoldError("--gpu-memory places a plan's hot neurons; an input-sparsity plan has none")
+    apply_input_sparsity(loaded.model, [lp.inputs.thresholds for lp in plan.layers],
+                         prefill=getattr(args, "sparse_prefill", False))
     return loaded
 
 

@@ -18,17 +18,22 @@ from torch import nn
 from hotcold.engine.activations import activate, gate_up_bias, kernel_activation
 from hotcold.engine.cache import KVCache, rows_of
 from hotcold.engine.config import GATED, ModelConfig
+from hotcold.engine.input_sparsity import SparseInput
 from hotcold.kernels import cpu_sparse, native, quant
+from hotcold.kernels.input_sparse import InputMajor
 from hotcold.kernels.quant import QuantTensor
 from hotcold.kernels.reference import FUNCTIONS
 
-Weight = torch.Tensor | QuantTensor
+Weight = torch.Tensor | QuantTensor | SparseInput
 
 
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
     """F.linear(norm(x)), but quantized weights run in their blocks (kernels.quant, with an RMS norm folded
     into the same call), and a few tokens over float weights on the CPU go through the native kernels where
-    the calibration measured them faster than torch (kernels.calibrate). fp32 accumulation."""
+    the calibration measured them faster than torch (kernels.calibrate). fp32 accumulation. A SparseInput weight
+    drops its small inputs first (engine.input_sparsity)."""
+    if isinstance(w, SparseInput):
+        return w.product(x if norm is None else norm(x), b)
     if isinstance(w, QuantTensor):
         fold = norm is not None and norm.kind == "rms"
         if norm is not None and not fold:
@@ -147,6 +152,8 @@ class QuantFFN(nn.Module):
         """One native call: RMS norm (when given), gate/up product, activation, down product."""
         if norm is not None and norm.kind != "rms":
             x, norm = norm(x), None
+        if isinstance(self.gate_up, SparseInput) or isinstance(self.down, SparseInput):
+            return self._forward_input_sparse(x, norm)
         if self.down is None:  # every neuron through the sparse kernel over down_t: no second copy of down
             y = quant.sparse_ffn(x, self.gate_up, self.down_t, 2 if self.gated else 1, self._all, self.codes[0],
                                  self.codes[1], gate_up_bias=self.gate_up_bias,
@@ -156,6 +163,16 @@ class QuantFFN(nn.Module):
         y = quant.ffn(x, self.gate_up, self.down, 2 if self.gated else 1, self.codes[0], self.codes[1],
                       self.gate_up_bias, None if norm is None else norm.weight, norm.eps if norm else 0.0,
                       threshold=self.codes[2])
+        return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)
+
+
+    def _forward_input_sparse(self, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+        """The per-op path with input-sparse products (engine.input_sparsity): every token sparse."""
+        z = linear(x, self.gate_up, None, norm).float()
+        parts = 2 if self.gated else 1
+        h = quant.activate(z.view(-1, self.intermediate_size, parts), *self.codes[:2], self.gate_up_bias,
+                           self.codes[2])
+        y = linear(h, self.down).float()
         return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)
 
 
@@ -337,19 +354,33 @@ class Block(nn.Module):
         return self.ffn(x, norm=self.ffn_norm, **self._residual(x))
 
 
+def _native_matrix(w) -> tuple[QuantTensor | InputMajor, float] | None:
+    """A matrix as the native block takes it: row-major blocks, or input-major with its inputs' threshold."""
+    if isinstance(w, QuantTensor):
+        return w, 0.0
+    if isinstance(w, SparseInput) and isinstance(w.weight, InputMajor):
+        return w.weight, w.threshold
+    return None
+
+
 def native_block(block: Block) -> quant.BlockWeights | None:
     """The block's weights for kernels.quant.block (one native call per block), or None where that kernel
-    does not apply: it runs pre-norm RMS blocks whose matrices are all quantized, on the CPU. A block whose
-    FFN is another one that folds the norm in (a plan's sparse FFN) runs attention alone in that call
-    (BlockWeights without gate_up), then its FFN."""
+    does not apply: it runs pre-norm RMS blocks whose matrices are all quantized (row-major, or input-major
+    for input sparsity), on the CPU. A block whose FFN is another one that folds the norm in (a plan's sparse
+    FFN) runs attention alone in that call (BlockWeights without gate_up), then its FFN."""
     attn, ffn, n1, n2 = block.attn, block.ffn, block.attn_norm, block.ffn_norm
-    if not (block.pre_norm and getattr(ffn, "folds_norm", False) and isinstance(attn.wqkv, QuantTensor)
-            and isinstance(attn.wo, QuantTensor) and n1.kind == n2.kind == "rms" and n1.eps == n2.eps):
+    qkv, o = _native_matrix(attn.wqkv), _native_matrix(attn.wo)
+    if not (block.pre_norm and getattr(ffn, "folds_norm", False) and qkv is not None and o is not None
+            and n1.kind == n2.kind == "rms" and n1.eps == n2.eps):
         return None
-    if not isinstance(ffn, QuantFFN) or ffn.down is None:
-        return quant.BlockWeights(n1.weight, n2.weight, n1.eps, attn.wqkv, attn.bqkv, attn.wo, attn.bo)
-    return quant.BlockWeights(n1.weight, n2.weight, n1.eps, attn.wqkv, attn.bqkv, attn.wo, attn.bo, ffn.gate_up,
-                              ffn.down, 2 if ffn.gated else 1, ffn.gate_up_bias, ffn.down_bias, *ffn.codes)
+    gu = _native_matrix(ffn.gate_up) if isinstance(ffn, QuantFFN) else None
+    down = _native_matrix(ffn.down) if isinstance(ffn, QuantFFN) and ffn.down is not None else None
+    if gu is None or down is None:
+        return quant.BlockWeights(n1.weight, n2.weight, n1.eps, qkv[0], attn.bqkv, o[0], attn.bo,
+                                  input_thresholds=(qkv[1], o[1], 0.0, 0.0))
+    return quant.BlockWeights(n1.weight, n2.weight, n1.eps, qkv[0], attn.bqkv, o[0], attn.bo, gu[0],
+                              down[0], 2 if ffn.gated else 1, ffn.gate_up_bias, ffn.down_bias, *ffn.codes,
+                              input_thresholds=(qkv[1], o[1], gu[1], down[1]))
     # (MiniCPM's scalings are not in that kernel: Transformer._native_blocks leaves such models to the per-op path)
 
 
@@ -379,7 +410,8 @@ class Transformer(nn.Module):
     def _native_blocks(self) -> list[quant.BlockWeights] | None:
         """Every block's weights for the one-call native block, or None unless all blocks qualify (cached
         until a block's FFN is replaced, as the hybrid executor does)."""
-        key = tuple(id(layer.ffn) for layer in self.layers)
+        key = tuple((id(layer.ffn), id(layer.attn.wqkv), id(layer.attn.wo), id(getattr(layer.ffn, "gate_up", None)),
+                     id(getattr(layer.ffn, "down", None))) for layer in self.layers)
         if getattr(self, "_native_key", None) != key:
             blocks = [native_block(layer) for layer in self.layers]
             cpu = self.device.type == "cpu" and attn_dtype(self.device, self.dtype) == torch.float32
@@ -413,12 +445,15 @@ class Transformer(nn.Module):
         if blocks is not None:
             tables, token_seqs = batch.tables_tensor, batch.token_seqs()
             _check_tables(batch, cache)
+            sparse = None  # input sparsity: decode tokens (one per sequence in this step), all with `prefill`
+            if not getattr(self, "input_sparse_prefill", True):
+                sparse = torch.tensor([n == 1 for n in batch.lengths], dtype=torch.uint8)[token_seqs]
         elif cache is not None:
             rows = rows_of(batch.tables, batch.starts, batch.lengths, cache.block_size).to(self.device)
         for i, layer in enumerate(self.layers):
             if blocks is not None:
                 x = quant.block(x, blocks[i], rope, cache.k[i], cache.v[i], tables, token_seqs, positions,
-                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window)
+                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window, sparse)
                 if blocks[i].gate_up is None:  # attention only: the FFN is the layer's own (a sparse one)
                     x = x + layer.ffn_after_attention(x)
             else:

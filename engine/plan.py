@@ -14,6 +14,8 @@ iff sigmoid(logit_i) >= tau_l (predictor rule "sigmoid", hotcold's) or logit_i >
 PowerInfer's sparse_threshold), or, with the top-k strategy, iff it is among the top_k_l logits. x is the
 FFN's normed input (predictor input "ffn_norm") or the residual stream before the FFN norm ("residual",
 PowerInfer's ffn_inp). Plans without rule/input fields read as sigmoid / ffn_norm.
+An input-sparsity plan (`targets["sparsity"] == "input"`) gives each layer `inputs`: thresholds on the
+inputs of its projections (engine.input_sparsity); its layers have no hot neurons and no predictors.
 Layers are always keyed and listed by their integer index, never by a string sort.
 
 This module imports nothing from the profiler: the engine reads plans through it.
@@ -75,8 +77,18 @@ class PredictorPlan:
 
 
 @dataclass
+class InputPlan:
+    """One layer's input sparsity (TEAL, engine.input_sparsity): per site (qkv, o, gate_up, down), the
+    threshold on |input| (0: the site stays dense) and the held-out fraction of its inputs dropped."""
+
+    thresholds: dict[str, float]
+    sparsity: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class LayerPlan:
-    """One layer: its threshold, measured sparsity, GPU (hot) neurons and optional predictor."""
+    """One layer: its threshold, measured sparsity, GPU (hot) neurons and optional predictor; or, in an
+    input-sparsity plan, its `inputs` (no neuron sparsity: threshold 0, no hot neurons, no predictor)."""
 
     index: int
     threshold: float  # magnitude threshold (see module doc); 0 = drop only exact zeros
@@ -86,6 +98,7 @@ class LayerPlan:
     hot_ids: torch.Tensor = field(repr=False)  # int64 [hot_count], most frequently active first
     frequency: torch.Tensor = field(repr=False)  # float32 [num_neurons]
     predictor: PredictorPlan | None = None
+    inputs: InputPlan | None = None
 
     @property
     def hot_count(self) -> int:
@@ -109,6 +122,11 @@ class Plan:
 
     def layer(self, index: int) -> LayerPlan:
         return self.layers[index]
+
+    @property
+    def sparsity_mode(self) -> str:
+        """How the plan is meant to run: "input" (input thresholds) or "predictor" (neuron predictors)."""
+        return "input" if self.layers and all(lp.inputs is not None for lp in self.layers) else "predictor"
 
     def check_model(self, fingerprint: str, where: str = "") -> None:
         """Refuse a plan made for another model (HotcoldError, never a silent misuse)."""
@@ -135,6 +153,8 @@ def save_plan(plan: Plan, out_dir: str | Path) -> Path:
         hot[f"layers.{lp.index}.frequency"] = lp.frequency.to(torch.float32).contiguous()
         d = {k: v for k, v in dataclasses.asdict(_shallow(lp)).items() if k not in ("hot_ids", "frequency")}
         d["hot_count"] = lp.hot_count
+        if lp.inputs is not None:
+            d["inputs"] = dataclasses.asdict(lp.inputs)
         if lp.predictor is not None:
             d["predictor"] = {k: v for k, v in dataclasses.asdict(_shallow(lp.predictor)).items()
                               if k != "weights"}
@@ -213,9 +233,13 @@ def _layer_from(d: dict[str, Any], hot: dict, preds: dict) -> LayerPlan:
                              source=str(p.get("source", "trained")))
         if pred.rule not in ("sigmoid", "logit") or pred.input not in ("ffn_norm", "residual"):
             raise ValueError(f"layer {i}: unknown predictor rule {pred.rule!r} or input {pred.input!r}")
+    inputs = None
+    if d.get("inputs") is not None:
+        inputs = InputPlan({str(k): float(v) for k, v in d["inputs"]["thresholds"].items()},
+                           {str(k): float(v) for k, v in d["inputs"].get("sparsity", {}).items()})
     lp = LayerPlan(index=i, threshold=float(d["threshold"]), cett=float(d["cett"]),
                    sparsity=float(d["sparsity"]), num_neurons=int(d["num_neurons"]),
-                   hot_ids=t["hot_ids"].to(torch.int64), frequency=t["frequency"], predictor=pred)
+                   hot_ids=t["hot_ids"].to(torch.int64), frequency=t["frequency"], predictor=pred, inputs=inputs)
     if lp.hot_count != int(d.get("hot_count", lp.hot_count)):
         raise ValueError(f"layer {i}: hot_count {d['hot_count']} != {lp.hot_count} stored ids")
     return lp
@@ -223,10 +247,12 @@ def _layer_from(d: dict[str, Any], hot: dict, preds: dict) -> LayerPlan:
 
 def _shallow(obj: Any) -> Any:
     """A copy without tensors so dataclasses.asdict does not deep-copy weights."""
-    skip = {"hot_ids", "frequency", "weights", "predictor"}
+    skip = {"hot_ids", "frequency", "weights", "predictor", "inputs"}
     kwargs = {f.name: (None if f.name in skip else getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if "predictor" in kwargs:
         kwargs["predictor"] = None
+    if "inputs" in kwargs:
+        kwargs["inputs"] = None
     if "weights" in kwargs:
         kwargs["weights"] = {}
     return type(obj)(**kwargs)

@@ -17,29 +17,20 @@ from .quant import NATIVE_TYPES, QuantTensor, _lib, rms_norm
 TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the formats whose blocks rearrange losslessly (quant.c's other types: not yet)
 
 
-PIECE = 1 << 62  # outputs per panel (row-major W^T: one panel; see tsparse.c)
-
-
 @dataclass
 class InputMajor:
-    """W [rows, cols] of a Q4_0/Q4_1/Q8_0 QuantTensor, input-major and piece-major: for each piece of 128
-    outputs (the last one may be narrower), `codes` holds every input's codes for those outputs
-    ([cols, width / 2] 4-bit: per 32 outputs 16 bytes, low nibbles outputs 0-15, high 16-31; [cols, width]
-    int8 for Q8_0), and `scales` / `mins` (Q4_1 only) the blocks' fp16 d and m ([cols / 32, width]), pieces
-    one after the other (flat tensors). A piece's bytes are one contiguous stream. `threshold`: inputs with
-    |x| <= threshold are skipped by tokens that run sparse (0: every nonzero input is kept)."""
+    """W [rows, cols] of a Q4_0/Q4_1/Q8_0 QuantTensor, input-major: `codes` uint8 [cols, rows / 2] (4-bit:
+    per 32 outputs 16 bytes, low nibbles outputs 0-15, high 16-31, as in a GGUF block) or [cols, rows]
+    (Q8_0, int8); `scales` and `mins` (Q4_1 only) the blocks' fp16 d and m, [cols / 32, rows]."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None
     qtype: str
-    rows: int
-    cols: int
-    threshold: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.rows, self.cols)
+        return (self.scales.shape[1], self.codes.shape[0])
 
     @property
     def device(self) -> torch.device:
@@ -51,18 +42,11 @@ class InputMajor:
 
     def dequantize(self) -> torch.Tensor:
         """fp32 W [rows, cols] (for tests and references)."""
-        q = _unpieces(self.codes, self.cols, self.rows, 16 if self.qtype != "Q8_0" else 32)
-        if self.qtype == "Q8_0":
-            q = q.view(torch.int8).float()
-        else:
-            q = _unpack4(q).float()
-        d = _unpieces(self.scales.view(torch.uint8), self.cols // 32, self.rows, 64).view(torch.float16).float()
-        d = d.repeat_interleave(32, dim=0)
-        if self.qtype == "Q4_1":
-            m = _unpieces(self.mins.view(torch.uint8), self.cols // 32, self.rows, 64).view(torch.float16).float()
-            m = m.repeat_interleave(32, dim=0)
-        else:
-            m = -8.0 * d if self.qtype == "Q4_0" else torch.zeros_like(d)
+        rows, cols = self.shape
+        q = self.codes.view(torch.int8).float() if self.qtype == "Q8_0" else _unpack4(self.codes).float()
+        d = self.scales.float().repeat_interleave(32, dim=0)
+        m = {"Q4_0": -8.0 * d, "Q8_0": torch.zeros_like(d)}.get(self.qtype)
+        m = self.mins.float().repeat_interleave(32, dim=0) if m is None else m
         return (d * q + m).T.contiguous()
 
 
@@ -73,27 +57,9 @@ def _pack4(q: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack4(c: torch.Tensor) -> torch.Tensor:
+    """The inverse of _pack4: bytes [n, w / 2] -> values [n, w]."""
     c = c.reshape(c.shape[0], -1, 16)
     return torch.cat([c & 0xF, c >> 4], dim=-1).reshape(c.shape[0], -1)
-
-
-def _pieces(t: torch.Tensor, per32: int, pack: bool = False) -> torch.Tensor:
-    """[n, rows] -> the flat piece-major bytes: for each piece of 128 columns, all n rows of it."""
-    parts = []
-    for p in range(0, t.shape[1], PIECE):
-        chunk = t[:, p: p + PIECE]
-        parts.append((_pack4(chunk) if pack else chunk).contiguous().view(torch.uint8).reshape(-1))
-    return torch.cat(parts)
-
-
-def _unpieces(flat: torch.Tensor, n: int, rows: int, per32: int) -> torch.Tensor:
-    """The inverse of _pieces: bytes [n, rows / 32 * per32]."""
-    out, at = [], 0
-    for p in range(0, rows, PIECE):
-        width = min(PIECE, rows - p) // 32 * per32
-        out.append(flat[at: at + n * width].view(n, width))
-        at += n * width
-    return torch.cat(out, dim=1)
 
 
 def supported(w: object) -> bool:
@@ -101,7 +67,7 @@ def supported(w: object) -> bool:
     return isinstance(w, QuantTensor) and w.qtype in TYPES and w.shape[0] % 32 == 0
 
 
-def to_input_major(w: QuantTensor, threshold: float = 0.0) -> InputMajor:
+def to_input_major(w: QuantTensor) -> InputMajor:
     """The same numbers input-major (see InputMajor): a lossless rearrangement of the GGUF blocks."""
     if not supported(w):
         raise ValueError(f"input-major storage takes {', '.join(TYPES)} matrices with a multiple of 32 rows; "
@@ -109,22 +75,21 @@ def to_input_major(w: QuantTensor, threshold: float = 0.0) -> InputMajor:
     rows, cols = w.shape
     nbytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[w.qtype]
     blocks = w.data.view(rows, cols // 32, nbytes)
-    scales = _pieces(blocks[..., 0:2].contiguous().view(torch.float16).view(rows, -1).T, 1)
-    mins = _pieces(blocks[..., 2:4].contiguous().view(torch.float16).view(rows, -1).T, 1) if (
+    scales = blocks[..., 0:2].contiguous().view(torch.float16).view(rows, -1).T.contiguous()
+    mins = blocks[..., 2:4].contiguous().view(torch.float16).view(rows, -1).T.contiguous() if (
         w.qtype == "Q4_1") else None
     qs = blocks[..., nbytes - (32 if w.qtype == "Q8_0" else 16):]
     if w.qtype == "Q8_0":
-        codes = _pieces(qs.reshape(rows, cols).T, 32)  # raw int8 bytes
+        codes = qs.reshape(rows, cols).T.contiguous()  # the raw int8 bytes
     else:
-        codes = _pieces(_unpack4(qs.reshape(rows * cols // 32, 16)).reshape(rows, cols).T, 16, pack=True)
-    return InputMajor(codes, scales.view(torch.float16), None if mins is None else mins.view(torch.float16),
-                      w.qtype, rows, cols, threshold)
+        codes = _pack4(_unpack4(qs.reshape(rows * cols // 32, 16)).reshape(rows, cols).T.contiguous())
+    return InputMajor(codes, scales, mins, w.qtype)
 
 
-def linear(x: torch.Tensor, w: InputMajor, norm: torch.Tensor | None = None, eps: float = 0.0,
+def linear(x: torch.Tensor, w: InputMajor, threshold: float, norm: torch.Tensor | None = None, eps: float = 0.0,
            sparse_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 [T, rows] = W . keep(rmsnorm(x)) (no norm unless given): token t keeps the inputs above
-    w.threshold when sparse_tokens[t] (default: every token sparse), every nonzero input otherwise."""
+    """fp32 [T, rows] = W . keep(rmsnorm(x)) (no norm unless given): token t keeps the inputs with
+    |x| > threshold when sparse_tokens[t] (default: every token sparse), every nonzero input otherwise."""
     rows, cols = w.shape
     if x.shape[-1] != cols:
         raise ValueError(f"input has {x.shape[-1]} features; the weight has {cols}")
@@ -136,7 +101,7 @@ def linear(x: torch.Tensor, w: InputMajor, norm: torch.Tensor | None = None, eps
     y = torch.empty(x.shape[0], rows, dtype=torch.float32)
     status = _lib().tsparse_linear(w.codes.data_ptr(), w.scales.data_ptr(),
                                    None if w.mins is None else w.mins.data_ptr(), NATIVE_TYPES[w.qtype], rows, cols,
-                                   x.data_ptr(), x.shape[0], w.threshold,
+                                   x.data_ptr(), x.shape[0], threshold,
                                    None if sparse_tokens is None else sparse_tokens.data_ptr(), y.data_ptr())
     if status:
         raise ValueError("input-major product failed: " + ("out of memory" if status == -3 else "bad layout"))

@@ -36,6 +36,9 @@ void paged_attention(const float *qkv, int64_t qkv_dim, float *out, const float 
 int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols, int64_t parts,
                const int64_t *idx, int64_t K, const float *x, int64_t B, const float *norm, float eps, void *xq,
                float *out);
+/* kernels/tsparse.c: y [B, N] = W (x with small inputs dropped) over an input-major matrix; see there. */
+int tsparse_linear(const uint8_t *codes, const uint8_t *d, const uint8_t *m, int type, int64_t N, int64_t K,
+                   const float *x, int64_t B, float threshold, const uint8_t *sparse, float *y);
 /* kernels/quant.c: one row of `cols` quantized weights (a whole number of the type's blocks) as int8 codes q
  * with a scale d and a minimum m per 32 (w = d * q + m); the type's bytes and weights per block. */
 void quant_unpack_row(int type, const uint8_t *r, int64_t cols, int8_t *q, float *d, float *m);

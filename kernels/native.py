@@ -55,7 +55,7 @@ _SIGNATURES = {
                   _int, _ptr, _ptr, ctypes.c_float],
     "quant_block": [_ptr, _i64, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
                     _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                    _ptr, ctypes.c_float],
+                    _ptr, ctypes.c_float, _ptr],
     "quant_axpy": [_ptr, _int, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr],
     "quant_sparse_ffn": [_ptr, _int, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr,
                          ctypes.c_float, _ptr, _ptr, _int, _int, ctypes.c_float, _ptr, _ptr],

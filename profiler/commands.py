@@ -50,6 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences whose KV cache is reserved")
     parser.add_argument("--min-hot-per-layer", type=int, default=0,
                         help="neurons each layer keeps on the GPU at least (PowerInfer's constraint)")
+    parser.add_argument("--sparsity", default="auto", choices=["auto", "neuron", "input"],
+                        help="neuron: FFN neurons with predictors (best for ReLU-family models); input: "
+                             "thresholds on every projection's inputs (TEAL, no training); auto: neuron for "
+                             "ReLU-family activations or with --cett, input otherwise")
+    parser.add_argument("--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
+                        help="input sparsity: profile the checkpoint quantized at load, as it will be served")
+    parser.add_argument("--min-site-sparsity", type=_fraction, default=None, metavar="PCT",
+                        help="input sparsity: a projection allocated fewer dropped inputs stays dense (default: "
+                             "the input-sparse kernel's measured crossover, `hotcold info`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--no-report", action="store_true", help="skip report.md and its plots")
@@ -80,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
     gpu_memory = placement.parse_memory(args.gpu_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sparsity == "input" or (args.sparsity == "auto" and args.cett is None):
+        from hotcold.profiler.pipeline import RELU_FAMILY
+
+        loaded = load_model(args.model, device="cpu", activation=args.activation, quantize=args.quantize)
+        if args.sparsity == "input" or loaded.config.activation not in RELU_FAMILY:
+            return _run_input(args, loaded)  # the model as it is served
     loaded = load_model(args.model, dtype="float32", device="cpu", activation=args.activation)
     mcfg = loaded.config
     if mcfg.num_experts:
@@ -103,6 +118,38 @@ def run(args: argparse.Namespace) -> int:
 
         write_report(result, args.out)
     _print_summary(result, args.out)
+    return 0
+
+
+def _run_input(args: argparse.Namespace, loaded) -> int:
+    """--sparsity input: the model as it is served (a GGUF's blocks stay quantized), TEAL thresholds."""
+    from hotcold.engine.plan import save_plan
+    from hotcold.profiler.corpus import build_corpus
+    from hotcold.profiler.input_plan import InputProfileConfig, profile_inputs
+
+    if args.cett is not None:
+        raise HotcoldError("--cett sets neuron thresholds; input sparsity takes --max-ppl-increase")
+    if loaded.config.num_experts:
+        raise HotcoldError("mixture-of-experts models are not profiled")
+    mcfg = loaded.config
+    cfg = InputProfileConfig(max_ppl_increase=0.01 if args.max_ppl_increase is None else args.max_ppl_increase,
+                             calibration_tokens=min(args.tokens, 16384), min_sparsity=args.min_site_sparsity,
+                             seq_len=min(256, mcfg.max_position_embeddings),
+                             eval_context=min(1024, mcfg.max_position_embeddings))
+    corpus = build_corpus(loaded.tokenizer, args.corpus, args.tokens, args.eval_tokens)
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"hotcold profile: {msg}", file=sys.stderr))
+    result = profile_inputs(loaded, corpus, cfg, say)
+    save_plan(result.plan, args.out)
+    if not args.no_report:
+        from hotcold.profiler.report import write_input_report
+
+        write_input_report(result, args.out)
+    plan = result.plan
+    ppl = plan.perplexity
+    print(f"plan written to {args.out} ({len(plan.layers)} layers, input sparsity)\n"
+          f"block sparsity {plan.targets['block_sparsity']:.2f}: {ppl['input_skipped']:.1%} of the projections' "
+          f"weights skipped on held-out text\nheld-out perplexity: dense {ppl['dense']:.3f}, input "
+          f"{ppl['input']:.3f} ({ppl['input'] / ppl['dense'] - 1:+.2%})")
     return 0
 
 

@@ -14,7 +14,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from hotcold.engine.commands_generate import add_gpu_memory_argument, add_weight_arguments
+from hotcold.engine.commands_generate import (
+    add_gpu_memory_argument,
+    add_sparse_prefill_argument,
+    add_weight_arguments,
+)
 from hotcold.engine.errors import HotcoldError
 
 log = logging.getLogger("hotcold.server")
@@ -49,8 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_weight_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--sparsity", default=None, choices=["off", "oracle", "predictor"],
-                        help="with --plan: which neurons run (default predictor)")
+    parser.add_argument("--sparsity", default=None, choices=["off", "oracle", "predictor", "input"],
+                        help="with --plan: which neurons run, or input thresholds (default: what the plan "
+                             "was made for)")
+    add_sparse_prefill_argument(parser)
     parser.add_argument("--placement", default="hybrid", choices=["hybrid", "gpu", "cpu"],
                         help="with --plan: hot neurons on the GPU and cold on the CPU, or all on one side")
     add_gpu_memory_argument(parser)
@@ -128,7 +134,9 @@ def auto_plan(model: str, activation: str | None) -> Path:
     from hotcold.profiler import commands as profile_command
 
     path = resolve_model_path(model)
-    key = hashlib.sha256(f"{path.resolve()}|{activation}".encode()).hexdigest()[:12]
+    # (profile's defaults are part of the key: since `--sparsity auto` picks input sparsity for SwiGLU models,
+    # a neuron plan cached before is not what the defaults make)
+    key = hashlib.sha256(f"{path.resolve()}|{activation}|sparsity-auto".encode()).hexdigest()[:12]
     folder = cache_dir() / "plans" / f"{path.stem}-{key}"
     if (folder / "plan.json").exists():
         return folder

@@ -31,7 +31,7 @@ def test_matches_float64_with_the_inputs_masked(qtype, rows):
     and tokens that run dense (sparse_tokens 0: every nonzero input kept)."""
     cols = 256
     raw = random_blocks(qtype, rows, cols, seed=rows)
-    w = input_sparse.to_input_major(quant.from_gguf(raw, qtype, cols), threshold=0.7)
+    w = input_sparse.to_input_major(quant.from_gguf(raw, qtype, cols))
     x = torch.randn(5, cols, generator=torch.Generator().manual_seed(rows))
     x[1, :40] = 0.0
     flags = torch.tensor([1, 1, 0, 1, 0])
@@ -40,7 +40,7 @@ def test_matches_float64_with_the_inputs_masked(qtype, rows):
     keep = (np.abs(xs) > 0.7) | (flags.numpy()[:, None] == 0)
     masked = np.where(keep, xs, 0.0)
     want = masked @ ref_w.T
-    got = input_sparse.linear(x, w, sparse_tokens=flags).double().numpy()
+    got = input_sparse.linear(x, w, 0.7, sparse_tokens=flags).double().numpy()
     assert np.all(np.abs(got - want) <= _bound(ref_w, masked))
     dense = xs @ ref_w.T
     assert np.abs(got[2] - dense[2]).max() <= _bound(ref_w, xs)[2].max()  # a dense token equals the dense product
@@ -65,32 +65,32 @@ def test_threshold_zero_equals_the_dense_product():
     x = torch.randn(3, cols)
     ref_w = gguf_dequantize(raw, "Q4_1", cols)
     want = x.double().numpy() @ ref_w.T
-    got = input_sparse.linear(x, w).double().numpy()
+    got = input_sparse.linear(x, w, 0.0).double().numpy()
     assert np.all(np.abs(got - want) <= _bound(ref_w, x.double().numpy()))
 
 
 def test_rms_norm_folded_in():
     rows, cols = 64, 128
     raw = random_blocks("Q8_0", rows, cols, seed=4)
-    w = input_sparse.to_input_major(quant.from_gguf(raw, "Q8_0", cols), threshold=0.5)
+    w = input_sparse.to_input_major(quant.from_gguf(raw, "Q8_0", cols))
     x, norm = torch.randn(2, cols) * 3, torch.rand(cols) + 0.5
     normed = quant.rms_norm(x, norm, 1e-5)
-    got = input_sparse.linear(x, w, norm=norm, eps=1e-5)
-    assert torch.equal(got, input_sparse.linear(normed, w))
+    got = input_sparse.linear(x, w, 0.5, norm=norm, eps=1e-5)
+    assert torch.equal(got, input_sparse.linear(normed, w, 0.5))
 
 
 def test_results_do_not_depend_on_threads_or_batch():
     rows, cols = 288, 256
-    w = input_sparse.to_input_major(quant.from_gguf(random_blocks("Q4_0", rows, cols), "Q4_0", cols), 0.4)
+    w = input_sparse.to_input_major(quant.from_gguf(random_blocks("Q4_0", rows, cols), "Q4_0", cols))
     x = torch.randn(7, cols)
     before = native.threads()
     try:
         outs = []
         for n in (1, 2, 5):
             native.set_threads(n)
-            outs.append(input_sparse.linear(x, w))
+            outs.append(input_sparse.linear(x, w, 0.4))
         assert all(torch.equal(o, outs[0]) for o in outs[1:])
-        alone = torch.cat([input_sparse.linear(x[i: i + 1], w) for i in range(7)])
+        alone = torch.cat([input_sparse.linear(x[i: i + 1], w, 0.4) for i in range(7)])
         assert torch.equal(alone, outs[0])
     finally:
         native.set_threads(before)
@@ -103,7 +103,7 @@ def test_refuses_what_it_cannot_run():
         input_sparse.to_input_major(quant.from_gguf(random_blocks("Q5_0", 32, 64), "Q5_0", 64))
     w = input_sparse.to_input_major(quant.from_gguf(random_blocks("Q4_0", 32, 64), "Q4_0", 64))
     with pytest.raises(ValueError, match="features"):
-        input_sparse.linear(torch.ones(1, 32), w)
+        input_sparse.linear(torch.ones(1, 32), w, 0.0)
 
 
 _ISA_SCRIPT = """
@@ -113,9 +113,9 @@ from test_quant import random_blocks
 from hotcold.kernels import input_sparse, native, quant
 out = {{"isa": native.best_isa()}}
 for t in input_sparse.TYPES:
-    w = input_sparse.to_input_major(quant.from_gguf(random_blocks(t, 160, 256, seed=5), t, 256), 0.5)
+    w = input_sparse.to_input_major(quant.from_gguf(random_blocks(t, 160, 256, seed=5), t, 256))
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
-    out[t] = input_sparse.linear(x, w).flatten().tolist()
+    out[t] = input_sparse.linear(x, w, 0.5).flatten().tolist()
 print(json.dumps(out))
 """
 

@@ -170,7 +170,7 @@ def test_perplexity_budget_search(tiny_checkpoint, corpus_file, tmp_path):
     out = tmp_path / "plan"
     rc = main(["profile", "--model", str(tiny_checkpoint("llama")), "--out", str(out), "--corpus",
                str(corpus_file), "--tokens", "2000", "--eval-tokens", "400", "--max-ppl-increase", "5%",
-               "--predictor-rank", "8", "--predictor-steps", "30", "--quiet", "--no-report"])
+               "--predictor-rank", "8", "--predictor-steps", "30", "--quiet", "--no-report", "--sparsity", "neuron"])
     assert rc == 0
     plan = load_plan(out)
     points = plan.stats["search"]["points"]
