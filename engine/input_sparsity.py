@@ -6,9 +6,10 @@ Four sites per block, one per distinct input: `qkv` (the normed block input, sha
 attention output), `gate_up` (the normed FFN input, shared by gate and up) and `down` (the activations h).
 A site with threshold 0 stays dense.
 
-`SparseInput` wraps a projection's weight: over an input-major quantized matrix (kernels.input_sparse, the
-fast path, one copy of the weight) it runs the input-sparse kernel; over any other weight it masks the input
-and runs the dense product (the reference: profiling, float checkpoints, formats the kernel does not take).
+`SparseInput` wraps a projection's weight: over an input-major matrix (kernels.input_sparse: quantized blocks
+rearranged, or a float W^T; one copy of the weight) it runs the input-sparse kernels (on the CPU, or Triton's
+gathered axpy on CUDA); over a weight kept as it is, it masks the input and runs the dense product (the
+reference: profiling, and formats the kernels do not take).
 Which tokens are sparse: the native block path (quantized pre-norm models, with a KV cache) sparsifies decode
 tokens and, with `prefill`, prompt tokens too; the per-op path (perplexity, profiling, other models)
 sparsifies every token, which is what decode sees.
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotcold.engine.errors import HotcoldError
-from hotcold.kernels import input_sparse, quant
-from hotcold.kernels.input_sparse import InputMajor
+from hotcold.kernels import gathered_down, input_sparse, quant
+from hotcold.kernels.input_sparse import FloatInputMajor, InputMajor
 from hotcold.kernels.quant import QuantTensor
 
 SITES = ("qkv", "o", "gate_up", "down")
@@ -36,7 +37,7 @@ Observer = Callable[[torch.Tensor], None]  # sees a site's inputs [T, in] (the p
 class SparseInput:
     """A projection's weight [out, in] whose inputs with |x| <= threshold are dropped."""
 
-    weight: torch.Tensor | QuantTensor | InputMajor
+    weight: torch.Tensor | QuantTensor | InputMajor | FloatInputMajor
     threshold: float
     kept: float = field(default=0.0, repr=False)  # inputs kept / seen on the per-op path (not the native one)
     seen: float = field(default=0.0, repr=False)
@@ -56,6 +57,8 @@ class SparseInput:
         self.seen += keep.numel()
         if isinstance(self.weight, InputMajor):
             y = input_sparse.linear(x2, self.weight, self.threshold)
+        elif isinstance(self.weight, FloatInputMajor):
+            y = input_sparse.float_linear(x2, self.weight, self.threshold)
         elif isinstance(self.weight, QuantTensor):
             y = quant.linear(x2 * keep, self.weight)
         else:
@@ -69,18 +72,26 @@ def mask(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class InputMaskedFFN(nn.Module):
-    """A float DenseFFN with its gate/up inputs and its down inputs (h) thresholded: the reference path."""
+    """A float DenseFFN with its gate/up inputs and its down inputs (h) thresholded. Its down_t [I, H] is
+    input-major already: with `gathered`, the down product reads only the kept neurons' rows (gathered axpy);
+    gate/up masks its input and runs the dense product."""
 
     def __init__(self, ffn: nn.Module, gate_up: float, down: float,
-                 observers: tuple[Observer, Observer] | None = None) -> None:
+                 observers: tuple[Observer, Observer] | None = None, gathered: bool = False) -> None:
         super().__init__()
         self.ffn, self.gate_up_threshold, self.down_threshold = ffn, gate_up, down
         self.counts = [0.0, 0.0, 0.0, 0.0]  # kept / seen of gate_up, then of down
-        self.observers = observers
+        self.observers, self.gathered = observers, gathered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ffn.activations(self._count(x, self.gate_up_threshold, 0))
-        return self.ffn.project_down(self._count(h, self.down_threshold, 2))
+        h = self._count(self.ffn.activations(self._count(x, self.gate_up_threshold, 0)), self.down_threshold, 2)
+        if not (self.gathered and self.down_threshold > 0):
+            return self.ffn.project_down(h)
+        h2 = h.reshape(-1, h.shape[-1])
+        idx = (h2 != 0).any(0).nonzero().squeeze(1)
+        y = gathered_down(h2.index_select(1, idx), self.ffn.down_t, idx)
+        y = y if self.ffn.down_bias is None else y + self.ffn.down_bias.float()
+        return y.view(*h.shape[:-1], -1).to(h.dtype)
 
     def _count(self, x: torch.Tensor, threshold: float, at: int) -> torch.Tensor:
         if self.observers is not None:
@@ -95,6 +106,8 @@ def _wrap(weight, threshold: float, input_major: bool, observer: Observer | None
         return weight
     if input_major and threshold > 0 and input_sparse.supported(weight):
         weight = input_sparse.to_input_major(weight)
+    elif input_major and threshold > 0 and isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        weight = FloatInputMajor(weight.T.contiguous())
     return SparseInput(weight, max(float(threshold), 0.0), observer=observer)
 
 
@@ -129,7 +142,7 @@ def apply_input_sparsity(model: nn.Module, thresholds: list[dict[str, float]], p
         elif isinstance(ffn, DenseFFN):
             if ffn_sparse:
                 block.ffn = InputMaskedFFN(ffn, t.get("gate_up", 0.0), t.get("down", 0.0),
-                                           None if observe is None else (see["gate_up"], see["down"]))
+                                           None if observe is None else (see["gate_up"], see["down"]), input_major)
         elif ffn_sparse:
             raise HotcoldError(f"input sparsity of the FFN needs a dense FFN; this model's is {type(ffn).__name__}")
     model.input_sparse_prefill = prefill

@@ -1,9 +1,10 @@
-"""Input-sparse products (TEAL) over quantized weights stored input-major (kernels/tsparse.c).
-
-y = W x, where the inputs with |x_k| <= threshold are dropped, reads only the weight columns of the inputs
-that survive. GGUF rows run along the inputs, so the matrix is stored once, input-major: `InputMajor` holds
-the same codes, scales and minimums as the GGUF blocks (no re-quantization, no second copy), rearranged so
-that one input's codes for every output are contiguous.
+"""Input-sparse products (TEAL): y = W x with the inputs |x_k| <= threshold dropped, reading only the weight
+columns of the inputs that survive. The matrix is stored once, input-major, so that an input's weights for
+every output are one contiguous row:
+- `InputMajor`: a quantized matrix's GGUF codes, scales and minimums rearranged (no re-quantization, no second
+  copy), run by kernels/tsparse.c on the CPU;
+- `FloatInputMajor`: a float matrix as W^T, run by the gathered axpy of kernels.gathered_down (native on the
+  CPU, Triton on CUDA: the GPU side's kernel).
 """
 
 from __future__ import annotations
@@ -48,6 +49,37 @@ class InputMajor:
         m = {"Q4_0": -8.0 * d, "Q8_0": torch.zeros_like(d)}.get(self.qtype)
         m = self.mins.float().repeat_interleave(32, dim=0) if m is None else m
         return (d * q + m).T.contiguous()
+
+
+@dataclass
+class FloatInputMajor:
+    """A float W [rows, cols] as `weight_t` [cols, rows], contiguous: input k's weights are row k."""
+
+    weight_t: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.weight_t.shape[1], self.weight_t.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight_t.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_t.numel() * self.weight_t.element_size()
+
+
+def float_linear(x: torch.Tensor, w: FloatInputMajor, threshold: float, backend: str = "auto") -> torch.Tensor:
+    """fp32 [T, rows] = W . keep(x): the rows of W^T of the inputs some token keeps, each scaled by the
+    token's input (0 where that token drops it). `backend` as kernels.gathered_down's."""
+    from . import gathered_down
+
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features; the weight has {w.shape[1]}")
+    keep = x.abs() > threshold
+    idx = keep.any(0).nonzero().squeeze(1)
+    return gathered_down((x * keep).index_select(1, idx), w.weight_t, idx, backend=backend)
 
 
 def _pack4(q: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from interpreted import INTERPRETED, run_interpreter_cases
 from test_quant import gguf_dequantize, random_blocks
 
 from hotcold.kernels import input_sparse, native, quant
@@ -136,3 +137,51 @@ def test_every_isa_path_agrees():
         for t in input_sparse.TYPES:
             y, r = np.array(res[t]), np.array(results["portable"][t])
             assert np.abs(y - r).max() <= 1e-6 * np.abs(r).max()
+
+
+# ---------------------------------------------------------------- float weights: W^T and the gathered axpy
+
+def _float_case(dtype: torch.dtype, device: str = "cpu"):
+    gen = torch.Generator().manual_seed(11)
+    w = (torch.randn(96, 160, generator=gen) * 0.1).to(dtype)
+    x = torch.randn(3, 160, generator=gen)
+    x[1] = 0.0  # a token that keeps nothing
+    t = 0.6
+    want = (x.double() * (x.abs() > t)) @ w.double().T
+    return input_sparse.FloatInputMajor(w.T.contiguous().to(device)), x.to(device), t, want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_input_major_matches_float64(dtype):
+    """W^T rows of the kept inputs through the CPU gathered axpy: float64 with the inputs masked, within the
+    rounding of the inputs to the weights' dtype."""
+    if INTERPRETED:
+        pytest.skip("native kernels do not run under TRITON_INTERPRET")
+    w, x, t, want = _float_case(dtype)
+    got = input_sparse.float_linear(x, w, t).double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_float_input_major_triton(dtype):
+    """The GPU side's kernel (Triton's split-K gathered axpy), in Triton's interpreter."""
+    if not INTERPRETED:
+        pytest.skip("runs in the interpreter child (test_triton_interpreted)")
+    w, x, t, want = _float_case(dtype)
+    got = input_sparse.float_linear(x, w, t, backend="triton").double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+def test_triton_interpreted():
+    run_interpreter_cases(__file__, min_passed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_float_input_major_on_cuda():
+    w, x, t, want = _float_case(torch.bfloat16, "cuda")
+    got = input_sparse.float_linear(x, w, t).double().cpu()
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
