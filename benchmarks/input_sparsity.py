@@ -58,8 +58,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--synthetic", action="store_true", help="the 8-layer Llama-2-7B-shaped SwiGLU Q4_0 GGUF")
-    ap.add_argument("--plan", default=None, help="an input-sparsity plan (hotcold profile --sparsity input)")
+    ap.add_argument("--plan", action="append", default=[], dest="plans",
+                    help="an input-sparsity plan (hotcold profile --sparsity input); repeatable")
     ap.add_argument("--sparsities", type=float, nargs="*", default=[], help="every site at this share dropped")
+    ap.add_argument("--sparse-prefill", action="store_true", help="also rows that sparsify prompt tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=128)
@@ -79,25 +81,26 @@ def main() -> None:
     else:
         path = resolve_model_path(args.model)
 
-    variants: list[tuple[str, object]] = [("dense", None)]
-    if args.plan:
-        variants.append(("input plan", "plan"))
-    variants += [(f"input {s:.0%} per site", s) for s in args.sparsities]
+    variants: list[tuple[str, object, bool]] = [("dense", None, False)]
+    for prefill in (False, True) if args.sparse_prefill else (False,):
+        tail = " +prefill" if prefill else ""
+        variants += [(f"input plan {Path(p).name}{tail}", p, prefill) for p in args.plans]
+        variants += [(f"input {s:.0%} per site{tail}", s, prefill) for s in args.sparsities]
     engines = []
-    for name, how in variants:
+    for name, how, prefill in variants:
         loaded = load_model(path)
         model = loaded.model
         calib = loaded.tokenizer.encode(LONG_TEXT)[:256]
-        if how == "plan":
+        if isinstance(how, str):
             from hotcold.engine.plan import load_plan
 
-            plan = load_plan(args.plan, loaded.fingerprint)
+            plan = load_plan(how, loaded.fingerprint)
             thresholds = [lp.inputs.thresholds for lp in plan.layers]
         elif how is not None:
             thresholds = quantile_thresholds(model, calib, how)
         row = {"engine": f"hotcold {name}"}
         if how is not None:
-            input_sparsity.apply_input_sparsity(model, thresholds)
+            input_sparsity.apply_input_sparsity(model, thresholds, prefill=prefill)
             with torch.inference_mode():  # what each site drops, every token sparse (the per-op path)
                 model.forward_sequence(torch.tensor(loaded.tokenizer.encode(PROMPT * 4)[:128]))
             row["site_sparsity"] = input_sparsity.site_sparsity(model)
@@ -106,7 +109,7 @@ def main() -> None:
                                                             getattr(layer.ffn, "down", None))]:
                 if isinstance(w, input_sparsity.SparseInput):
                     w.kept = w.seen = 0.0
-        if args.eval_tokens:
+        if args.eval_tokens and not prefill:  # (the same as without: perplexity sparsifies every token)
             row["perplexity"] = perplexity(model, held_out(loaded.tokenizer, args.eval_tokens), 512)
         engines.append((row, loaded))
     prompt_ids = engines[0][1].tokenizer.encode(PROMPT)
@@ -130,12 +133,12 @@ def main() -> None:
     print(cpu_line())
     print(f"model {path.name}, {args.threads} threads, decode {args.new_tokens} tokens, prefill {args.prefill}, "
           f"{args.runs} interleaved runs (medians)")
-    print(f"{'engine':34} {'decode tok/s':>12} {'x dense':>8} {'prefill tok/s':>14} {'ppl':>9} {'dropped':>8}")
+    print(f"{'engine':40} {'decode tok/s':>12} {'x dense':>8} {'prefill tok/s':>14} {'ppl':>9} {'dropped':>8}")
     for row in rows:
         sp = row.get("site_sparsity")
         dropped = "" if not sp else f"{statistics.mean(v for layer in sp for v in layer.values()):.1%}"
         ppl = f"{row['perplexity']:.3f}" if row.get("perplexity") else ""
-        print(f"{row['engine']:34} {row['decode_tok_s']:12.1f} {row['decode_tok_s'] / dense['decode_tok_s']:8.2f} "
+        print(f"{row['engine']:40} {row['decode_tok_s']:12.1f} {row['decode_tok_s'] / dense['decode_tok_s']:8.2f} "
               f"{row['prefill_tok_s']:14.1f} {ppl:>9} {dropped:>8}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cpu": cpu_line(), "model": str(path), "threads": args.threads,

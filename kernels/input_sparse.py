@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .quant import NATIVE_TYPES, QuantTensor, _lib, rms_norm
 
 TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the formats whose blocks rearrange losslessly (quant.c's other types: not yet)
@@ -115,6 +116,7 @@ def to_input_major(w: QuantTensor) -> InputMajor:
         codes = qs.reshape(rows, cols).T.contiguous()  # the raw int8 bytes
     else:
         codes = _pack4(_unpack4(qs.reshape(rows * cols // 32, 16)).reshape(rows, cols).T.contiguous())
+    native.use_huge_pages(codes)  # kept rows are gathered: a TLB walk each on 4 KiB pages
     return InputMajor(codes, scales, mins, w.qtype)
 
 

@@ -31,10 +31,6 @@
 
 #define QK 32
 #define P 2     /* blocks of 32 outputs per pass: 8 int32 accumulators of 8 lanes */
-#define AHEAD 1 /* groups prefetched ahead */
-#ifndef PREFETCH
-#define PREFETCH 2
-#endif
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
 
 typedef struct {
@@ -113,12 +109,11 @@ typedef struct {
 /* Token b, group g, outputs [o0, o0 + nb * 32): the group's integer sums in registers, then
  * y += scale * (d * acc + m * sum(xq)) with m = -8 d (Q4_0), 0 (Q8_0) or the block's minimum (Q4_1). */
 static inline __attribute__((always_inline)) void piece(const tax_t *c, int type, const rows_t *r, int64_t b,
-                                                        int64_t g, int64_t o0, int nb) {
+                                                        int64_t g, int64_t o0, int nb, float *y) {
     const uint8_t *codes = c->codes + o0 / QK * c->bpb;
     int64_t n = nb * QK;
     float sc = c->scale[b * (c->K / QK) + g], sm = sc * (float)c->sum[b * (c->K / QK) + g];
     const uint8_t *dg = c->d + (g * c->N + o0) * 2, *mg = c->m ? c->m + (g * c->N + o0) * 2 : 0;
-    float *y = c->y + b * c->N + o0;
 #ifdef PAIR_SUMS
     __m256i v[4 * P];
     for (int i = 0; i < 4 * P; i++) v[i] = _mm256_setzero_si256();
@@ -147,40 +142,47 @@ static inline __attribute__((always_inline)) void piece(const tax_t *c, int type
 #endif
 }
 
-/* Outputs [u0 * 32, u1 * 32): group by group and token by token (the thread's span of a group's kept rows,
- * at most 32 of them, stays in L1/L2 while it is read pass by pass and token by token), requesting the spans
- * of the group AHEAD groups later into L2 first (a kept row is a DRAM miss the hardware prefetcher cannot
- * guess). */
+/* Token b's kept rows of group g (0 when it keeps none). */
+static int32_t group_rows(const tax_t *c, int64_t b, int64_t g, int64_t row, rows_t *r) {
+    const int32_t *s = c->start + b * (c->K / QK + 1), *kept = c->kept + b * c->K;
+    const int16_t *x = c->xq + b * c->K;
+    r->pairs = (s[g + 1] - s[g]) / 2;
+    for (int32_t i = 0; i < 2 * r->pairs; i++) r->off[i] = kept[s[g] + i] * row;
+    for (int32_t i = 0; i < r->pairs; i++)
+        r->x12[i] = (int32_t)((uint32_t)(uint16_t)x[kept[s[g] + 2 * i]] |
+                              ((uint32_t)(uint16_t)x[kept[s[g] + 2 * i + 1]] << 16));
+    return r->pairs;
+}
+
+/* Outputs [o0, o0 + nb * 32) of one token and group into y (the output row at o0). */
+static inline void pass(const tax_t *c, const rows_t *r, int64_t b, int64_t g, int64_t o0, int nb, float *y) {
+    if (nb < P) piece(c, c->type, r, b, g, o0, nb, y);
+    else if (c->type == Q8_0) piece(c, Q8_0, r, b, g, o0, P, y);
+    else if (c->type == Q4_0) piece(c, Q4_0, r, b, g, o0, P, y);
+    else piece(c, Q4_1, r, b, g, o0, P, y);
+}
+
+/* Threads split the outputs. Outputs [u0 * 32, u1 * 32), group by group and token by token
+ * (the thread's span of a group's kept rows, at most 32 of them, stays in L1/L2 while it is read pass by
+ * pass and token by token), requesting the span of the next group's kept rows into L2 a pass at a time.
+ * (Tried for narrow matrices, where a thread's span of a row is a few hundred bytes: fixed chunks of groups
+ * over whole rows, partial sums added in chunk order. On the default model's matrices it was 1.2x slower.) */
 static void tax_task(void *p, int64_t u0, int64_t u1) {
     const tax_t *c = p;
-    int64_t ng = c->K / QK, row = c->N / QK * c->bpb, span = (u1 - u0) * c->bpb;
+    int64_t ng = c->K / QK, row = c->N / QK * c->bpb;
     rows_t r;
     for (int64_t b = 0; b < c->B; b++) memset(c->y + b * c->N + u0 * QK, 0, sizeof(float) * (size_t)((u1 - u0) * QK));
-    for (int64_t g = 0; g < ng; g++) {
+    for (int64_t g = 0; g < ng; g++)
         for (int64_t b = 0; b < c->B; b++) {
-            const int32_t *s = c->start + b * (ng + 1), *kept = c->kept + b * c->K;
-            const int16_t *x = c->xq + b * c->K;
-            if (s[g] == s[g + 1]) continue;
-            r.pairs = (s[g + 1] - s[g]) / 2;
-            for (int32_t i = 0; i < 2 * r.pairs; i++) r.off[i] = kept[s[g] + i] * row;
-            for (int32_t i = 0; i < r.pairs; i++)
-                r.x12[i] = (int32_t)((uint32_t)(uint16_t)x[kept[s[g] + 2 * i]] |
-                                     ((uint32_t)(uint16_t)x[kept[s[g] + 2 * i + 1]] << 16));
+            if (!group_rows(c, b, g, row, &r)) continue;
             for (int64_t o = u0; o < u1; o += P) {
-                int64_t o0 = o * QK;
-                /* the same span of the group AHEAD later, a pass's worth at a time: as many requests in flight
-                 * as the passes can consume */
-                if (b == 0 && g + AHEAD < ng)
-                    for (int32_t i = c->any_start[g + AHEAD]; i < c->any_start[g + AHEAD + 1]; i++)
-                        for (int64_t at = (o - u0) * c->bpb; at < (o - u0 + P) * c->bpb; at += 64)
-                            __builtin_prefetch(c->codes + c->any[i] * row + u0 * c->bpb + at, 0, PREFETCH);
-                if (u1 - o < P) piece(c, c->type, &r, b, g, o0, 1);
-                else if (c->type == Q8_0) piece(c, Q8_0, &r, b, g, o0, P);
-                else if (c->type == Q4_0) piece(c, Q4_0, &r, b, g, o0, P);
-                else piece(c, Q4_1, &r, b, g, o0, P);
+                if (b == 0 && g + 1 < ng) /* as many requests in flight as the passes consume */
+                    for (int32_t i = c->any_start[g + 1]; i < c->any_start[g + 2]; i++)
+                        for (int64_t at = o * c->bpb; at < (o + P) * c->bpb; at += 64)
+                            __builtin_prefetch(c->codes + c->any[i] * row + at, 0, 2);
+                pass(c, &r, b, g, o * QK, u1 - o < P ? (int)(u1 - o) : P, c->y + b * c->N + o * QK);
             }
         }
-    }
 }
 
 /* y [B, N] = W (x masked), x [B, K] fp32: token b keeps input k iff |x[b, k]| > threshold * (sparse ? sparse[b]

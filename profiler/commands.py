@@ -133,7 +133,7 @@ def _run_input(args: argparse.Namespace, loaded) -> int:
         raise HotcoldError("mixture-of-experts models are not profiled")
     mcfg = loaded.config
     cfg = InputProfileConfig(max_ppl_increase=0.01 if args.max_ppl_increase is None else args.max_ppl_increase,
-                             calibration_tokens=min(args.tokens, 16384), min_sparsity=args.min_site_sparsity,
+                             calibration_tokens=min(args.tokens, 4096), min_sparsity=args.min_site_sparsity,
                              seq_len=min(256, mcfg.max_position_embeddings),
                              eval_context=min(1024, mcfg.max_position_embeddings))
     corpus = build_corpus(loaded.tokenizer, args.corpus, args.tokens, args.eval_tokens)

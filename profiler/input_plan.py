@@ -30,7 +30,7 @@ from hotcold.profiler.corpus import Corpus
 @dataclass
 class InputProfileConfig:
     max_ppl_increase: float = 0.01
-    calibration_tokens: int = 8192  # histogram tokens
+    calibration_tokens: int = 4096  # histogram tokens
     block_tokens: int = 256  # tokens whose block outputs the greedy allocation compares
     step: float = 0.05  # site sparsity added per greedy step
     levels: float = 0.05  # block sparsities the search tries: multiples of this
