@@ -101,6 +101,25 @@ class InputMaskedFFN(nn.Module):
         return mask(x, threshold)
 
 
+def site_matrices(block) -> dict[str, object]:
+    """A block's matrix [out, in] behind each site (a float FFN's down as a view of its down_t)."""
+    from hotcold.engine.model import DenseFFN, QuantFFN
+
+    attn, ffn = block.attn, block.ffn
+    out = {"qkv": attn.wqkv, "o": attn.wo}
+    if isinstance(ffn, QuantFFN) and ffn.down is not None:
+        out.update(gate_up=ffn.gate_up, down=ffn.down)
+    elif isinstance(ffn, DenseFFN):
+        out.update(gate_up=ffn.gate_up.reshape(-1, ffn.gate_up.shape[-1]), down=ffn.down_t.T)
+    return out
+
+
+def input_major(weight, threshold: float) -> SparseInput | None:
+    """The weight stored input-major for the sparse kernels, or None where they do not take it."""
+    return _wrap(weight, threshold, True, None) if threshold > 0 and (
+        input_sparse.supported(weight) or isinstance(weight, torch.Tensor) and weight.is_floating_point()) else None
+
+
 def _wrap(weight, threshold: float, input_major: bool, observer: Observer | None):
     if threshold <= 0 and observer is None:
         return weight

@@ -5,8 +5,10 @@
 2. TEAL's greedy per-block allocation: from all-dense, each step raises the sparsity of the one site whose
    raise (by the same number of skipped weights) adds the least error to the block's output on calibration
    tokens; the path of allocations is kept per block, indexed by block sparsity.
-3. Sites whose allocated sparsity is under the measured crossover of the input-sparse kernel
-   (kernels.calibrate) stay dense: they would cost time, and dropping nothing costs no quality.
+3. Sites whose allocated sparsity is under the crossover of the input-sparse kernel stay dense: they would
+   cost time, and dropping nothing costs no quality. The crossover is measured per site on the model's own
+   matrices, every layer's in turn (from memory, as decode reads them): on the default model's small
+   matrices the sparse kernel needs more dropped than on a 7B model's.
 4. The largest block sparsity (one level for every block) whose held-out perplexity, measured exactly as
    `hotcold perplexity --plan` measures it, stays within the budget.
 """
@@ -35,7 +37,7 @@ class InputProfileConfig:
     step: float = 0.05  # site sparsity added per greedy step
     levels: float = 0.05  # block sparsities the search tries: multiples of this
     max_sparsity: float = 0.8
-    min_sparsity: float | None = None  # a site allocated less stays dense (None: the calibrated crossover)
+    min_sparsity: float | None = None  # a site allocated less stays dense (None: measured per site)
     seq_len: int = 256
     eval_context: int = 1024
 
@@ -144,8 +146,73 @@ def block_sparsity(sparsity: dict[str, float], params: dict[str, int]) -> float:
     return sum(params[s] * sparsity.get(s, 0.0) for s in params) / sum(params.values())
 
 
+CROSSOVER_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+FLUSH_BYTES = 96 << 20  # written between timed runs: past any last-level cache here
+
+
+def _race(a, b, reps: int = 3, flush=lambda: None) -> tuple[float, float]:
+    """Best times of a and b, run alternately, each after `flush` (untimed)."""
+    best = [float("inf"), float("inf")]
+    a(), b()
+    for _ in range(reps):
+        for i, fn in enumerate((a, b)):
+            flush()
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best[0], best[1]
+
+
+def measure_crossover(model) -> dict[str, float]:
+    """Per site, the smallest share of dropped inputs (of CROSSOVER_SPARSITIES) from which the input-sparse
+    products of every layer's matrix of that site, one after the other, beat the dense products at one token,
+    at every larger share (1.0: never; also where the kernels do not take the matrices)."""
+    gen = torch.Generator().manual_seed(0)
+    evict = torch.ones(FLUSH_BYTES // 4)  # decode finds a layer's weights in DRAM, not in the caches
+
+    def flush() -> None:
+        evict.add_(1.0)
+
+    out = {}
+    for site in SITES:
+        mats = [input_sparsity.site_matrices(b).get(site) for b in model.layers]
+        out[site] = 1.0 if any(m is None for m in mats) else _crossover(mats, gen, flush)
+    return out
+
+
+def _crossover(mats: list, gen: torch.Generator, flush) -> float:
+    """The kernels alone, as the native block calls them (no Python bookkeeping on either side)."""
+    import torch.nn.functional as F
+
+    from hotcold.kernels import input_sparse, quant
+
+    def dense(m, x):
+        return quant.dots(m, x) if isinstance(m, quant.QuantTensor) else F.linear(x, m)
+
+    def sparse_product(w, x):
+        if isinstance(w.weight, input_sparse.InputMajor):
+            return input_sparse.linear(x, w.weight, w.threshold)
+        return input_sparse.float_linear(x, w.weight, w.threshold)
+
+    xs = [torch.randn(1, m.shape[1], generator=gen) for m in mats]
+    sparse = [input_sparsity.input_major(m, 1.0) for m in mats]
+    if any(w is None for w in sparse):
+        return 1.0
+    best = 1.0
+    for share in sorted(CROSSOVER_SPARSITIES, reverse=True):
+        for w, x in zip(sparse, xs):
+            w.threshold = float(x.abs().quantile(share))
+        with torch.inference_mode():
+            a, b = _race(lambda: [sparse_product(w, x) for w, x in zip(sparse, xs)],
+                         lambda: [dense(m, x) for m, x in zip(mats, xs)], flush=flush)
+        if a >= b:
+            break
+        best = share
+    return best
+
+
 def _level(paths: list[list[dict[str, float]]], params: list[dict[str, int]], level: float,
-           min_sparsity: float) -> list[dict[str, float]]:
+           min_sparsity: dict[str, float]) -> list[dict[str, float]]:
     """Every block's allocation at one block sparsity (the last one of its path not above it), sites
     allocated under min_sparsity dense."""
     out = []
@@ -154,17 +221,14 @@ def _level(paths: list[list[dict[str, float]]], params: list[dict[str, int]], le
         for a in path:
             if block_sparsity(a, p) <= level + 1e-9:
                 alloc = a
-        out.append({s: v for s, v in alloc.items() if v >= min_sparsity and v > 0})
+        out.append({s: v for s, v in alloc.items() if v >= min_sparsity.get(s, 1.0) and v > 0})
     return out
 
 
 def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
                    progress: Callable[[str], None] = lambda msg: None) -> InputProfile:
-    from hotcold.kernels import calibrate
-
     model = loaded.model
     L = len(model.layers)
-    min_sparsity = calibrate.current().input_sparse_min if cfg.min_sparsity is None else cfg.min_sparsity
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -184,12 +248,16 @@ def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
         input_sparsity.restore(model, saved)
 
     timings["histograms"] = time.perf_counter() - t0
+    progress("input-sparse crossover per site")
+    t1 = time.perf_counter()
+    min_sparsity = measure_crossover(model) if cfg.min_sparsity is None else {s: cfg.min_sparsity for s in SITES}
+    timings["crossover"] = time.perf_counter() - t1
     progress("greedy allocation")
     block_ids = [t for seq in seqs[len(seqs) // 2:] for t in seq][: cfg.block_tokens]
     args = _capture_block_args(model, block_ids)
     paths = [greedy_path(model, i, args[i], hist, cfg.step, cfg.max_sparsity) for i in range(L)]
     del args
-    timings["greedy"] = time.perf_counter() - t0 - timings["histograms"]
+    timings["greedy"] = time.perf_counter() - t0 - timings["histograms"] - timings["crossover"]
 
     progress("perplexity search")
     params = [site_params(b) for b in model.layers]
@@ -224,7 +292,7 @@ def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
             else:
                 hi = mid
 
-    timings["search"] = time.perf_counter() - t0 - timings["histograms"] - timings["greedy"]
+    timings["search"] = time.perf_counter() - t0 - sum(timings.values())
     sparsity = _level(paths, params, lo * cfg.levels, min_sparsity)
     skipped = [sum(params[i][s] * best[1][i].get(s, 0.0) for s in SITES) / sum(params[i].values()) for i in range(L)]
     layers = []

@@ -202,8 +202,9 @@ def write_input_report(result, out_dir: str | Path) -> Path:
         "# hotcold plan report: input sparsity", "",
         f"- model: {plan.model.get('source')} ({plan.model.get('arch')}, {plan.model.get('activation')})",
         f"- budget: {plan.targets['max_ppl_increase']:.2%} perplexity; chosen block sparsity "
-        f"{plan.targets['block_sparsity']:.2f}; sites allocated under {plan.targets['min_site_sparsity']:.0%} "
-        "stay dense (the input-sparse kernel's measured crossover)",
+        f"{plan.targets['block_sparsity']:.2f}; a site allocated under its crossover stays dense (the share of "
+        "inputs dropped from which the input-sparse kernel beat the dense one on this model's matrices: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in plan.targets["min_site_sparsity"].items()) + ")",
         f"- held-out perplexity: dense {ppl['dense']:.4f}, input {ppl['input']:.4f} "
         f"({ppl['input'] / ppl['dense'] - 1:+.2%}); {ppl['input_skipped']:.1%} of the projections' weights "
         "skipped per token (layers averaged)", "",
