@@ -28,6 +28,7 @@ from hotcold.engine import input_sparsity  # noqa: E402
 from hotcold.engine.loader import load_model, resolve_model_path  # noqa: E402
 from hotcold.engine.perplexity import perplexity  # noqa: E402
 from hotcold.kernels import native  # noqa: E402
+from hotcold.profiler.input_plan import site_params  # noqa: E402
 
 
 def held_out(tokenizer, n: int) -> list[int]:
@@ -104,6 +105,9 @@ def main() -> None:
             with torch.inference_mode():  # what each site drops, every token sparse (the per-op path)
                 model.forward_sequence(torch.tensor(loaded.tokenizer.encode(PROMPT * 4)[:128]))
             row["site_sparsity"] = input_sparsity.site_sparsity(model)
+            params = [site_params(block) for block in model.layers]
+            row["weights_skipped"] = sum(p[s] * sp.get(s, 0.0) for p, sp in zip(params, row["site_sparsity"])
+                                         for s in p) / sum(sum(p.values()) for p in params)
             for w in [m for layer in model.layers for m in (layer.attn.wqkv, layer.attn.wo,
                                                             getattr(layer.ffn, "gate_up", None),
                                                             getattr(layer.ffn, "down", None))]:
@@ -133,10 +137,9 @@ def main() -> None:
     print(cpu_line())
     print(f"model {path.name}, {args.threads} threads, decode {args.new_tokens} tokens, prefill {args.prefill}, "
           f"{args.runs} interleaved runs (medians)")
-    print(f"{'engine':40} {'decode tok/s':>12} {'x dense':>8} {'prefill tok/s':>14} {'ppl':>9} {'dropped':>8}")
+    print(f"{'engine':40} {'decode tok/s':>12} {'x dense':>8} {'prefill tok/s':>14} {'ppl':>9} {'skipped':>8}")
     for row in rows:
-        sp = row.get("site_sparsity")
-        dropped = "" if not sp else f"{statistics.mean(v for layer in sp for v in layer.values()):.1%}"
+        dropped = f"{row['weights_skipped']:.1%}" if "weights_skipped" in row else ""
         ppl = f"{row['perplexity']:.3f}" if row.get("perplexity") else ""
         print(f"{row['engine']:40} {row['decode_tok_s']:12.1f} {row['decode_tok_s'] / dense['decode_tok_s']:8.2f} "
               f"{row['prefill_tok_s']:14.1f} {ppl:>9} {dropped:>8}")
