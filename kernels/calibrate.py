@@ -8,9 +8,7 @@ one machine and lost 3x on another). So at first use this times, on a matrix lar
 - the default dtype for checkpoints that are not quantized: bf16 unless its decode is >10% slower than fp32's,
   or its 128-token product (prefill) more than 1.5x slower (torch has no fast bf16 GEMM without avx512_bf16);
 - up to which share of active neurons the sparse FFN over quantized rows beats the dense one (a plan's layer
-  whose predicted density is above it stays dense);
-- from which share of dropped inputs the input-sparse product over input-major rows (kernels/tsparse.c)
-  beats the dense one (a plan's projection expected to drop less stays dense).
+  whose predicted density is above it stays dense).
 The result is cached in HOTCOLD_CACHE per CPU model and flags, ISA level, thread count, kernel sources and
 torch version; `hotcold info` prints it. HOTCOLD_CALIBRATE=0 skips measuring and assumes the native path
 for up to 8 tokens and bf16.
@@ -46,16 +44,13 @@ class Calibration:
     # largest share of a quantized FFN's neurons at which the one-call sparse FFN (kernels/qsparse.c, its
     # predictor excluded) still beats the dense one at one token: above it a plan's layer stays dense
     sparse_max_density: float = 0.25
-    # smallest share of dropped inputs from which the input-sparse product (kernels/tsparse.c) beats the dense
-    # one at one token, at every larger share measured: a plan's projection expected to drop less stays dense
-    input_sparse_min: float = 0.5
 
     def summary(self) -> str:
         paths = ", ".join(f"{k} <= {v} tokens" for k, v in self.max_native_tokens.items())
         how = "measured" if self.measured else "assumed (HOTCOLD_CALIBRATE=0)"
         return (f"CPU {self.cpu}; ISA {self.isa}; {self.threads} threads; native kernels for {paths}; "
                 f"default dtype {self.default_dtype}; sparse quantized FFN up to {self.sparse_max_density:.0%} "
-                f"of neurons; input-sparse products from {self.input_sparse_min:.0%} of inputs dropped ({how})")
+                f"of neurons ({how})")
 
 
 def _race(a, b, reps: int = 5) -> tuple[float, float]:
@@ -104,14 +99,12 @@ def measure() -> Calibration:
     seconds["quant"] = {"native": nat, "torch": tor}
     crossover["quant"] = _crossover(nat, tor)
     sparse_max_density, seconds["sparse_ffn"] = _sparse_crossover(gen)
-    input_sparse_min, seconds["input_sparse"] = _input_sparse_crossover(gen)
     fastest = {k: [min(a, b) for a, b in zip(v["native"], v["torch"])] for k, v in seconds.items()
                if "torch" in v}
     bf16, fp32 = fastest["bfloat16"], fastest["float32"]
     bf16_ok = bf16[0] <= 1.1 * fp32[0] and bf16[-2] <= 1.5 * fp32[-2]  # within noise, half the bytes wins
     return Calibration(native.cpu_model(), native.best_isa(), native.threads(), crossover,
-                       "bfloat16" if bf16_ok else "float32", seconds, sparse_max_density=sparse_max_density,
-                       input_sparse_min=input_sparse_min)
+                       "bfloat16" if bf16_ok else "float32", seconds, sparse_max_density=sparse_max_density)
 
 
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
@@ -140,31 +133,6 @@ def _sparse_crossover(gen: torch.Generator) -> tuple[float, dict[str, list[float
         sparse.append(a)
         dense.append(b)
     return float(_crossover(sparse, dense, DENSITIES)), {"sparse": sparse, "dense": dense}
-
-
-SPARSITIES = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
-
-
-def _input_sparse_crossover(gen: torch.Generator) -> tuple[float, dict[str, list[float]]]:
-    """The smallest share of dropped inputs (of SPARSITIES) from which the input-sparse product over
-    input-major Q4_0 rows beats the dense integer-dot one at one token, at every larger share (1.0 when it
-    never does); FFN_LAYERS gate/up-sized matrices in turn."""
-    from . import input_sparse, quant
-
-    H, I = FFN_SHAPE
-    w = quant.quantize(torch.randn(2 * I, H, generator=gen) * 0.02, "Q4_0")
-    layers = [quant.QuantTensor(w.data.clone(), w.qtype, w.cols) for _ in range(FFN_LAYERS)]
-    major = [input_sparse.to_input_major(m) for m in layers]
-    x = torch.randn(1, H, generator=gen)
-    sparse, dense = [], []
-    for s in SPARSITIES:
-        t = float(x.abs().quantile(s))
-        a, b = _race(lambda t=t: [input_sparse.linear(x, m, t) for m in major],
-                     lambda: [quant.dots(m, x) for m in layers])
-        sparse.append(a)
-        dense.append(b)
-    best = _crossover(sparse, dense, SPARSITIES)
-    return float(best) if best else 1.0, {"sparse": sparse, "dense": dense}
 
 
 def _path() -> str:

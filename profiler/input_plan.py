@@ -187,7 +187,7 @@ def _crossover(mats: list, gen: torch.Generator, flush) -> float:
     from hotcold.kernels import input_sparse, quant
 
     def dense(m, x):
-        return quant.dots(m, x) if isinstance(m, quant.QuantTensor) else F.linear(x, m)
+        return quant.dots(m, x) if isinstance(m, quant.QuantTensor) else F.linear(x.to(m.dtype), m)
 
     def sparse_product(w, x):
         if isinstance(w.weight, input_sparse.InputMajor):
