@@ -118,15 +118,14 @@ static inline __attribute__((always_inline)) void piece(const tax_t *c, int type
     __m256i v[4 * P];
     for (int i = 0; i < 4 * P; i++) v[i] = _mm256_setzero_si256();
     for (int32_t i = 0; i < r->pairs; i++) pair(type, codes + r->off[2 * i], codes + r->off[2 * i + 1], r->x12[i], nb, v);
-    __m256 vsc = _mm256_set1_ps(sc), vsm = _mm256_set1_ps(sm);
+    /* y += d * (scale * acc) + m * (scale * sum): Q4_0's m = -8 d folds into the first term, Q8_0 has none */
+    __m256 vsc = _mm256_set1_ps(sc), vsm = _mm256_set1_ps(type == Q4_0 ? -8.0f * sm : sm);
     for (int i = 0; i < 4 * nb; i++) { /* v[i]: outputs 8i..8i+7 of the pass */
         __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + 16 * i)));
-        __m256 mv = type == Q4_1   ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mg + 16 * i)))
-                    : type == Q4_0 ? _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f))
-                                   : _mm256_setzero_ps();
-        __m256 a = _mm256_cvtepi32_ps(v[i]);
-        __m256 out = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(vsc, dv), a), _mm256_mul_ps(mv, vsm));
-        _mm256_storeu_ps(y + 8 * i, _mm256_add_ps(_mm256_loadu_ps(y + 8 * i), out));
+        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(v[i]), vsc), out = _mm256_loadu_ps(y + 8 * i);
+        if (type == Q4_0) t = _mm256_add_ps(t, vsm);
+        if (type == Q4_1) out = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mg + 16 * i))), vsm, out);
+        _mm256_storeu_ps(y + 8 * i, _mm256_fmadd_ps(dv, t, out));
     }
 #else
     int32_t acc[4 * P * 8];
