@@ -95,6 +95,13 @@ def load_from_args(args: argparse.Namespace):
         config = HybridConfig(mode=mode, placement=args.placement)
         gpu = args.device if torch.device(args.device).type == "cuda" else None
         apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu)
+        if mode != "off" and any(lp.inputs is not None and lp.inputs.thresholds for lp in plan.layers):
+            from hotcold.engine.input_sparsity import apply_input_sparsity, dense_ffn_sites
+
+            # a neuron plan with input thresholds too: attention's, and those of the FFNs left dense
+            thresholds = [lp.inputs.thresholds if lp.inputs is not None else {} for lp in plan.layers]
+            apply_input_sparsity(loaded.model, dense_ffn_sites(loaded.model, thresholds),
+                                 prefill=getattr(args, "sparse_prefill", False))
     return loaded
 
 

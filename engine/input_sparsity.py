@@ -120,6 +120,13 @@ def input_major(weight, threshold: float) -> SparseInput | None:
         input_sparse.supported(weight) or isinstance(weight, torch.Tensor) and weight.is_floating_point()) else None
 
 
+def dense_ffn_sites(model: nn.Module, thresholds: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The thresholds without FFN sites where a layer's FFN is not dense (runs a neuron plan): a plan that
+    holds both applies input sparsity to the FFNs the neuron plan left dense on this machine."""
+    return [t if "gate_up" in site_matrices(block) else {s: v for s, v in t.items() if s in ("qkv", "o")}
+            for block, t in zip(model.layers, thresholds)]
+
+
 def _wrap(weight, threshold: float, input_major: bool, observer: Observer | None):
     if threshold <= 0 and observer is None:
         return weight
@@ -154,15 +161,15 @@ def apply_input_sparsity(model: nn.Module, thresholds: list[dict[str, float]], p
         saved.append((block, attn.wqkv, attn.wo, ffn, getattr(ffn, "gate_up", None), getattr(ffn, "down", None)))
         attn.wqkv = _wrap(attn.wqkv, t.get("qkv", 0.0), input_major, see["qkv"])
         attn.wo = _wrap(attn.wo, t.get("o", 0.0), input_major, see["o"])
-        ffn_sparse = t.get("gate_up", 0.0) > 0 or t.get("down", 0.0) > 0 or observe is not None
+        ffn_sparse = t.get("gate_up", 0.0) > 0 or t.get("down", 0.0) > 0
         if isinstance(ffn, QuantFFN) and ffn.down is not None:
             ffn.gate_up = _wrap(ffn.gate_up, t.get("gate_up", 0.0), input_major, see["gate_up"])
             ffn.down = _wrap(ffn.down, t.get("down", 0.0), input_major, see["down"])
         elif isinstance(ffn, DenseFFN):
-            if ffn_sparse:
+            if ffn_sparse or observe is not None:
                 block.ffn = InputMaskedFFN(ffn, t.get("gate_up", 0.0), t.get("down", 0.0),
                                            None if observe is None else (see["gate_up"], see["down"]), input_major)
-        elif ffn_sparse:
+        elif ffn_sparse:  # (observe: a FFN running a neuron plan has no input sites to observe)
             raise HotcoldError(f"input sparsity of the FFN needs a dense FFN; this model's is {type(ffn).__name__}")
     model.input_sparse_prefill = prefill
     return saved

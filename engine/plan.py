@@ -125,8 +125,10 @@ class Plan:
 
     @property
     def sparsity_mode(self) -> str:
-        """How the plan is meant to run: "input" (input thresholds) or "predictor" (neuron predictors)."""
-        return "input" if self.layers and all(lp.inputs is not None for lp in self.layers) else "predictor"
+        """How the plan is meant to run: "input" (input thresholds only) or "predictor" (neuron predictors, with
+        input thresholds beside them where it has them)."""
+        only_inputs = all(lp.inputs is not None and lp.predictor is None for lp in self.layers)
+        return "input" if self.layers and only_inputs else "predictor"
 
     def check_model(self, fingerprint: str, where: str = "") -> None:
         """Refuse a plan made for another model (HotcoldError, never a silent misuse)."""

@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="neurons each layer keeps on the GPU at least (PowerInfer's constraint)")
     parser.add_argument("--sparsity", default="auto", choices=["auto", "neuron", "input"],
                         help="neuron: FFN neurons with predictors (best for ReLU-family models); input: "
-                             "thresholds on every projection's inputs (TEAL, no training); auto: neuron for "
-                             "ReLU-family activations or with --cett, input otherwise")
+                             "thresholds on every projection's inputs (TEAL, no training); auto: for ReLU-family "
+                             "activations neuron FFNs plus input thresholds for attention and for the FFNs the "
+                             "neuron plan leaves dense (with --cett: neuron only), input for the others")
     parser.add_argument("--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
                         help="input sparsity: profile the checkpoint quantized at load, as it will be served")
     parser.add_argument("--min-site-sparsity", type=_fraction, default=None, metavar="PCT",
@@ -112,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     result = profile(loaded, corpus, cfg, quiet=args.quiet)
     from hotcold.engine.plan import save_plan
 
+    if args.sparsity == "auto" and args.cett is None:  # neuron FFNs, and input sparsity where they leave room
+        del loaded
+        _add_input_sites(args, result.plan, corpus)
     save_plan(result.plan, args.out)
     if not args.no_report:
         from hotcold.profiler.report import write_report
@@ -121,21 +125,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_input_sites(args: argparse.Namespace, plan, corpus) -> None:
+    """Per layer, input thresholds beside the neuron plan: attention's sites everywhere, the FFN's where the
+    neuron plan leaves it dense on this machine (its predicted density above the sparse kernel's crossover),
+    chosen on the model as it is served with the neuron plan applied, under the same perplexity budget."""
+    from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+    from hotcold.engine.loader import load_model
+    from hotcold.engine.perplexity import perplexity
+    from hotcold.profiler.input_plan import profile_inputs
+
+    served = load_model(args.model, device="cpu", activation=args.activation, quantize=args.quantize)
+    cfg = _input_config(args, served.config)
+    dense = perplexity(served.model, corpus.evaluation, cfg.eval_context)
+    apply_hybrid(served.model, plan, HybridConfig(mode="predictor", placement="cpu"), served.fingerprint)
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"hotcold profile: {msg}", file=sys.stderr))
+    result = profile_inputs(served, corpus, cfg, say, dense_ppl=dense)
+    for lp, found in zip(plan.layers, result.plan.layers):
+        lp.inputs = found.inputs
+    plan.targets["inputs"] = result.plan.targets
+    plan.perplexity.update(served_dense=dense, predictor_and_input=result.plan.perplexity["input"],
+                           input_skipped=result.plan.perplexity["input_skipped"])
+    plan.stats["inputs"] = result.plan.stats
+
+
+def _input_config(args: argparse.Namespace, mcfg):
+    from hotcold.profiler.input_plan import InputProfileConfig
+
+    return InputProfileConfig(max_ppl_increase=0.01 if args.max_ppl_increase is None else args.max_ppl_increase,
+                              calibration_tokens=min(args.tokens, 4096), min_sparsity=args.min_site_sparsity,
+                              seq_len=min(256, mcfg.max_position_embeddings),
+                              eval_context=min(1024, mcfg.max_position_embeddings))
+
+
 def _run_input(args: argparse.Namespace, loaded) -> int:
     """--sparsity input: the model as it is served (a GGUF's blocks stay quantized), TEAL thresholds."""
     from hotcold.engine.plan import save_plan
     from hotcold.profiler.corpus import build_corpus
-    from hotcold.profiler.input_plan import InputProfileConfig, profile_inputs
+    from hotcold.profiler.input_plan import profile_inputs
 
     if args.cett is not None:
         raise HotcoldError("--cett sets neuron thresholds; input sparsity takes --max-ppl-increase")
     if loaded.config.num_experts:
         raise HotcoldError("mixture-of-experts models are not profiled")
-    mcfg = loaded.config
-    cfg = InputProfileConfig(max_ppl_increase=0.01 if args.max_ppl_increase is None else args.max_ppl_increase,
-                             calibration_tokens=min(args.tokens, 4096), min_sparsity=args.min_site_sparsity,
-                             seq_len=min(256, mcfg.max_position_embeddings),
-                             eval_context=min(1024, mcfg.max_position_embeddings))
+    cfg = _input_config(args, loaded.config)
     corpus = build_corpus(loaded.tokenizer, args.corpus, args.tokens, args.eval_tokens)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"hotcold profile: {msg}", file=sys.stderr))
     result = profile_inputs(loaded, corpus, cfg, say)
@@ -176,4 +208,8 @@ def _print_summary(result, out: Path) -> None:
     lines.append(f"placement: {pl['hot_neurons']}/{pl['total_neurons']} neurons hot "
                  f"({fmt_bytes(pl['hot_bytes'])} GPU + {fmt_bytes(pl['reserved_bytes'])} dense; "
                  f"{fmt_bytes(pl['cold_bytes'])} CPU), serving {pl['served_share']:.1%} of activations")
+    if "predictor_and_input" in ppl:
+        lines.append(f"input thresholds beside the predictors (served model): {ppl['input_skipped']:.1%} of the "
+                     f"projections' weights skipped; perplexity {ppl['served_dense']:.3f} dense -> "
+                     f"{ppl['predictor_and_input']:.3f} ({ppl['predictor_and_input'] / ppl['served_dense'] - 1:+.2%})")
     print("\n".join(lines), file=sys.stdout)

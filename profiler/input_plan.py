@@ -75,11 +75,9 @@ class Histograms:
 
 
 def site_params(block) -> dict[str, int]:
-    """Weights behind each site of a block (what dropping one of its inputs saves, summed over outputs)."""
-    ffn = block.ffn
-    size = lambda w: math.prod(w.shape)  # noqa: E731
-    down = ffn.down if getattr(ffn, "down", None) is not None else ffn.down_t
-    return {"qkv": size(block.attn.wqkv), "o": size(block.attn.wo), "gate_up": size(ffn.gate_up), "down": size(down)}
+    """Weights behind each site a block has (what dropping one of its inputs saves, summed over outputs; no
+    FFN sites where the FFN runs a neuron plan)."""
+    return {s: math.prod(m.shape) for s, m in input_sparsity.site_matrices(block).items()}
 
 
 @dataclass
@@ -125,11 +123,11 @@ def greedy_path(model, layer: int, args: tuple, hist: Histograms, step: float, m
             input_sparsity.restore(model, saved)
         return float((out - dense).double().square().sum()) / base
 
-    current, err = {s: 0.0 for s in SITES}, 0.0
+    current, err = {s: 0.0 for s in params}, 0.0
     path = [dict(current)]
     while block_sparsity(current, params) < max_sparsity:
         trials = []
-        for site in SITES:
+        for site in params:
             if current[site] + step <= 0.95 + 1e-9:
                 e = error({**current, site: current[site] + step})
                 trials.append(((e - err) / params[site], e, site))
@@ -226,7 +224,11 @@ def _level(paths: list[list[dict[str, float]]], params: list[dict[str, int]], le
 
 
 def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
-                   progress: Callable[[str], None] = lambda msg: None) -> InputProfile:
+                   progress: Callable[[str], None] = lambda msg: None, dense_ppl: float | None = None
+                   ) -> InputProfile:
+    """An input-sparsity plan for the model as it is. `dense_ppl`: the dense model's held-out perplexity,
+    when the model already runs a neuron plan (the budget is against dense; the plan's FFNs that run
+    sparse have no FFN sites)."""
     model = loaded.model
     L = len(model.layers)
 
@@ -262,7 +264,8 @@ def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
     progress("perplexity search")
     params = [site_params(b) for b in model.layers]
     evals = corpus.evaluation
-    dense_ppl = perplexity(model, evals, cfg.eval_context)
+    base_ppl = perplexity(model, evals, cfg.eval_context)  # no input sparsity (level 0)
+    dense_ppl = base_ppl if dense_ppl is None else dense_ppl
     evaluations: list[dict[str, float]] = []
 
     def evaluate(level: int) -> tuple[float, list[dict[str, float]]]:
@@ -279,7 +282,7 @@ def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
         return ppl, measured
 
     lo, hi = 0, int(round(cfg.max_sparsity / cfg.levels))  # level lo is within budget (dense), hi may not be
-    best = (dense_ppl, [{} for _ in range(L)])
+    best = (base_ppl, [{} for _ in range(L)])
     ppl, measured = evaluate(hi)
     if ppl / dense_ppl - 1.0 <= cfg.max_ppl_increase:
         lo, best = hi, (ppl, measured)
@@ -294,7 +297,8 @@ def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
 
     timings["search"] = time.perf_counter() - t0 - sum(timings.values())
     sparsity = _level(paths, params, lo * cfg.levels, min_sparsity)
-    skipped = [sum(params[i][s] * best[1][i].get(s, 0.0) for s in SITES) / sum(params[i].values()) for i in range(L)]
+    skipped = [sum(params[i][s] * best[1][i].get(s, 0.0) for s in params[i]) / sum(params[i].values())
+               for i in range(L)]
     layers = []
     I = loaded.config.intermediate_size
     for i in range(L):

@@ -116,3 +116,33 @@ def test_cli_refuses_mismatched_modes(tiny_checkpoint, corpus_path, tmp_path):
             load_from_args(args)
     assert main(["profile", "--model", model, "--out", str(tmp_path / "p"), "--sparsity", "input", "--cett", "0.1",
                  "--corpus", str(corpus_path)]) == 1
+
+
+@pytest.mark.parametrize("kind,flags", [("relu_llama", []), ("llama", ["--activation", "reglu", "--quantize", "q8_0"])])
+def test_relu_model_gets_neuron_ffns_and_input_thresholds(kind, flags, tiny_checkpoint, corpus_path, tmp_path):
+    """--sparsity auto on a ReLU-family model: predictors for the FFNs, input thresholds beside them (attention
+    everywhere, the FFN only where the neuron plan leaves it dense: every float FFN runs the neuron plan, a
+    quantized one stays dense where its predicted density does not pay); loaded as `hotcold perplexity --plan`
+    loads it, both run and the held-out perplexity is the plan's."""
+    from hotcold.engine.model import QuantFFN
+
+    model = str(tiny_checkpoint(kind))
+    out = tmp_path / "plan"
+    assert main(["profile", "--model", model, "--out", str(out), "--corpus", str(corpus_path), "--tokens", "1500",
+                 "--eval-tokens", "300", "--max-ppl-increase", "30%", "--min-site-sparsity", "0",
+                 "--predictor-steps", "30", "--quiet", "--no-report", "--gpu-memory", "0", *flags]) == 0
+    plan = load_plan(out)
+    assert plan.sparsity_mode == "predictor" and all(lp.predictor is not None for lp in plan.layers)
+    assert any(lp.inputs.thresholds for lp in plan.layers)
+    parser = argparse.ArgumentParser()
+    commands_perplexity.add_arguments(parser)
+    args = ["--model", model, "--plan", str(out), "--text", "x", *flags[2:]]
+    loaded = load_from_args(parser.parse_args(args + (["--activation", "reglu"] if flags else [])))
+    for layer, lp in zip(loaded.model.layers, plan.layers):
+        assert isinstance(layer.attn.wqkv, SparseInput) == ("qkv" in lp.inputs.thresholds)
+        if {"gate_up", "down"} & set(lp.inputs.thresholds):  # only where the FFN stayed dense
+            assert isinstance(layer.ffn, QuantFFN)
+            assert isinstance(layer.ffn.gate_up, SparseInput) or isinstance(layer.ffn.down, SparseInput)
+    evals = build_corpus(loaded.tokenizer, [corpus_path], 1500, 300).evaluation
+    got = perplexity(loaded.model, evals, plan.perplexity["context"])
+    assert got == pytest.approx(plan.perplexity["predictor_and_input"], rel=1e-9)
