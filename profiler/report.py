@@ -166,9 +166,25 @@ def _markdown(result, figs: list[tuple[str, str]]) -> str:
               "of 8 consecutive tokens' active sets; 80% served by = fraction of neurons (most frequent first) "
               "serving 80% of activations; co-act gap = mean top-1% co-activation probability minus the mean.",
               ""]
+    if any(lp.inputs is not None for lp in plan.layers):
+        lines += _input_table(plan, "## Input thresholds beside the predictors")
     for name, title in figs:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     return "\n".join(lines)
+
+
+def _input_table(plan, title: str) -> list[str]:
+    """Per layer and site: the input threshold (0: dense) and the share of inputs it dropped on held-out text."""
+    from hotcold.engine.input_sparsity import SITES
+
+    lines = [title, "",
+             "| layer | " + " | ".join(f"{s} threshold | {s} dropped" for s in SITES) + " |",
+             "|" + "---|" * (1 + 2 * len(SITES))]
+    for lp in plan.layers:
+        t, sp = (lp.inputs.thresholds, lp.inputs.sparsity) if lp.inputs is not None else ({}, {})
+        lines.append(f"| {lp.index} | " + " | ".join(f"{t.get(s, 0.0):.4g} | {sp.get(s, 0.0):.3f}" for s in SITES)
+                     + " |")
+    return lines + [""]
 
 
 def write_input_report(result, out_dir: str | Path) -> Path:
@@ -208,13 +224,9 @@ def write_input_report(result, out_dir: str | Path) -> Path:
         f"- held-out perplexity: dense {ppl['dense']:.4f}, input {ppl['input']:.4f} "
         f"({ppl['input'] / ppl['dense'] - 1:+.2%}); {ppl['input_skipped']:.1%} of the projections' weights "
         "skipped per token (layers averaged)", "",
-        "| layer | " + " | ".join(f"{s} threshold | {s} dropped" for s in SITES) + " |",
-        "|" + "---|" * (1 + 2 * len(SITES)),
     ]
-    for lp in plan.layers:
-        cells = [f"{lp.inputs.thresholds.get(s, 0.0):.4g} | {lp.inputs.sparsity.get(s, 0.0):.3f}" for s in SITES]
-        lines.append(f"| {lp.index} | " + " | ".join(cells) + " |")
-    lines += ["", "## Inputs dropped per layer and site; perplexity along the search", "",
+    lines += _input_table(plan, "## Thresholds and inputs dropped, per layer and site")
+    lines += ["## Inputs dropped per layer and site; perplexity along the search", "",
               "![input sparsity](input_sparsity.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -130,8 +130,9 @@ def test_relu_model_gets_neuron_ffns_and_input_thresholds(kind, flags, tiny_chec
     out = tmp_path / "plan"
     assert main(["profile", "--model", model, "--out", str(out), "--corpus", str(corpus_path), "--tokens", "1500",
                  "--eval-tokens", "300", "--max-ppl-increase", "30%", "--min-site-sparsity", "0",
-                 "--predictor-steps", "30", "--quiet", "--no-report", "--gpu-memory", "0", *flags]) == 0
+                 "--predictor-steps", "30", "--quiet", "--gpu-memory", "0", *flags]) == 0
     plan = load_plan(out)
+    assert "Input thresholds beside the predictors" in (out / "report.md").read_text()
     assert plan.sparsity_mode == "predictor" and all(lp.predictor is not None for lp in plan.layers)
     assert any(lp.inputs.thresholds for lp in plan.layers)
     parser = argparse.ArgumentParser()
