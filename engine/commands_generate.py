@@ -102,16 +102,19 @@ def load_from_args(args: argparse.Namespace):
             thresholds = [lp.inputs.thresholds if lp.inputs is not None else {} for lp in plan.layers]
             apply_input_sparsity(loaded.model, dense_ffn_sites(loaded.model, thresholds),
                                  prefill=getattr(args, "sparse_prefill", False))
+            native.release_heap()
     return loaded
 
 
 def _apply_input_plan(loaded, plan, args: argparse.Namespace):
     from hotcold.engine.input_sparsity import apply_input_sparsity
+    from hotcold.kernels import native
 
     if getattr(args, "gpu_memory", None) is not None:
         raise HotcoldError("--gpu-memory places a plan's hot neurons; an input-sparsity plan has none")
     apply_input_sparsity(loaded.model, [lp.inputs.thresholds for lp in plan.layers],
                          prefill=getattr(args, "sparse_prefill", False))
+    native.release_heap()  # the row-major copies the input-major ones replaced, and the conversion's temporaries
     return loaded
 
 

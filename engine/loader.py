@@ -135,6 +135,8 @@ def memory_report(model: Transformer) -> str:
         for v in vars(obj).values():
             if isinstance(v, (torch.Tensor, QuantTensor)):
                 yield v.data if isinstance(v, QuantTensor) else v
+            elif callable(getattr(v, "tensors", None)):  # an input-major matrix (kernels.input_sparse)
+                yield from v.tensors()
             elif depth == 0 and hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type)):
                 yield from tensors(v, 1)
             elif isinstance(v, (list, tuple)):

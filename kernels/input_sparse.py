@@ -19,8 +19,23 @@ from .quant import NATIVE_TYPES, QuantTensor, _lib, rms_norm
 TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the formats whose blocks rearrange losslessly (quant.c's other types: not yet)
 
 
+class _Stored:
+    """What every input-major matrix answers: its logical shape [rows, cols], device and bytes held."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
 @dataclass
-class InputMajor:
+class InputMajor(_Stored):
     """W [rows, cols] of a Q4_0/Q4_1/Q8_0 QuantTensor, input-major: `codes` uint8 [cols, rows / 2] (4-bit:
     per 32 outputs 16 bytes, low nibbles outputs 0-15, high 16-31, as in a GGUF block) or [cols, rows]
     (Q8_0, int8); `scales` and `mins` (Q4_1 only) the blocks' fp16 d and m, [cols / 32, rows]."""
@@ -34,13 +49,8 @@ class InputMajor:
     def shape(self) -> tuple[int, int]:
         return (self.scales.shape[1], self.codes.shape[0])
 
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scales, self.mins) if t is not None]
 
     def dequantize(self) -> torch.Tensor:
         """fp32 W [rows, cols] (for tests and references)."""
@@ -53,7 +63,7 @@ class InputMajor:
 
 
 @dataclass
-class FloatInputMajor:
+class FloatInputMajor(_Stored):
     """A float W [rows, cols] as `weight_t` [cols, rows], contiguous: input k's weights are row k."""
 
     weight_t: torch.Tensor
@@ -62,13 +72,8 @@ class FloatInputMajor:
     def shape(self) -> tuple[int, int]:
         return (self.weight_t.shape[1], self.weight_t.shape[0])
 
-    @property
-    def device(self) -> torch.device:
-        return self.weight_t.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight_t.numel() * self.weight_t.element_size()
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight_t]
 
 
 def float_linear(x: torch.Tensor, w: FloatInputMajor, threshold: float, backend: str = "auto") -> torch.Tensor:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from interpreted import INTERPRETED, run_interpreter_cases
-from test_quant import gguf_dequantize, random_blocks
+from test_quant import gguf_dequantize, over_threads, random_blocks
 
 from hotcold.kernels import input_sparse, native, quant
 
@@ -84,17 +84,10 @@ def test_results_do_not_depend_on_threads_or_batch():
     rows, cols = 288, 256
     w = input_sparse.to_input_major(quant.from_gguf(random_blocks("Q4_0", rows, cols), "Q4_0", cols))
     x = torch.randn(7, cols)
-    before = native.threads()
-    try:
-        outs = []
-        for n in (1, 2, 5):
-            native.set_threads(n)
-            outs.append(input_sparse.linear(x, w, 0.4))
-        assert all(torch.equal(o, outs[0]) for o in outs[1:])
-        alone = torch.cat([input_sparse.linear(x[i: i + 1], w, 0.4) for i in range(7)])
-        assert torch.equal(alone, outs[0])
-    finally:
-        native.set_threads(before)
+    outs = over_threads(lambda: input_sparse.linear(x, w, 0.4), (1, 2, 5))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    alone = torch.cat([input_sparse.linear(x[i: i + 1], w, 0.4) for i in range(7)])
+    assert torch.equal(alone, outs[0])
 
 
 def test_refuses_what_it_cannot_run():

@@ -123,16 +123,20 @@ def test_decode_only_by_default(tiny_checkpoint):
     _close(got, want)
 
 
-def test_per_op_path_agrees_and_counts(tiny_checkpoint):
-    """forward_sequence (no cache: the per-op path, every token sparse) gives the masked reference too, and
-    counts what each site dropped."""
-    path = tiny_checkpoint("llama")
-    loaded = load_model(path, quantize="q8_0")
-    thresholds = _thresholds(loaded.model, 0.4)
+def _per_op_against(reference, loaded, thresholds: list[dict[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward_sequence (no cache: the per-op path, every token sparse) with the thresholds, and `reference`
+    (transformers) with the same inputs masked, on PROMPT."""
     input_sparsity.apply_input_sparsity(loaded.model, thresholds)
     got = loaded.model.forward_sequence(torch.tensor(PROMPT))
     with torch.no_grad():
-        want = _masked_reference(quantized_reference(path), thresholds)(torch.tensor([PROMPT])).logits[0]
+        return got, _masked_reference(reference, thresholds)(torch.tensor([PROMPT])).logits[0]
+
+
+def test_per_op_path_agrees_and_counts(tiny_checkpoint):
+    """The per-op path gives the masked reference too, and counts what each site dropped."""
+    path = tiny_checkpoint("llama")
+    loaded = load_model(path, quantize="q8_0")
+    got, want = _per_op_against(quantized_reference(path), loaded, _thresholds(loaded.model, 0.4))
     _close(got, want)
     for layer in input_sparsity.site_sparsity(loaded.model):
         assert set(layer) == set(input_sparsity.SITES)
@@ -140,14 +144,11 @@ def test_per_op_path_agrees_and_counts(tiny_checkpoint):
 
 
 def test_float_model_matches_transformers(tiny_checkpoint):
-    """A float checkpoint: masked inputs then the dense products (the reference path), fp32-exact."""
+    """A float checkpoint: W^T rows through the gathered axpy (down through its own down_t), fp32-exact."""
     path = tiny_checkpoint("qwen2")  # q/k/v biases: added after the masked product
     loaded = load_model(path, dtype="float32")
-    thresholds = _thresholds(loaded.model, 0.4)
-    input_sparsity.apply_input_sparsity(loaded.model, thresholds)
-    got = loaded.model.forward_sequence(torch.tensor(PROMPT))
+    got, want = _per_op_against(reference_model(path), loaded, _thresholds(loaded.model, 0.4))
     with torch.no_grad():
-        want = _masked_reference(reference_model(path), thresholds)(torch.tensor([PROMPT])).logits[0]
         dense = reference_model(path)(torch.tensor([PROMPT])).logits[0]
     _close(got, want, 1e-4)
     assert (got - dense).abs().max() > 0.05 * dense.abs().max()

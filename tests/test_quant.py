@@ -117,6 +117,19 @@ def test_ffn_one_call_matches_float64(qtype):
     assert np.abs(y - want).max() <= 0.03 * np.abs(want).max()
 
 
+def over_threads(fn, counts=(1, 2, 7)) -> list:
+    """fn() run once on each native thread count (the count in force restored after)."""
+    before = native.threads()
+    try:
+        outs = []
+        for n in counts:
+            native.set_threads(n)
+            outs.append(fn())
+        return outs
+    finally:
+        native.set_threads(before)
+
+
 def test_results_do_not_depend_on_threads_or_batch():
     """The same ISA path on 1, 2 and 7 threads, and a token alone or among others: bitwise the same."""
     cols = 576
@@ -124,20 +137,13 @@ def test_results_do_not_depend_on_threads_or_batch():
     w_d = quant.from_gguf(random_blocks("Q4_1", cols, 160), "Q4_1", 160)
     w_gu = quant.from_gguf(random_blocks("Q4_1", 320, cols), "Q4_1", cols)
     x = torch.randn(9, cols)
-    before = native.threads()
-    try:
-        outs = []
-        for n in (1, 2, 7):
-            native.set_threads(n)
-            outs.append((quant.dots(w, x), quant.ffn(x, w_gu, w_d, 2, 1, 0, max_native_tokens=64)))
-        for dots, ffn in outs[1:]:
-            assert torch.equal(dots, outs[0][0]) and torch.equal(ffn, outs[0][1])
-        alone = [quant.dots(w, x[i: i + 1]) for i in range(9)]
-        assert torch.equal(torch.cat(alone), outs[0][0])
-        alone = [quant.ffn(x[i: i + 1], w_gu, w_d, 2, 1, 0, max_native_tokens=64) for i in range(9)]
-        assert torch.equal(torch.cat(alone), outs[0][1])
-    finally:
-        native.set_threads(before)
+    outs = over_threads(lambda: (quant.dots(w, x), quant.ffn(x, w_gu, w_d, 2, 1, 0, max_native_tokens=64)))
+    for dots, ffn in outs[1:]:
+        assert torch.equal(dots, outs[0][0]) and torch.equal(ffn, outs[0][1])
+    alone = [quant.dots(w, x[i: i + 1]) for i in range(9)]
+    assert torch.equal(torch.cat(alone), outs[0][0])
+    alone = [quant.ffn(x[i: i + 1], w_gu, w_d, 2, 1, 0, max_native_tokens=64) for i in range(9)]
+    assert torch.equal(torch.cat(alone), outs[0][1])
 
 
 @pytest.mark.parametrize("qtype", quant.QUANTIZE_TYPES)
