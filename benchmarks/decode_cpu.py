@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from hotcold.engine.layers import QuantFFN
 from hotcold.engine.llm import LLMEngine
 from hotcold.engine.loader import load_model, resolve_model_path
-from hotcold.engine.model import QuantFFN
 from hotcold.engine.sampling import SamplingParams
 from hotcold.kernels.quant import QuantTensor
 

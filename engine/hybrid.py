@@ -23,7 +23,8 @@ from torch import nn
 from hotcold import kernels
 from hotcold.engine.activations import kernel_activation
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import DenseFFN, NeuronRows, QuantFFN, Transformer
+from hotcold.engine.layers import DenseFFN, NeuronRows, QuantFFN
+from hotcold.engine.model import Transformer
 from hotcold.engine.plan import LayerPlan, Plan
 from hotcold.engine.sparsity import plan_predictor, predictor_input
 from hotcold.kernels import native

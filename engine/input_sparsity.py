@@ -103,7 +103,7 @@ class InputMaskedFFN(nn.Module):
 
 def site_matrices(block) -> dict[str, object]:
     """A block's matrix [out, in] behind each site (a float FFN's down as a view of its down_t)."""
-    from hotcold.engine.model import DenseFFN, QuantFFN
+    from hotcold.engine.layers import DenseFFN, QuantFFN
 
     attn, ffn = block.attn, block.ffn
     out = {"qkv": attn.wqkv, "o": attn.wo}
@@ -145,7 +145,7 @@ def apply_input_sparsity(model: nn.Module, thresholds: list[dict[str, float]], p
     False keeps them as they are and masks (the profiler's reference). `layers`: only these blocks (the
     thresholds still one entry per layer). `observe(layer, site, x)` sees every site's inputs. Returns what
     `restore` needs."""
-    from hotcold.engine.model import DenseFFN, QuantFFN
+    from hotcold.engine.layers import DenseFFN, QuantFFN
 
     blocks = list(model.layers)
     if len(thresholds) != len(blocks):

@@ -13,7 +13,8 @@ from torch import nn
 from hotcold.engine import config as configs
 from hotcold.engine.config import ModelConfig
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import Attention, Block, DenseFFN, MoEFFN, Norm, QuantFFN, Transformer
+from hotcold.engine.layers import DenseFFN, MoEFFN, Norm, QuantFFN
+from hotcold.engine.model import Attention, Block, Transformer
 from hotcold.engine.plan import compute_fingerprint
 from hotcold.engine.tokenizer import Tokenizer, from_gguf_metadata, from_hf_folder
 from hotcold.engine.weights import GGUFReader, HFReader

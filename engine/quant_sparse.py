@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hotcold.engine.errors import HotcoldError
-from hotcold.engine.model import Norm, QuantFFN
+from hotcold.engine.layers import Norm, QuantFFN
 from hotcold.engine.plan import LayerPlan
 from hotcold.engine.sparsity import plan_predictor, predicted_mask
 from hotcold.kernels import native, quant

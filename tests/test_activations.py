@@ -86,7 +86,7 @@ def test_plain_activations_are_read_from_config(kind, activation, tiny_checkpoin
 @pytest.mark.parametrize("activation", ["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"])
 def test_dense_ffn_paths_against_float64(activation, dtype):
     """DenseFFN on 1-9 tokens (native kernels up to the calibrated token count, torch above), biases included."""
-    from hotcold.engine.model import DenseFFN
+    from hotcold.engine.layers import DenseFFN
     from hotcold.kernels import native
 
     gen = torch.Generator().manual_seed(7)

@@ -87,7 +87,7 @@ def blocks(default_model_path):
 
 
 def test_gguf_blocks_kept_and_logits_near_transformers(blocks, theirs, default_model_path):
-    from hotcold.engine.model import QuantFFN
+    from hotcold.engine.layers import QuantFFN
     from hotcold.kernels.quant import QuantTensor
 
     model = blocks.model

@@ -12,8 +12,8 @@ from test_quantized_engine import PROMPT, quantized_reference
 from tiny_models import make_tiny_checkpoint, reference_model, write_llama_gguf
 
 from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+from hotcold.engine.layers import QuantFFN
 from hotcold.engine.loader import load_model
-from hotcold.engine.model import QuantFFN
 from hotcold.profiler.import_plan import build_import_plan, read_predictors
 
 THRESHOLD = 0.25

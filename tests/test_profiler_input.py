@@ -124,7 +124,7 @@ def test_relu_model_gets_neuron_ffns_and_input_thresholds(kind, flags, tiny_chec
     everywhere, the FFN only where the neuron plan leaves it dense: every float FFN runs the neuron plan, a
     quantized one stays dense where its predicted density does not pay); loaded as `hotcold perplexity --plan`
     loads it, both run and the held-out perplexity is the plan's."""
-    from hotcold.engine.model import QuantFFN
+    from hotcold.engine.layers import QuantFFN
 
     model = str(tiny_checkpoint(kind))
     out = tmp_path / "plan"

@@ -91,7 +91,7 @@ def test_quantized_plan_on_a_gpu_is_refused_in_one_line(tiny_checkpoint):
 def test_layers_expected_too_dense_stay_dense(tiny_checkpoint):
     """A layer whose plan expects more neurons active than the sparse path pays for keeps its dense FFN (and the
     one-call block); the others turn sparse."""
-    from hotcold.engine.model import QuantFFN
+    from hotcold.engine.layers import QuantFFN
 
     loaded = load_model(tiny_checkpoint("llama"), quantize="q8_0", activation="reglu")
     plan = make_plan(loaded, "random")

@@ -14,9 +14,10 @@ import torch
 from tiny_models import reference_model
 
 from hotcold.engine.cache import KVCache
+from hotcold.engine.layers import QuantFFN
 from hotcold.engine.llm import LLMEngine
 from hotcold.engine.loader import load_model
-from hotcold.engine.model import QuantFFN, StepBatch
+from hotcold.engine.model import StepBatch
 from hotcold.engine.sampling import SamplingParams
 from hotcold.kernels.quant import QuantTensor
 
