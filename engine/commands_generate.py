@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from hotcold.engine.errors import HotcoldError
@@ -96,24 +97,26 @@ def load_from_args(args: argparse.Namespace):
         gpu = args.device if torch.device(args.device).type == "cuda" else None
         apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu)
         if mode != "off" and any(lp.inputs is not None and lp.inputs.thresholds for lp in plan.layers):
-            from hotcold.engine.input_sparsity import apply_input_sparsity, dense_ffn_sites
+            from hotcold.engine.input_sparsity import apply_input_sparsity, dense_ffn_sites, describe
 
             # a neuron plan with input thresholds too: attention's, and those of the FFNs left dense
             thresholds = [lp.inputs.thresholds if lp.inputs is not None else {} for lp in plan.layers]
-            apply_input_sparsity(loaded.model, dense_ffn_sites(loaded.model, thresholds),
-                                 prefill=getattr(args, "sparse_prefill", False))
+            thresholds, prefill = dense_ffn_sites(loaded.model, thresholds), getattr(args, "sparse_prefill", False)
+            apply_input_sparsity(loaded.model, thresholds, prefill=prefill)
+            logging.getLogger(__name__).info(describe(thresholds, prefill))
             native.release_heap()
     return loaded
 
 
 def _apply_input_plan(loaded, plan, args: argparse.Namespace):
-    from hotcold.engine.input_sparsity import apply_input_sparsity
+    from hotcold.engine.input_sparsity import apply_input_sparsity, describe
     from hotcold.kernels import native
 
     if getattr(args, "gpu_memory", None) is not None:
         raise HotcoldError("--gpu-memory places a plan's hot neurons; an input-sparsity plan has none")
-    apply_input_sparsity(loaded.model, [lp.inputs.thresholds for lp in plan.layers],
-                         prefill=getattr(args, "sparse_prefill", False))
+    thresholds, prefill = [lp.inputs.thresholds for lp in plan.layers], getattr(args, "sparse_prefill", False)
+    apply_input_sparsity(loaded.model, thresholds, prefill=prefill)
+    logging.getLogger(__name__).info(describe(thresholds, prefill))
     native.release_heap()  # the row-major copies the input-major ones replaced, and the conversion's temporaries
     return loaded
 

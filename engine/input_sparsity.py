@@ -175,6 +175,13 @@ def apply_input_sparsity(model: nn.Module, thresholds: list[dict[str, float]], p
     return saved
 
 
+def describe(thresholds: list[dict[str, float]], prefill: bool) -> str:
+    """One line for the start-up log: how many sites run sparse, for which tokens."""
+    sparse = sum(1 for t in thresholds for v in t.values() if v > 0)
+    return (f"input sparsity: {sparse} of {len(SITES) * len(thresholds)} projection sites sparse "
+            f"({'prompt and decode tokens' if prefill else 'decode tokens; prompts dense'})")
+
+
 def restore(model: nn.Module, saved: list[tuple]) -> None:
     """Undo apply_input_sparsity (input-major matrices stay input-major: restore what input_major=False did)."""
     for block, wqkv, wo, ffn, gate_up, down in saved:
