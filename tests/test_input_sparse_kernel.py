@@ -80,13 +80,19 @@ def test_rms_norm_folded_in():
     assert torch.equal(got, input_sparse.linear(normed, w, 0.5))
 
 
-def test_results_do_not_depend_on_threads_or_batch():
+@pytest.mark.parametrize("qtype", input_sparse.TYPES)
+def test_results_do_not_depend_on_threads_or_batch(qtype):
+    """Bitwise the same on 1, 2 and 5 threads, and alone or in a batch, where consecutive tokens that keep the
+    same rows share one unpacking of the codes (prompt tokens keep all; an exact zero makes a token's rows
+    differ, and an odd count is padded)."""
     rows, cols = 288, 256
-    w = input_sparse.to_input_major(quant.from_gguf(random_blocks("Q4_0", rows, cols), "Q4_0", cols))
+    w = input_sparse.to_input_major(quant.from_gguf(random_blocks(qtype, rows, cols), qtype, cols))
     x = torch.randn(7, cols)
-    outs = over_threads(lambda: input_sparse.linear(x, w, 0.4), (1, 2, 5))
+    x[2, 5] = x[3, 40] = 0.0
+    flags = torch.tensor([0, 0, 0, 0, 1, 0, 0])
+    outs = over_threads(lambda: input_sparse.linear(x, w, 0.4, sparse_tokens=flags), (1, 2, 5))
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
-    alone = torch.cat([input_sparse.linear(x[i: i + 1], w, 0.4) for i in range(7)])
+    alone = torch.cat([input_sparse.linear(x[i: i + 1], w, 0.4, sparse_tokens=flags[i: i + 1]) for i in range(7)])
     assert torch.equal(alone, outs[0])
 
 
