@@ -97,28 +97,29 @@ def load_from_args(args: argparse.Namespace):
         gpu = args.device if torch.device(args.device).type == "cuda" else None
         apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu)
         if mode != "off" and any(lp.inputs is not None and lp.inputs.thresholds for lp in plan.layers):
-            from hotcold.engine.input_sparsity import apply_input_sparsity, dense_ffn_sites, describe
+            from hotcold.engine.input_sparsity import dense_ffn_sites
 
             # a neuron plan with input thresholds too: attention's, and those of the FFNs left dense
             thresholds = [lp.inputs.thresholds if lp.inputs is not None else {} for lp in plan.layers]
-            thresholds, prefill = dense_ffn_sites(loaded.model, thresholds), getattr(args, "sparse_prefill", False)
-            apply_input_sparsity(loaded.model, thresholds, prefill=prefill)
-            logging.getLogger(__name__).info(describe(thresholds, prefill))
-            native.release_heap()
+            _apply_input_thresholds(loaded, dense_ffn_sites(loaded.model, thresholds), args)
     return loaded
 
 
 def _apply_input_plan(loaded, plan, args: argparse.Namespace):
+    if getattr(args, "gpu_memory", None) is not None:
+        raise HotcoldError("--gpu-memory places a plan's hot neurons; an input-sparsity plan has none")
+    _apply_input_thresholds(loaded, [lp.inputs.thresholds for lp in plan.layers], args)
+    return loaded
+
+
+def _apply_input_thresholds(loaded, thresholds: list[dict[str, float]], args: argparse.Namespace) -> None:
     from hotcold.engine.input_sparsity import apply_input_sparsity, describe
     from hotcold.kernels import native
 
-    if getattr(args, "gpu_memory", None) is not None:
-        raise HotcoldError("--gpu-memory places a plan's hot neurons; an input-sparsity plan has none")
-    thresholds, prefill = [lp.inputs.thresholds for lp in plan.layers], getattr(args, "sparse_prefill", False)
+    prefill = getattr(args, "sparse_prefill", False)
     apply_input_sparsity(loaded.model, thresholds, prefill=prefill)
     logging.getLogger(__name__).info(describe(thresholds, prefill))
     native.release_heap()  # the row-major copies the input-major ones replaced, and the conversion's temporaries
-    return loaded
 
 
 def _replan(plan, loaded, args: argparse.Namespace) -> None:

@@ -114,10 +114,19 @@ def site_matrices(block) -> dict[str, object]:
     return out
 
 
-def input_major(weight, threshold: float) -> SparseInput | None:
+def _input_major_layout(weight) -> InputMajor | FloatInputMajor | None:
     """The weight stored input-major for the sparse kernels, or None where they do not take it."""
-    return _wrap(weight, threshold, True, None) if threshold > 0 and (
-        input_sparse.supported(weight) or isinstance(weight, torch.Tensor) and weight.is_floating_point()) else None
+    if input_sparse.supported(weight):
+        return input_sparse.to_input_major(weight)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return FloatInputMajor(weight.T.contiguous())
+    return None
+
+
+def input_major(weight, threshold: float) -> SparseInput | None:
+    """The weight as the sparse kernels run it, or None where they do not take it."""
+    stored = _input_major_layout(weight)
+    return None if stored is None else SparseInput(stored, threshold)
 
 
 def dense_ffn_sites(model: nn.Module, thresholds: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -130,11 +139,8 @@ def dense_ffn_sites(model: nn.Module, thresholds: list[dict[str, float]]) -> lis
 def _wrap(weight, threshold: float, input_major: bool, observer: Observer | None):
     if threshold <= 0 and observer is None:
         return weight
-    if input_major and threshold > 0 and input_sparse.supported(weight):
-        weight = input_sparse.to_input_major(weight)
-    elif input_major and threshold > 0 and isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        weight = FloatInputMajor(weight.T.contiguous())
-    return SparseInput(weight, max(float(threshold), 0.0), observer=observer)
+    stored = _input_major_layout(weight) if input_major and threshold > 0 else None
+    return SparseInput(weight if stored is None else stored, max(float(threshold), 0.0), observer=observer)
 
 
 def apply_input_sparsity(model: nn.Module, thresholds: list[dict[str, float]], prefill: bool = False,
@@ -183,7 +189,7 @@ def describe(thresholds: list[dict[str, float]], prefill: bool) -> str:
 
 
 def restore(model: nn.Module, saved: list[tuple]) -> None:
-    """Undo apply_input_sparsity (input-major matrices stay input-major: restore what input_major=False did)."""
+    """Put back the weights and FFNs apply_input_sparsity replaced (its row-major originals)."""
     for block, wqkv, wo, ffn, gate_up, down in saved:
         block.attn.wqkv, block.attn.wo, block.ffn = wqkv, wo, ffn
         if gate_up is not None:
@@ -195,14 +201,13 @@ def site_sparsity(model: nn.Module) -> list[dict[str, float]]:
     """Per layer, the fraction of each site's inputs dropped on the per-op path since the sparsity was applied."""
     out = []
     for block in model.layers:
-        counts = {}
-        ffn = block.ffn
+        counts, ffn = {}, block.ffn
         for site, w in (("qkv", block.attn.wqkv), ("o", block.attn.wo), ("gate_up", getattr(ffn, "gate_up", None)),
                         ("down", getattr(ffn, "down", None))):
             if isinstance(w, SparseInput) and w.seen:
                 counts[site] = 1.0 - w.kept / w.seen
-        if isinstance(block.ffn, InputMaskedFFN):
-            c = block.ffn.counts
+        if isinstance(ffn, InputMaskedFFN):
+            c = ffn.counts
             for site, (k, n) in (("gate_up", c[0:2]), ("down", c[2:4])):
                 if n:
                     counts[site] = 1.0 - k / n

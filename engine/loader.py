@@ -106,19 +106,11 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
     if quantize and native.load() is None:
         raise HotcoldError("--quantize needs the native CPU kernels (a C compiler, HOTCOLD_NATIVE unset)")
     dtype = dtype or default_dtype(device)
+    cfg, reader = _open(path, activation)
     if path.suffix == ".gguf":
-        reader = GGUFReader(path)
-        cfg = configs.from_gguf_metadata(reader.metadata, activation, powerinfer=reader.powerinfer)
-        cfg.mlp_bias = "blk.0.ffn_up.bias" in reader.tensor_names()  # optional in llama.cpp's llama too
         tokenizer = from_gguf_metadata(reader.metadata)
         gen = GenerationDefaults()
     else:
-        try:
-            raw = json.loads((path / "config.json").read_text())
-        except ValueError as exc:
-            raise HotcoldError(f"{path / 'config.json'}: invalid JSON ({exc})") from None
-        cfg = configs.from_hf_config(raw, activation)
-        reader = HFReader(path, cfg.arch)
         gen = _generation_defaults(path)
         tokenizer = from_hf_folder(path, gen.eos_token_ids)
     tensors = reader.tensor_names()
@@ -127,6 +119,25 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
         native.use_huge_pages(weight)
     native.release_heap()
     return LoadedModel(model, tokenizer, cfg, gen, str(path), model_fingerprint(cfg, tensors), tensors)
+
+
+def model_config(spec: str | Path, activation: str | None = None) -> ModelConfig:
+    """A model's configuration alone (its weights are not read)."""
+    return _open(resolve_model_path(spec), activation)[0]
+
+
+def _open(path: Path, activation: str | None) -> tuple[ModelConfig, HFReader | GGUFReader]:
+    if path.suffix == ".gguf":
+        reader = GGUFReader(path)
+        cfg = configs.from_gguf_metadata(reader.metadata, activation, powerinfer=reader.powerinfer)
+        cfg.mlp_bias = "blk.0.ffn_up.bias" in reader.tensor_names()  # optional in llama.cpp's llama too
+        return cfg, reader
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except ValueError as exc:
+        raise HotcoldError(f"{path / 'config.json'}: invalid JSON ({exc})") from None
+    cfg = configs.from_hf_config(raw, activation)
+    return cfg, HFReader(path, cfg.arch)
 
 
 def memory_report(model: Transformer) -> str:

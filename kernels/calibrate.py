@@ -53,12 +53,15 @@ class Calibration:
                 f"of neurons ({how})")
 
 
-def _race(a, b, reps: int = 5) -> tuple[float, float]:
-    """Best times of two ways to do one thing, run alternately (a busy machine slows both alike)."""
+def race(a, b, reps: int = 5, flush=None) -> tuple[float, float]:
+    """Best times of two ways to do one thing, run alternately (a busy machine slows both alike); `flush`,
+    when given, runs untimed before each (to time them from memory rather than from the caches)."""
     best = [float("inf"), float("inf")]
     a(), b()
     for _ in range(reps):
         for i, fn in enumerate((a, b)):
+            if flush is not None:
+                flush()
             t = time.perf_counter()
             fn()
             best[i] = min(best[i], time.perf_counter() - t)
@@ -66,7 +69,7 @@ def _race(a, b, reps: int = 5) -> tuple[float, float]:
 
 
 def _race_all(native_fn, torch_fn, xs) -> tuple[list[float], list[float]]:
-    pairs = [_race(lambda x=x: native_fn(x), lambda x=x: torch_fn(x)) for x in xs]
+    pairs = [race(lambda x=x: native_fn(x), lambda x=x: torch_fn(x)) for x in xs]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -128,7 +131,7 @@ def _sparse_crossover(gen: torch.Generator) -> tuple[float, dict[str, list[float
     sparse, dense = [], []
     for d in DENSITIES:
         idx = torch.randperm(I, generator=gen)[: int(d * I)].sort().values
-        a, b = _race(lambda idx=idx: [quant.sparse_ffn(x, gu, dt, 2, idx, 2, 0) for gu, _, dt in layers],
+        a, b = race(lambda idx=idx: [quant.sparse_ffn(x, gu, dt, 2, idx, 2, 0) for gu, _, dt in layers],
                      lambda: [quant.ffn(x, gu, dn, 2, 2, 0, max_native_tokens=1) for gu, dn, _ in layers])
         sparse.append(a)
         dense.append(b)

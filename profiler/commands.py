@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input sparsity: profile the checkpoint quantized at load, as it will be served")
     parser.add_argument("--min-site-sparsity", type=_fraction, default=None, metavar="PCT",
                         help="input sparsity: a projection allocated fewer dropped inputs stays dense (default: "
-                             "the input-sparse kernel's measured crossover, `hotcold info`)")
+                             "where the input-sparse kernel beats the dense one, measured on the model's matrices)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--no-report", action="store_true", help="skip report.md and its plots")
@@ -70,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hotcold.engine import placement
-    from hotcold.engine.loader import load_model
+    from hotcold.engine.loader import load_model, model_config
     from hotcold.profiler import predictor
     from hotcold.profiler.corpus import build_corpus
-    from hotcold.profiler.pipeline import ProfileConfig, profile
+    from hotcold.profiler.pipeline import RELU_FAMILY, ProfileConfig, profile
 
     if args.tokens < 256:
         raise HotcoldError("--tokens must be at least 256")
@@ -90,12 +90,10 @@ def run(args: argparse.Namespace) -> int:
     gpu_memory = placement.parse_memory(args.gpu_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.sparsity == "input" or (args.sparsity == "auto" and args.cett is None):
-        from hotcold.profiler.pipeline import RELU_FAMILY
-
-        loaded = load_model(args.model, device="cpu", activation=args.activation, quantize=args.quantize)
-        if args.sparsity == "input" or loaded.config.activation not in RELU_FAMILY:
-            return _run_input(args, loaded)  # the model as it is served
+    if args.sparsity == "input" or (args.sparsity == "auto" and args.cett is None and
+                                    model_config(args.model, args.activation).activation not in RELU_FAMILY):
+        return _run_input(args, load_model(args.model, device="cpu", activation=args.activation,
+                                           quantize=args.quantize))  # the model as it is served
     loaded = load_model(args.model, dtype="float32", device="cpu", activation=args.activation)
     mcfg = loaded.config
     if mcfg.num_experts:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -83,9 +83,16 @@ def site_params(block) -> dict[str, int]:
 @dataclass
 class InputProfile:
     plan: Plan
-    paths: list[list[dict[str, float]]]  # per layer: site sparsities at each greedy level
-    evaluations: list[dict[str, float]] = field(default_factory=list)  # level, perplexity, increase
-    level: int = 0
+
+    @property
+    def paths(self) -> list[list[dict[str, float]]]:
+        """Per layer, the greedy allocations in order (site -> sparsity)."""
+        return self.plan.stats["paths"]
+
+    @property
+    def evaluations(self) -> list[dict[str, float]]:
+        """The search's evaluations: level, block sparsity, perplexity, increase over dense."""
+        return self.plan.stats["evaluations"]
 
 
 def _capture_block_args(model, ids: list[int]) -> list[tuple]:
@@ -148,19 +155,6 @@ CROSSOVER_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 FLUSH_BYTES = 96 << 20  # written between timed runs: past any last-level cache here
 
 
-def _race(a, b, reps: int = 3, flush=lambda: None) -> tuple[float, float]:
-    """Best times of a and b, run alternately, each after `flush` (untimed)."""
-    best = [float("inf"), float("inf")]
-    a(), b()
-    for _ in range(reps):
-        for i, fn in enumerate((a, b)):
-            flush()
-            t = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t)
-    return best[0], best[1]
-
-
 def measure_crossover(model) -> dict[str, float]:
     """Per site, the smallest share of dropped inputs (of CROSSOVER_SPARSITIES) from which the input-sparse
     products of every layer's matrix of that site, one after the other, beat the dense products at one token,
@@ -172,17 +166,18 @@ def measure_crossover(model) -> dict[str, float]:
         evict.add_(1.0)
 
     out = {}
-    for site in SITES:
-        mats = [input_sparsity.site_matrices(b).get(site) for b in model.layers]
-        out[site] = 1.0 if any(m is None for m in mats) else _crossover(mats, gen, flush)
+    for site in SITES:  # (a layer whose FFN runs a neuron plan has no FFN sites)
+        mats = [m for b in model.layers if (m := input_sparsity.site_matrices(b).get(site)) is not None]
+        out[site] = _site_crossover(mats, gen, flush) if mats else 1.0
     return out
 
 
-def _crossover(mats: list, gen: torch.Generator, flush) -> float:
+def _site_crossover(mats: list, gen: torch.Generator, flush) -> float:
     """The kernels alone, as the native block calls them (no Python bookkeeping on either side)."""
     import torch.nn.functional as F
 
     from hotcold.kernels import input_sparse, quant
+    from hotcold.kernels.calibrate import race
 
     def dense(m, x):
         return quant.dots(m, x) if isinstance(m, quant.QuantTensor) else F.linear(x.to(m.dtype), m)
@@ -201,8 +196,8 @@ def _crossover(mats: list, gen: torch.Generator, flush) -> float:
         for w, x in zip(sparse, xs):
             w.threshold = float(x.abs().quantile(share))
         with torch.inference_mode():
-            a, b = _race(lambda: [sparse_product(w, x) for w, x in zip(sparse, xs)],
-                         lambda: [dense(m, x) for m, x in zip(mats, xs)], flush=flush)
+            a, b = race(lambda: [sparse_product(w, x) for w, x in zip(sparse, xs)],
+                        lambda: [dense(m, x) for m, x in zip(mats, xs)], reps=3, flush=flush)
         if a >= b:
             break
         best = share
@@ -268,10 +263,12 @@ def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
     dense_ppl = base_ppl if dense_ppl is None else dense_ppl
     evaluations: list[dict[str, float]] = []
 
-    def evaluate(level: int) -> tuple[float, list[dict[str, float]]]:
+    def thresholds_at(level: int) -> list[dict[str, float]]:
         sparsity = _level(paths, params, level * cfg.levels, min_sparsity)
-        thresholds = [{s: hist.quantile(i, s, v) for s, v in alloc.items()} for i, alloc in enumerate(sparsity)]
-        saved = input_sparsity.apply_input_sparsity(model, thresholds, input_major=True)
+        return [{s: hist.quantile(i, s, v) for s, v in alloc.items()} for i, alloc in enumerate(sparsity)]
+
+    def evaluate(level: int) -> tuple[float, list[dict[str, float]]]:
+        saved = input_sparsity.apply_input_sparsity(model, thresholds_at(level), input_major=True)
         try:
             ppl = perplexity(model, evals, cfg.eval_context)
             measured = input_sparsity.site_sparsity(model)
@@ -281,28 +278,30 @@ def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
                             "increase": ppl / dense_ppl - 1.0})
         return ppl, measured
 
-    lo, hi = 0, int(round(cfg.max_sparsity / cfg.levels))  # level lo is within budget (dense), hi may not be
+    def fits(ppl: float) -> bool:
+        return ppl / dense_ppl - 1.0 <= cfg.max_ppl_increase
+
+    # bisection over levels: lo is within budget (level 0: no input sparsity), hi is not (unless it is the top)
+    lo, hi = 0, int(round(cfg.max_sparsity / cfg.levels))
     best = (base_ppl, [{} for _ in range(L)])
     ppl, measured = evaluate(hi)
-    if ppl / dense_ppl - 1.0 <= cfg.max_ppl_increase:
+    if fits(ppl):
         lo, best = hi, (ppl, measured)
-    else:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            ppl, measured = evaluate(mid)
-            if ppl / dense_ppl - 1.0 <= cfg.max_ppl_increase:
-                lo, best = mid, (ppl, measured)
-            else:
-                hi = mid
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ppl, measured = evaluate(mid)
+        if fits(ppl):
+            lo, best = mid, (ppl, measured)
+        else:
+            hi = mid
 
     timings["search"] = time.perf_counter() - t0 - sum(timings.values())
-    sparsity = _level(paths, params, lo * cfg.levels, min_sparsity)
+    chosen = thresholds_at(lo)
     skipped = [sum(params[i][s] * best[1][i].get(s, 0.0) for s in params[i]) / sum(params[i].values())
                for i in range(L)]
     layers = []
     I = loaded.config.intermediate_size
-    for i in range(L):
-        thresholds = {s: hist.quantile(i, s, v) for s, v in sparsity[i].items()}
+    for i, thresholds in enumerate(chosen):
         layers.append(LayerPlan(index=i, threshold=0.0, cett=0.0, sparsity=0.0, num_neurons=I,
                                 hot_ids=torch.zeros(0, dtype=torch.int64), frequency=torch.zeros(I),
                                 inputs=InputPlan(thresholds, {s: best[1][i].get(s, 0.0) for s in thresholds})))
@@ -319,4 +318,4 @@ def profile_inputs(loaded, corpus: Corpus, cfg: InputProfileConfig,
                     "input_skipped": sum(skipped) / L},
         stats={"paths": paths, "evaluations": evaluations, "skipped_per_layer": skipped, "timings_s": timings},
     )
-    return InputProfile(plan, paths, evaluations, lo)
+    return InputProfile(plan)
