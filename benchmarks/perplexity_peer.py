@@ -47,7 +47,8 @@ def chunked_ppl(model, ids: list[int], context: int) -> tuple[float, int]:
 
 def _all_neurons_sparse(model, down_type: str) -> None:
     """Every FFN through the sparse path (engine/quant_sparse.py) with a plan that keeps every neuron (oracle
-    threshold -1): the result differs from dense only by down's second rounding into down_t."""
+    threshold -1): the result differs from dense only by down's second rounding into down_t (none when down is
+    kept input-major)."""
     from hotcold.engine.hybrid import FFNCounters
     from hotcold.engine.plan import LayerPlan
     from hotcold.engine.quant_sparse import QuantSparseFFN
@@ -66,8 +67,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens to use (whole chunks)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--down-t", nargs="*", default=["Q4_1", "Q8_0"], metavar="TYPE",
-                    help="also score the sparse path's down_t re-quantized to these types (every neuron kept)")
+    ap.add_argument("--down-t", nargs="*", default=["Q4_1", "Q8_0", "input-major"], metavar="TYPE",
+                    help="also score the sparse path with down re-quantized neuron-major to these types, or kept "
+                         "input-major (the default; no re-rounding), every neuron kept")
     ap.add_argument("--out", default="benchmarks/results/perplexity_peer.json")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -107,7 +109,8 @@ def main() -> None:
         _all_neurons_sparse(loaded.model, down_type)
         t0 = time.perf_counter()
         ppl, chunks = chunked_ppl(loaded.model, ids, args.context)
-        rows.append({"engine": f"hotcold, GGUF blocks, down_t as {down_type}, sparse kernel, every neuron",
+        down = "down input-major" if down_type == "input-major" else f"down_t as {down_type}"
+        rows.append({"engine": f"hotcold, GGUF blocks, {down}, sparse kernel, every neuron",
                      "perplexity": ppl, "chunks": chunks, "seconds": time.perf_counter() - t0})
     quant._native_tokens = calibrated
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:

@@ -1,14 +1,16 @@
 """A plan's neuron-sparse FFN over quantized rows, on the CPU: the dense path's blocks, only fewer of them.
 
-Gate and up rows stay the checkpoint's own blocks (interleaved per neuron, as `QuantFFN` holds them). Down is
-re-quantized once, at load, into neuron-major `down_t` [I, H] rows (GGUF stores `ffn_down` as [H, I], where a
-neuron's weights are one value per row), as PowerInfer's converter does, but in Q8_0: a second 4-bit rounding
-cost the default model 8% perplexity (kernels.quant.transpose). Those two are the only copy
-of the FFN. Per step and layer:
+Gate and up rows stay the checkpoint's own blocks (interleaved per neuron, as `QuantFFN` holds them). GGUF
+stores `ffn_down` as [H, I], where a neuron's weights are one value per row; its Q4_0/Q4_1/Q8_0 blocks are
+rearranged input-major at load (kernels.input_sparse: losslessly, no larger), so that a neuron's down weights
+are one contiguous row of codes, and the down product is an input-sparse one over the active neurons. Other
+types are re-quantized neuron-major into `down_t` [I, H] rows (PowerInfer's converter; here in Q8_0: a second
+4-bit rounding cost the default model 8% perplexity). PowerInfer files' own `ffn_down_t` is used as stored.
+Those are the only copy of the FFN. Per step and layer:
 
     predictor (its two products through the same integer kernels) or oracle -> mask [T, I]
-      -> the union's ids -> one native call: dots of the active rows, activation, per-token mask, axpy over
-         the active down_t rows (kernels/qsparse.c)
+      -> the union's ids -> dots of the active gate/up rows, activation, per-token mask, then the down
+         product over the active inputs (kernels/tsparse.c), or one native call over down_t (kernels/qsparse.c)
 
 Every token sums only its own active neurons, in a fixed order, so its result does not depend on the other
 tokens of the step; prefill chunks run the same path. The engine's `predicted_mask` is the decision rule.
@@ -23,7 +25,7 @@ from hotcold.engine.errors import HotcoldError
 from hotcold.engine.layers import Norm, QuantFFN
 from hotcold.engine.plan import LayerPlan
 from hotcold.engine.sparsity import plan_predictor, predicted_mask
-from hotcold.kernels import native, quant
+from hotcold.kernels import input_sparse, native, quant
 from hotcold.kernels.quant import QuantTensor
 
 
@@ -59,19 +61,25 @@ class QuantSparseFFN(nn.Module):
     folds_norm = True  # Block passes the RMS norm in: it runs inside the native calls
 
     def __init__(self, ffn: QuantFFN, layer: LayerPlan, mode: str, strategy: str, counters,
-                 down_type: str = "Q8_0"):
+                 down_type: str = "input-major"):
         super().__init__()
         if mode not in ("oracle", "predictor"):
             raise HotcoldError(f"unknown sparsity mode {mode!r}")
         self.gate_up, self.gate_up_bias, self.down_bias = ffn.gate_up, ffn.gate_up_bias, ffn.down_bias
         self.parts, self.codes, self.index = 2 if ffn.gated else 1, ffn.codes, layer.index
         self.intermediate_size = ffn.intermediate_size
-        self.down_t = ffn.down_t if ffn.down_t is not None else quant.transpose(ffn.down, down_type)
-        native.use_huge_pages(self.down_t.data)  # gathered rows: a TLB walk each on 4 KiB pages
+        self.down_t = self.down = None  # one of the two: neuron-major rows, or down input-major
+        if ffn.down_t is None and down_type == "input-major" and input_sparse.supported(ffn.down):
+            self.down = input_sparse.to_input_major(ffn.down)
+        else:
+            self.down_t = ffn.down_t if ffn.down_t is not None else quant.transpose(
+                ffn.down, "Q8_0" if down_type == "input-major" else down_type)
+            native.use_huge_pages(self.down_t.data)  # gathered rows: a TLB walk each on 4 KiB pages
         self.threshold, self.counters = layer.threshold, counters
         self.predicts = mode == "predictor"
         if not self.predicts:  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule
-            self.norms = self.down_t.dequantize().norm(dim=1)
+            self.norms = (self.down.dequantize().norm(dim=0) if self.down_t is None
+                          else self.down_t.dequantize().norm(dim=1))
         else:  # only the predictor's matrices in Q8_0 and its rule are kept, not its fp32 module
             pred, self.rule = plan_predictor(layer, strategy, "cpu")
             self.rule_kind, self.input = pred.rule, pred.input
@@ -110,8 +118,8 @@ class QuantSparseFFN(nn.Module):
         c = self.counters
         c.computed, c.total = c.computed + active, c.total + T * self.intermediate_size
         c.per_layer_density[self.index] = active / (T * self.intermediate_size)
-        y = quant.sparse_ffn(x, self.gate_up, self.down_t, self.parts, ids, self.codes[0], self.codes[1],
-                             mask=None if T == 1 else mask[:, ids], gate_up_bias=self.gate_up_bias,
-                             norm=None if norm is None else norm.weight, eps=norm.eps if norm else 0.0,
-                             threshold=self.codes[2])
+        run = quant.sparse_ffn if self.down is None else input_sparse.sparse_ffn
+        y = run(x, self.gate_up, self.down_t if self.down is None else self.down, self.parts, ids, self.codes[0],
+                self.codes[1], mask=None if T == 1 else mask[:, ids], gate_up_bias=self.gate_up_bias,
+                norm=None if norm is None else norm.weight, eps=norm.eps if norm else 0.0, threshold=self.codes[2])
         return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)

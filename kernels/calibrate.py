@@ -41,8 +41,9 @@ class Calibration:
     default_dtype: str
     seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # kind -> path -> time per T
     measured: bool = True
-    # largest share of a quantized FFN's neurons at which the one-call sparse FFN (kernels/qsparse.c, its
-    # predictor excluded) still beats the dense one at one token: above it a plan's layer stays dense
+    # largest share of a quantized FFN's neurons at which the sparse FFN (gathered gate/up rows, down
+    # input-major: input_sparse.sparse_ffn; its predictor excluded) still beats the dense one at one token:
+    # above it a plan's layer stays dense
     sparse_max_density: float = 0.25
 
     def summary(self) -> str:
@@ -118,20 +119,19 @@ FFN_LAYERS = 8  # taken in turn, 56 MB: past the last-level cache, as a model's 
 def _sparse_crossover(gen: torch.Generator) -> tuple[float, dict[str, list[float]]]:
     """The largest density (of DENSITIES) up to which the sparse quantized FFN over that share of neurons beats
     the dense one at one token, at every density up to it (0 when it never does); times are for all layers."""
-    from . import quant
+    from . import input_sparse, quant
 
     H, I = FFN_SHAPE
     w = torch.randn(2 * I, H, generator=gen) * 0.02
     gate_up, down = quant.quantize(w, "Q4_0"), quant.quantize(w.reshape(-1)[: H * I].reshape(H, I), "Q4_0")
-    down_t = quant.transpose(down)
     copy = lambda m: quant.QuantTensor(m.data.clone(), m.qtype, m.cols)  # noqa: E731
-    # copies of the same values: the point is where the bytes live
-    layers = [(copy(gate_up), copy(down), copy(down_t)) for _ in range(FFN_LAYERS)]
+    # copies of the same values: the point is where the bytes live; down input-major, as a plan's FFN holds it
+    layers = [(copy(gate_up), copy(down), input_sparse.to_input_major(down)) for _ in range(FFN_LAYERS)]
     x = torch.randn(1, H, generator=gen)
     sparse, dense = [], []
     for d in DENSITIES:
         idx = torch.randperm(I, generator=gen)[: int(d * I)].sort().values
-        a, b = race(lambda idx=idx: [quant.sparse_ffn(x, gu, dt, 2, idx, 2, 0) for gu, _, dt in layers],
+        a, b = race(lambda idx=idx: [input_sparse.sparse_ffn(x, gu, dm, 2, idx, 2, 0) for gu, _, dm in layers],
                      lambda: [quant.ffn(x, gu, dn, 2, 2, 0, max_native_tokens=1) for gu, dn, _ in layers])
         sparse.append(a)
         dense.append(b)

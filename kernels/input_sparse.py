@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import native
-from .quant import NATIVE_TYPES, QuantTensor, _lib, rms_norm
+from .quant import NATIVE_TYPES, QuantTensor, _lib, activate, dots, rms_norm
 
 TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the formats whose blocks rearrange losslessly (quant.c's other types: not yet)
 
@@ -145,3 +145,26 @@ def linear(x: torch.Tensor, w: InputMajor, threshold: float, norm: torch.Tensor 
     if status:
         raise ValueError("input-major product failed: " + ("out of memory" if status == -3 else "bad layout"))
     return y
+
+
+def sparse_ffn(x: torch.Tensor, gate_up: QuantTensor, down: InputMajor, parts: int, idx: torch.Tensor,
+               gate_fn: int, up_fn: int, mask: torch.Tensor | None = None,
+               gate_up_bias: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
+               threshold: float = 0.0) -> torch.Tensor:
+    """quant.sparse_ffn's FFN (the neurons idx only, zero where mask [T, K] is False) with down kept as the
+    file stores it, input-major: an active neuron's down weights are its input row, read without the second
+    rounding (and the second copy) that a neuron-major down_t costs, and a token's inactive neurons are
+    inputs it drops. fp32 y [T, H]."""
+    I = gate_up.shape[0] // parts
+    if down.shape[1] != I:
+        raise ValueError(f"down must take {I} inputs (the FFN's neurons); it takes {down.shape[1]}")
+    z = dots(gate_up, x, idx, parts, norm, eps)
+    bias = None if gate_up_bias is None else gate_up_bias.float().view(I, parts)[idx.to(torch.int64)]
+    h = activate(z, gate_fn, up_fn, bias, threshold)
+    if mask is not None:
+        if mask.shape != h.shape:
+            raise ValueError(f"mask must be {tuple(h.shape)}; got {tuple(mask.shape)}")
+        h = h.masked_fill(~mask, 0.0)
+    full = torch.zeros(x.shape[0], I, dtype=torch.float32)
+    full[:, idx] = h
+    return linear(full, down, 0.0)

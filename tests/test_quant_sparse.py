@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_quant import TYPES, gguf_dequantize, quantized_activations, random_blocks
 
-from hotcold.kernels import native, quant
+from hotcold.kernels import input_sparse, native, quant
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -57,6 +57,33 @@ def test_sparse_ffn_matches_float64(qtype):
     h = np.maximum(a, 0) * u * mask.numpy()
     want = h @ gguf_dequantize(down_t, qtype, H)[i]
     assert np.abs(y.double().numpy() - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_sparse_ffn_over_input_major_down_matches_float64(qtype):
+    """The same FFN with down kept as the file stores it ([H, I] blocks, rearranged input-major without
+    re-rounding): float64 over gguf's dequantized down itself, within the int8 activations of the dots and
+    the int16 of the kept inputs; a masked or unlisted neuron contributes nothing."""
+    H, I, T = 256, 96, 3
+    gate, up = (random_blocks(qtype, I, H, seed=s) for s in range(2))
+    down = random_blocks(qtype, H, I, seed=2)
+    w_gu = quant.interleave(quant.from_gguf(gate, qtype, H), quant.from_gguf(up, qtype, H))
+    w_d = input_sparse.to_input_major(quant.from_gguf(down, qtype, I))
+    assert w_d.nbytes <= quant.from_gguf(down, qtype, I).nbytes  # no second, larger copy
+    gen = torch.Generator().manual_seed(4)
+    x, g = torch.randn(T, H, generator=gen), torch.rand(H, generator=gen) + 0.5
+    bias = torch.randn(I, 2, generator=gen) * 0.1
+    idx = torch.tensor([95, 0, 7, 50, 51, 12, 33, 64])
+    mask = torch.rand(T, idx.numel(), generator=gen) > 0.3
+    y = input_sparse.sparse_ffn(x, w_gu, w_d, 2, idx, 2, 0, mask=mask, gate_up_bias=bias.reshape(-1), norm=g,
+                                eps=1e-6)
+    xd = x.double().numpy()
+    xq = quantized_activations(xd / np.sqrt((xd**2).mean(-1, keepdims=True) + 1e-6) * g.double().numpy())
+    i = idx.numpy()
+    a = xq @ gguf_dequantize(gate, qtype, H)[i].T + bias[i, 0].double().numpy()
+    u = xq @ gguf_dequantize(up, qtype, H)[i].T + bias[i, 1].double().numpy()
+    want = (np.maximum(a, 0) * u * mask.numpy()) @ gguf_dequantize(down, qtype, I)[:, i].T
+    assert np.abs(y.double().numpy() - want).max() <= 1e-3 * np.abs(want).max()
 
 
 def test_sparse_ffn_with_every_neuron_equals_the_dense_ffn_on_transposed_down():
