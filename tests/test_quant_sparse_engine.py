@@ -45,8 +45,12 @@ def test_oracle_at_threshold_zero_is_the_dense_model(activation, qtype, tiny_che
     path = tiny_checkpoint("llama")
     loaded = load_model(path, quantize=qtype, activation=activation)
     dense = loaded.model.forward_sequence(torch.tensor(PROMPT))
+    down_bytes = [layer.ffn.down.nbytes for layer in loaded.model.layers]
     apply_hybrid(loaded.model, make_plan(loaded, "random"), ORACLE, loaded.fingerprint)
     assert all(isinstance(layer.ffn, QuantSparseFFN) for layer in loaded.model.layers)
+    # down held once, as the file's blocks rearranged (no neuron-major re-quantized copy)
+    assert [layer.ffn.down_t for layer in loaded.model.layers] == [None] * len(down_bytes)
+    assert [layer.ffn.down.nbytes for layer in loaded.model.layers] == down_bytes
     sparse = loaded.model.forward_sequence(torch.tensor(PROMPT))
     _close(sparse, dense)
     if qtype == "q8_0":
