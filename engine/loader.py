@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,8 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
         tokenizer = from_hf_folder(path, gen.eos_token_ids)
     tensors = reader.tensor_names()
     model = build_model(cfg, reader, dtype, torch.device(device), keep_blocks=keep_blocks, quantize=quantize)
+    if os.environ.get("HOTCOLD_TILES", "1") != "0":
+        _tile_products(model)
     for weight in _large_weights(model):
         native.use_huge_pages(weight)
     native.release_heap()
@@ -170,6 +173,23 @@ def memory_report(model: Transformer) -> str:
         pass
     gpu = f", GPU {torch.cuda.memory_allocated() / 1e6:.0f} MB allocated" if torch.cuda.is_initialized() else ""
     return f"{rss / 1e6:.0f} MB resident for {weights / 1e6:.0f} MB of model tensors{gpu}"
+
+
+def _tile_products(model: Transformer) -> None:
+    """The Q4_0/Q4_1 matrices that dense products read, re-laid in tiles of four rows (kernels/tiles.c:
+    lossless, the same bytes) where this CPU has the kernel for them: one register then serves four rows,
+    read as one stream. What gathers rows or rearranges them (a plan's sparse FFN, input sparsity) untiles
+    its own matrices; HOTCOLD_TILES=0 keeps the file's rows (to compare)."""
+    def tiled(w):
+        return quant.tile(w) if isinstance(w, QuantTensor) and quant.tiles_supported(w.qtype) else w
+
+    for block in model.layers:
+        block.attn.wqkv, block.attn.wo = tiled(block.attn.wqkv), tiled(block.attn.wo)
+        if isinstance(block.ffn, QuantFFN) and block.ffn.down is not None:  # (down_t alone: gathered rows)
+            block.ffn.gate_up, block.ffn.down = tiled(block.ffn.gate_up), tiled(block.ffn.down)
+    head = tiled(model.lm_head)
+    model.embed = head if model.lm_head is model.embed else tiled(model.embed)
+    model.lm_head = head
 
 
 def _large_weights(model: Transformer) -> list[torch.Tensor]:

@@ -65,7 +65,8 @@ class QuantSparseFFN(nn.Module):
         super().__init__()
         if mode not in ("oracle", "predictor"):
             raise HotcoldError(f"unknown sparsity mode {mode!r}")
-        self.gate_up, self.gate_up_bias, self.down_bias = ffn.gate_up, ffn.gate_up_bias, ffn.down_bias
+        self.gate_up = quant.untile(ffn.gate_up)  # its active rows are gathered
+        self.gate_up_bias, self.down_bias = ffn.gate_up_bias, ffn.down_bias
         self.parts, self.codes, self.index = 2 if ffn.gated else 1, ffn.codes, layer.index
         self.intermediate_size = ffn.intermediate_size
         self.down_t = self.down = None  # one of the two: neuron-major rows, or down input-major

@@ -98,6 +98,7 @@ def measure() -> Calibration:
         seconds[name] = {"native": nat, "torch": tor}
         crossover[name] = _crossover(nat, tor)
     wq = quant.quantize(w32, "Q4_0")
+    wq = quant.tile(wq) if quant.tiles_supported("Q4_0") else wq  # as the loader lays such matrices out
     xs = [torch.randn(T, SHAPE[1], generator=gen) for T in TOKENS]
     nat, tor = _race_all(lambda x: quant.dots(wq, x), lambda x: quant.linear(x, wq, max_native_tokens=0), xs)
     seconds["quant"] = {"native": nat, "torch": tor}
@@ -125,14 +126,17 @@ def _sparse_crossover(gen: torch.Generator) -> tuple[float, dict[str, list[float
     w = torch.randn(2 * I, H, generator=gen) * 0.02
     gate_up, down = quant.quantize(w, "Q4_0"), quant.quantize(w.reshape(-1)[: H * I].reshape(H, I), "Q4_0")
     copy = lambda m: quant.QuantTensor(m.data.clone(), m.qtype, m.cols)  # noqa: E731
-    # copies of the same values: the point is where the bytes live; down input-major, as a plan's FFN holds it
-    layers = [(copy(gate_up), copy(down), input_sparse.to_input_major(down)) for _ in range(FFN_LAYERS)]
+    # copies of the same values (the point is where the bytes live), each laid out as its path holds it: the
+    # sparse FFN's gate/up rows and input-major down, the dense FFN's matrices as the loader leaves them
+    laid = quant.tile if quant.tiles_supported("Q4_0") else copy
+    sparse_layers = [(copy(gate_up), input_sparse.to_input_major(down)) for _ in range(FFN_LAYERS)]
+    dense_layers = [(laid(gate_up), laid(down)) for _ in range(FFN_LAYERS)]
     x = torch.randn(1, H, generator=gen)
     sparse, dense = [], []
     for d in DENSITIES:
         idx = torch.randperm(I, generator=gen)[: int(d * I)].sort().values
-        a, b = race(lambda idx=idx: [input_sparse.sparse_ffn(x, gu, dm, 2, idx, 2, 0) for gu, _, dm in layers],
-                     lambda: [quant.ffn(x, gu, dn, 2, 2, 0, max_native_tokens=1) for gu, dn, _ in layers])
+        a, b = race(lambda idx=idx: [input_sparse.sparse_ffn(x, gu, dm, 2, idx, 2, 0) for gu, dm in sparse_layers],
+                     lambda: [quant.ffn(x, gu, dn, 2, 2, 0, max_native_tokens=1) for gu, dn in dense_layers])
         sparse.append(a)
         dense.append(b)
     return float(_crossover(sparse, dense, DENSITIES)), {"sparse": sparse, "dense": dense}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import native
-from .quant import NATIVE_TYPES, QuantTensor, _lib, activate, dots, rms_norm
+from .quant import NATIVE_TYPES, QuantTensor, _lib, activate, dots, rms_norm, untile
 
 TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the formats whose blocks rearrange losslessly (quant.c's other types: not yet)
 
@@ -110,6 +110,7 @@ def to_input_major(w: QuantTensor) -> InputMajor:
     if not supported(w):
         raise ValueError(f"input-major storage takes {', '.join(TYPES)} matrices with a multiple of 32 rows; "
                          f"got {w.qtype if isinstance(w, QuantTensor) else type(w).__name__} {tuple(w.shape)}")
+    w = untile(w)
     rows, cols = w.shape
     nbytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[w.qtype]
     blocks = w.data.view(rows, cols // 32, nbytes)

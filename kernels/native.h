@@ -32,6 +32,23 @@ void paged_attention(const float *qkv, int64_t qkv_dim, float *out, const float 
                      const int64_t *tables, const int64_t *seq, const int64_t *pos, int64_t B, int64_t n_heads,
                      int64_t n_kv, int64_t D, int64_t max_blocks, int64_t shift, int64_t window);
 
+/* 32 activations quantized as llama.cpp's Q8 blocks: x[j] ~= d * q[j]; ds = d * sum(q). */
+typedef struct {
+    float d, ds;
+    int8_t q[32];
+} xblock;
+
+/* A type code with this bit set: the matrix is in kernels/tiles.c's tiles of four rows (Q4_0/Q4_1 only). */
+#define TILED 256
+/* kernels/tiles.c: whether this build multiplies tiles of `type`; the products of one tile (n <= 4 rows of
+ * it) with B tokens' xblocks, out[u * stride + i]; tiling and untiling (both any build). */
+int tiles_supported(int type);
+void tiles_dots(int type, const uint8_t *tile, const xblock *x, int64_t nb, int64_t B, float *out, int64_t stride,
+                int n);
+int quant_tile(const uint8_t *W, int type, int64_t rows, int64_t cols, uint8_t *out);
+int quant_untile(const uint8_t *T, int type, int64_t rows, int64_t cols, const int64_t *idx, int64_t K,
+                 uint8_t *out);
+
 /* kernels/quant.c: out [B, K, parts] = quantized rows . (rmsnorm of) x; see there. */
 int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols, int64_t parts,
                const int64_t *idx, int64_t K, const float *x, int64_t B, const float *norm, float eps, void *xq,

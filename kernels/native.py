@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / f"{name}.c" for name in ("pool", "gathered", "quant", "qsparse", "tsparse", "attention", "block")]
+SOURCES = [HERE / f"{name}.c" for name in ("pool", "gathered", "quant", "tiles", "qsparse", "tsparse", "attention",
+                                           "block")]
 HEADERS = [HERE / "native.h"]
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi"]
 OPENMP = ["-fopenmp"]  # dropped where the compiler has no OpenMP: the kernels then run on the calling thread
@@ -61,6 +62,9 @@ _SIGNATURES = {
                          ctypes.c_float, _ptr, _ptr, _int, _int, ctypes.c_float, _ptr, _ptr],
     "tsparse_linear": [_ptr, _ptr, _ptr, _int, _i64, _i64, _ptr, _i64, ctypes.c_float, _ptr, _ptr],
     "quant_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr, _i64, _ptr],
+    "quant_tile": [_ptr, _int, _i64, _i64, _ptr],
+    "quant_untile": [_ptr, _int, _i64, _i64, _ptr, _i64, _ptr],
+    "tiles_supported": [_int],
     "quant_quantize": [_ptr, _int, _i64, _i64, _ptr],
     "quant_block_bytes": [_int],
     "quant_block_size": [_int],

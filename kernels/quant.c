@@ -26,12 +26,6 @@
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13 };
 
-/* 32 activations: x[j] ~= d * q[j]; ds = d * sum(q). */
-typedef struct {
-    float d, ds;
-    int8_t q[QK];
-} xblock;
-
 /* Two blocks' activations as the 512-bit path reads them (see make_pairs). */
 typedef struct {
     int8_t q[64];
@@ -409,7 +403,7 @@ static void quantize_x(const float *x, int64_t nb, xblock *out) {
 typedef struct {
     const uint8_t *W;
     int64_t row_bytes, cols, parts, K, B;
-    int type;
+    int type, tiled; /* tiled: W is in kernels/tiles.c's tiles (dequantize rebuilds each row first) */
     const int64_t *idx;
     const float *x, *norm;
     float eps;
@@ -462,6 +456,16 @@ static scratch_t scratch(int64_t cols) {
 }
 
 /* out[(b * K + k) * parts + p] = row (idx[k] or k) * parts + p of W, dotted with token b; k in [k0, k1). */
+/* The tiled path (kernels/tiles.c): rows j = k * parts + p of the range, four at a time (ranges start on a
+ * tile: the pool's grain is a multiple of 4 rows). */
+static void dots_tiles_task(void *p, int64_t k0, int64_t k1) {
+    const qcall_t *c = p;
+    int64_t nb = c->cols / QK, rows = c->K * c->parts, tile_bytes = 4 * c->row_bytes;
+    for (int64_t j = k0 * c->parts; j < k1 * c->parts; j += 4)
+        tiles_dots(c->type, c->W + (j / 4) * tile_bytes, c->xq, nb, c->B, c->out + j, rows,
+                   (int)(rows - j < 4 ? rows - j : 4));
+}
+
 /* The direct path: each row of the range streamed once and dotted with every token while in L1. */
 static void dots_direct_task(void *p, int64_t k0, int64_t k1) {
     const qcall_t *c = p;
@@ -526,15 +530,19 @@ static void dots_task(void *p, int64_t k0, int64_t k1) {
 int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols, int64_t parts,
                const int64_t *idx, int64_t K, const float *x, int64_t B, const float *norm, float eps, void *xq,
                float *out) {
+    int tiled = type & TILED;
+    type &= ~TILED;
     int bytes = quant_block_bytes(type);
     if (!bytes || cols % quant_block_size(type) || row_bytes != cols / quant_block_size(type) * bytes) return -2;
+    if (tiled && (idx || !tiles_supported(type) || ROWS % (4 * parts))) return -2; /* tiles: all rows, in order */
     if (idx && check_ids(idx, K, n_rows)) return -1;
     qcall_t c = {.W = W, .row_bytes = row_bytes, .cols = cols, .parts = parts, .K = K, .B = B, .type = type,
                  .idx = idx, .x = x, .norm = norm, .eps = eps, .xq = xq, .out = out};
-    if (HAS_PAIRS(type, cols / QK) && !(c.xp = malloc(sizeof(xpair) * (size_t)(B * (cols / QK / 2) + 1))))
+    if (!tiled && HAS_PAIRS(type, cols / QK) && !(c.xp = malloc(sizeof(xpair) * (size_t)(B * (cols / QK / 2) + 1))))
         return -3;
     pool_run(quantize_task, &c, B, 1);
-    pool_run(HAS_DIRECT(type) ? dots_direct_task : dots_task, &c, K, (ROWS + parts - 1) / parts);
+    pool_fn task = tiled ? dots_tiles_task : HAS_DIRECT(type) ? dots_direct_task : dots_task;
+    pool_run(task, &c, K, (ROWS + parts - 1) / parts);
     free(c.xp);
     return 0;
 }
@@ -546,21 +554,27 @@ static void dequant_task(void *p, int64_t r0, int64_t r1) {
     int8_t *tq = s.q;
     float *tdm = s.dm;
     if (!tq) return;
+    uint8_t bytes[c->tiled ? c->row_bytes : 1];
     for (int64_t r = r0; r < r1; r++) {
         int64_t row = c->idx ? c->idx[r] : r;
-        quant_unpack_row(c->type, c->W + row * c->row_bytes, cols, tq, tdm, tdm + nb);
+        if (c->tiled) quant_untile(c->W, c->type, c->K, cols, &row, 1, bytes);
+        quant_unpack_row(c->type, c->tiled ? bytes : c->W + row * c->row_bytes, cols, tq, tdm, tdm + nb);
         float *o = c->out + r * cols;
         for (int64_t j = 0; j < cols; j++) o[j] = tdm[j / QK] * (float)tq[j] + tdm[nb + j / QK];
     }
 }
 
-/* out [K, cols] fp32 = rows idx (or 0..K-1) of W, dequantized exactly as GGML does (d * q + m, fp32). */
+/* out [K, cols] fp32 = rows idx (or 0..K-1) of W (row-major, or tiled: type | TILED), dequantized exactly as
+ * GGML does (d * q + m, fp32). */
 int quant_dequantize(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, int64_t cols,
                      const int64_t *idx, int64_t K, float *out) {
+    int tiled = type & TILED;
+    type &= ~TILED;
     int bytes = quant_block_bytes(type);
     if (!bytes || cols % quant_block_size(type) || row_bytes != cols / quant_block_size(type) * bytes) return -2;
     if (idx && check_ids(idx, K, n_rows)) return -1;
-    qcall_t c = {.W = W, .row_bytes = row_bytes, .cols = cols, .type = type, .idx = idx, .out = out};
+    qcall_t c = {.W = W, .row_bytes = row_bytes, .cols = cols, .type = type, .idx = idx, .out = out,
+                 .tiled = tiled, .K = n_rows};
     pool_run(dequant_task, &c, K, 16);
     return 0;
 }

@@ -27,24 +27,38 @@ TILE_BYTES = 1 << 20  # fp32 rows dequantized per torch product in the large-bat
 
 @dataclass
 class QuantTensor:
-    """Rows of GGUF blocks: `data` uint8 [rows, row_bytes] holding `cols` weights per row, of type `qtype`."""
+    """Rows of GGUF blocks: `data` uint8 [rows, row_bytes] holding `cols` weights per row, of type `qtype`;
+    or, with `tiled_rows` set (that many rows), the same blocks in kernels/tiles.c's tiles of four rows,
+    [ceil(rows / 4), 4 * row_bytes]: what the dense products read fastest (`tile`; `untile` undoes it)."""
 
     data: torch.Tensor
     qtype: str
     cols: int
+    tiled_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.qtype not in NATIVE_TYPES:
             raise ValueError(f"quantized type {self.qtype} is not run natively (convert with to_runnable)")
         block, nbytes = _BLOCK[self.qtype]
+        width = self.cols // block * nbytes * (4 if self.tiled_rows else 1)
         if self.cols % block or self.data.dtype != torch.uint8 or self.data.dim() != 2 or (
-                self.data.shape[1] != self.cols // block * nbytes):
+                self.data.shape[1] != width) or (self.tiled_rows and self.data.shape[0] != -(-self.tiled_rows // 4)):
             raise ValueError(f"{self.qtype} rows of {self.cols} weights need {self.cols // block * nbytes} bytes "
                              f"in blocks of {block}; got {tuple(self.data.shape)} {self.data.dtype}")
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.data.shape[0], self.cols)
+        return (self.tiled_rows or self.data.shape[0], self.cols)
+
+    @property
+    def row_bytes(self) -> int:
+        block, nbytes = _BLOCK[self.qtype]
+        return self.cols // block * nbytes
+
+    @property
+    def code(self) -> int:
+        """The type code quant.c takes (with its TILED bit for tiles)."""
+        return NATIVE_TYPES[self.qtype] | (TILED if self.tiled_rows else 0)
 
     @property
     def device(self) -> torch.device:
@@ -55,11 +69,54 @@ class QuantTensor:
         return self.data.numel()
 
     def rows(self, idx: torch.Tensor) -> QuantTensor:
+        if self.tiled_rows:
+            return untile(self, idx)
         return QuantTensor(self.data.index_select(0, idx.to(self.data.device)).contiguous(), self.qtype, self.cols)
 
     def dequantize(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 [K, cols]: rows idx (default all), exactly as GGML dequantizes them."""
         return dequantize_rows(self, idx)
+
+
+TILED = 256  # native.h's bit for a tiled matrix's type code
+
+
+def tiles_supported(qtype: str) -> bool:
+    """Whether this machine's build multiplies tiles of `qtype` (Q4_0/Q4_1 where AVX-512 VNNI runs)."""
+    lib = native.load()
+    return lib is not None and qtype in NATIVE_TYPES and bool(lib.tiles_supported(NATIVE_TYPES[qtype]))
+
+
+def tile(w: QuantTensor) -> QuantTensor:
+    """The same blocks in tiles of four rows (kernels/tiles.c; lossless): one sequential stream for the
+    four-row kernel. Only where `tiles_supported`."""
+    if w.tiled_rows:
+        return w
+    rows = w.shape[0]
+    out = torch.empty(-(-rows // 4), 4 * w.row_bytes, dtype=torch.uint8)
+    if not tiles_supported(w.qtype) or _lib().quant_tile(w.data.data_ptr(), NATIVE_TYPES[w.qtype], rows, w.cols,
+                                                         out.data_ptr()):
+        raise ValueError(f"{w.qtype} matrices are not tiled on this machine")
+    return QuantTensor(out, w.qtype, w.cols, tiled_rows=rows)
+
+
+def untile(w: QuantTensor, idx: torch.Tensor | None = None) -> QuantTensor:
+    """Row-major blocks again (rows idx, default all): for what gathers rows or rearranges them."""
+    if not w.tiled_rows:
+        return w if idx is None else w.rows(idx)
+    if idx is not None:
+        idx = idx.to(torch.int64).contiguous()
+    K = w.tiled_rows if idx is None else idx.numel()
+    out = torch.empty(K, w.row_bytes, dtype=torch.uint8)
+    status = _lib().quant_untile(w.data.data_ptr(), NATIVE_TYPES[w.qtype], w.tiled_rows, w.cols,
+                                 None if idx is None else idx.data_ptr(), K, out.data_ptr())
+    _check(status, idx, w.tiled_rows)
+    return QuantTensor(out, w.qtype, w.cols)
+
+
+def _row_major(w: QuantTensor, what: str) -> None:
+    if w.tiled_rows:
+        raise ValueError(f"{what} reads row-major blocks; this matrix is tiled (quant.untile it first)")
 
 
 def _lib():
@@ -72,16 +129,20 @@ def _lib():
 def dequantize_rows(w: QuantTensor, idx: torch.Tensor | None = None, start: int = 0, stop: int | None = None
                     ) -> torch.Tensor:
     lib = _lib()
-    data = w.data
+    data, rows = w.data, w.shape[0]
     if idx is None and (start or stop is not None):
-        data = data[start:stop]
+        if w.tiled_rows:
+            idx = torch.arange(start, rows if stop is None else stop)
+        else:
+            data = data[start:stop]
+            rows = data.shape[0]
     if idx is not None:
         idx = idx.to(torch.int64).contiguous()
-    K = data.shape[0] if idx is None else idx.numel()
+    K = rows if idx is None else idx.numel()
     out = torch.empty(K, w.cols, dtype=torch.float32)
-    status = lib.quant_dequantize(data.data_ptr(), NATIVE_TYPES[w.qtype], data.shape[0], data.shape[1], w.cols,
+    status = lib.quant_dequantize(data.data_ptr(), w.code, rows, w.row_bytes, w.cols,
                                   None if idx is None else idx.data_ptr(), K, out.data_ptr())
-    _check(status, idx, data.shape[0])
+    _check(status, idx, rows)
     return out
 
 
@@ -94,13 +155,14 @@ def dots(w: QuantTensor, x: torch.Tensor, idx: torch.Tensor | None = None, parts
     B = x.shape[0]
     if x.shape[-1] != w.cols:
         raise ValueError(f"input has {x.shape[-1]} features; the weight has {w.cols}")
-    n_rows = w.data.shape[0] // parts
+    n_rows = w.shape[0] // parts
     if idx is not None:
+        _row_major(w, "a product over chosen rows")
         idx = idx.to(torch.int64).contiguous()
     K = n_rows if idx is None else idx.numel()
     out = torch.empty(B, K, parts, dtype=torch.float32)
     xq = torch.empty(B * (w.cols // 32) * 40, dtype=torch.uint8)
-    status = lib.quant_dots(w.data.data_ptr(), NATIVE_TYPES[w.qtype], n_rows, w.data.shape[1], w.cols, parts,
+    status = lib.quant_dots(w.data.data_ptr(), w.code, n_rows, w.row_bytes, w.cols, parts,
                             None if idx is None else idx.data_ptr(), K, x.data_ptr(), B,
                             None if norm is None else norm.data_ptr(), eps, xq.data_ptr(), out.data_ptr())
     _check(status, idx, n_rows)
@@ -167,8 +229,8 @@ def ffn(x: torch.Tensor, gate_up: QuantTensor, down: QuantTensor, parts: int, ga
                           dtype=torch.float32)
     y = torch.empty(B, down.shape[0], dtype=torch.float32)
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    status = lib.quant_ffn(gate_up.data.data_ptr(), NATIVE_TYPES[gate_up.qtype], gate_up.data.shape[1],
-                           down.data.data_ptr(), NATIVE_TYPES[down.qtype], down.data.shape[1], I, H, parts,
+    status = lib.quant_ffn(gate_up.data.data_ptr(), gate_up.code, gate_up.row_bytes,
+                           down.data.data_ptr(), down.code, down.row_bytes, I, H, parts,
                            x.data_ptr(), B, ptr(norm), eps, ptr(gate_up_bias), gate_fn, up_fn, scratch.data_ptr(),
                            y.data_ptr(), threshold)
     _check(status, None, 0)
@@ -180,6 +242,7 @@ def axpy(w: QuantTensor, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     down_t rows, or an input-sparse product over W^T rows. Each output sums its rows in k order (whatever
     the threads); a zero h[b, k] skips the row for that token."""
     lib = _lib()
+    _row_major(w, "axpy")
     idx = idx.to(torch.int64).contiguous()
     h = h.float().contiguous()
     if h.dim() != 2 or h.shape[1] != idx.numel():
@@ -199,6 +262,8 @@ def sparse_ffn(x: torch.Tensor, gate_up: QuantTensor, down_t: QuantTensor, parts
     and up interleaved, [I * parts, H]), zero where mask [T, K] (bool, per token) is False, then
     y = sum_k h[:, k] * down_t[idx[k]] (down_t [I, H]). gate_up_bias fp32 [I * parts]."""
     lib = _lib()
+    _row_major(gate_up, "the sparse FFN's gathered rows")
+    _row_major(down_t, "the sparse FFN's down_t")
     I, H = gate_up.shape[0] // parts, gate_up.cols
     if down_t.shape != (I, H):
         raise ValueError(f"down_t must be [{I}, {H}] (neuron-major); got {down_t.shape}")
@@ -238,7 +303,7 @@ class _QMat(ctypes.Structure):
 def _qmat(w, threshold: float) -> _QMat:
     """A QuantTensor (row-major blocks), or an input_sparse.InputMajor with the threshold of its inputs."""
     if isinstance(w, QuantTensor):
-        return _QMat(w.data.data_ptr(), NATIVE_TYPES[w.qtype], w.data.shape[0], w.data.shape[1], w.cols)
+        return _QMat(w.data.data_ptr(), w.code, w.shape[0], w.row_bytes, w.cols)
     rows, cols = w.shape
     return _QMat(w.codes.data_ptr(), NATIVE_TYPES[w.qtype], rows, 0, cols, w.scales.data_ptr(),
                  None if w.mins is None else w.mins.data_ptr(), threshold)
@@ -344,11 +409,15 @@ def from_gguf(raw: np.ndarray, qtype: str, cols: int) -> QuantTensor:
 
 def concat(parts: list[QuantTensor]) -> QuantTensor:
     """Rows of several matrices stacked (all of one type and width)."""
+    for p in parts:
+        _row_major(p, "concat")
     return QuantTensor(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].cols)
 
 
 def interleave(a: QuantTensor, b: QuantTensor) -> QuantTensor:
     """Rows a0, b0, a1, b1, ...: gate and up rows of one neuron side by side (hotcold's gate_up layout)."""
+    _row_major(a, "interleave")
+    _row_major(b, "interleave")
     return QuantTensor(torch.stack([a.data, b.data], dim=1).reshape(-1, a.data.shape[1]).contiguous(), a.qtype,
                        a.cols)
 
