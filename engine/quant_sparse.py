@@ -66,6 +66,8 @@ class QuantSparseFFN(nn.Module):
         if mode not in ("oracle", "predictor"):
             raise HotcoldError(f"unknown sparsity mode {mode!r}")
         self.gate_up = quant.untile(ffn.gate_up)  # its active rows are gathered
+        if self.gate_up is not ffn.gate_up:
+            native.use_huge_pages(self.gate_up.data)  # gathered rows: a TLB walk each on 4 KiB pages
         self.gate_up_bias, self.down_bias = ffn.gate_up_bias, ffn.down_bias
         self.parts, self.codes, self.index = 2 if ffn.gated else 1, ffn.codes, layer.index
         self.intermediate_size = ffn.intermediate_size

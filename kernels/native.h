@@ -45,6 +45,9 @@ typedef struct {
 int tiles_supported(int type);
 void tiles_dots(int type, const uint8_t *tile, const xblock *x, int64_t nb, int64_t B, float *out, int64_t stride,
                 int n);
+/* The same kernel over four rows where the file put them (gathered rows; repeat one to fill a tile). */
+void rows4_dots(int type, const uint8_t *const rows[4], const xblock *x, int64_t nb, int64_t B, float *out,
+                int64_t stride, int n);
 int quant_tile(const uint8_t *W, int type, int64_t rows, int64_t cols, uint8_t *out);
 int quant_untile(const uint8_t *T, int type, int64_t rows, int64_t cols, const int64_t *idx, int64_t K,
                  uint8_t *out);

@@ -466,6 +466,26 @@ static void dots_tiles_task(void *p, int64_t k0, int64_t k1) {
                    (int)(rows - j < 4 ? rows - j : 4));
 }
 
+/* Gathered rows (kernels/tiles.c's kernel over four rows where they lie): j = k * parts + p counts the rows
+ * of the range; a last partial four repeats its first row. Each row's result is what the tiled product
+ * gives it. Rows ahead are prefetched: gathered, no hardware prefetcher predicts them. */
+static void dots_gathered_task(void *p, int64_t k0, int64_t k1) {
+    const qcall_t *c = p;
+    int64_t nb = c->cols / QK, parts = c->parts, rb = c->row_bytes, stride = c->K * parts;
+    int64_t ahead = 16384 / (parts * rb) + 1, fetched = k0;
+    for (int64_t j = k0 * parts; j < k1 * parts; j += 4) {
+        int64_t n = k1 * parts - j < 4 ? k1 * parts - j : 4;
+        const uint8_t *rows[4];
+        for (int64_t i = 0; i < 4; i++) {
+            int64_t ji = j + (i < n ? i : 0);
+            rows[i] = c->W + (c->idx[ji / parts] * parts + ji % parts) * rb;
+        }
+        for (; fetched < k1 && fetched <= (j + 3) / parts + ahead; fetched++)
+            if (fetched > (j + 3) / parts) prefetch_span(c->W + c->idx[fetched] * parts * rb, parts * rb);
+        rows4_dots(c->type, rows, c->xq, nb, c->B, c->out + j, stride, (int)n);
+    }
+}
+
 /* The direct path: each row of the range streamed once and dotted with every token while in L1. */
 static void dots_direct_task(void *p, int64_t k0, int64_t k1) {
     const qcall_t *c = p;
@@ -538,10 +558,13 @@ int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, in
     if (idx && check_ids(idx, K, n_rows)) return -1;
     qcall_t c = {.W = W, .row_bytes = row_bytes, .cols = cols, .parts = parts, .K = K, .B = B, .type = type,
                  .idx = idx, .x = x, .norm = norm, .eps = eps, .xq = xq, .out = out};
-    if (!tiled && HAS_PAIRS(type, cols / QK) && !(c.xp = malloc(sizeof(xpair) * (size_t)(B * (cols / QK / 2) + 1))))
+    int gathered = idx && tiles_supported(type);
+    if (!tiled && !gathered && HAS_PAIRS(type, cols / QK) &&
+        !(c.xp = malloc(sizeof(xpair) * (size_t)(B * (cols / QK / 2) + 1))))
         return -3;
     pool_run(quantize_task, &c, B, 1);
-    pool_fn task = tiled ? dots_tiles_task : HAS_DIRECT(type) ? dots_direct_task : dots_task;
+    pool_fn task = tiled ? dots_tiles_task : gathered ? dots_gathered_task : HAS_DIRECT(type) ? dots_direct_task
+                                                                                              : dots_task;
     pool_run(task, &c, K, (ROWS + parts - 1) / parts);
     free(c.xp);
     return 0;

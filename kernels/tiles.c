@@ -68,17 +68,33 @@ int quant_untile(const uint8_t *T, int type, int64_t rows, int64_t cols, const i
 
 int tiles_supported(int type) { return tile_block_bytes(type) != 0; }
 
-/* Block b of the tile: low and high nibbles (u8, row i in 128-bit lane i), d per lane (d16: row i's d in
- * lanes 4i..4i+3), and the four rows' minimum term factors (m4: d for Q4_0, whose m = -8 d is applied at
- * the end, m for Q4_1). */
-#define WEIGHTS4(b)                                                                                        \
-    const uint8_t *blk = t + (b) * tb;                                                                     \
+/* Block b of the four rows, from a tile (TILE_SOURCE) or from four rows where the file put them
+ * (ROWS_SOURCE: gathered rows, e.g. a plan's active neurons): low and high nibbles (u8, row i in 128-bit
+ * lane i), d4 the rows' scales and m4 their minimum-term factors (d for Q4_0, whose m = -8 d is applied at
+ * the end; m for Q4_1). Both sources give each row the same numbers in the same lanes. */
+#define TILE_SOURCE(b)                                                                                     \
+    const uint8_t *blk = src + (b) * tb;                                                                   \
     __builtin_prefetch(blk + AHEAD, 0, 0);                                                                 \
     const __m512i c = _mm512_loadu_si512((const void *)(blk + head));                                      \
-    const __m512i lo = _mm512_and_si512(c, nib), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);     \
     const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)blk));                                 \
-    const __m128 m4 = type == Q4_0 ? d4 : _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(blk + 8)));       \
-    const __m512 d16 = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(d4));
+    const __m128 m4 = type == Q4_0 ? d4 : _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(blk + 8)));
+
+#define ROWS_SOURCE(b)                                                                                     \
+    const uint8_t *p0 = src[0] + (b) * bytes, *p1 = src[1] + (b) * bytes, *p2 = src[2] + (b) * bytes,      \
+                  *p3 = src[3] + (b) * bytes;                                                              \
+    __m512i c = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p0 + off)));                      \
+    c = _mm512_inserti32x4(c, _mm_loadu_si128((const __m128i *)(p1 + off)), 1);                            \
+    c = _mm512_inserti32x4(c, _mm_loadu_si128((const __m128i *)(p2 + off)), 2);                            \
+    c = _mm512_inserti32x4(c, _mm_loadu_si128((const __m128i *)(p3 + off)), 3);                            \
+    const __m128i w = _mm_setr_epi32((int)load32(p0), (int)load32(p1), (int)load32(p2), (int)load32(p3)); \
+    const __m128 d4 = _mm_cvtph_ps(_mm_shuffle_epi8(w, pick_d));                                           \
+    const __m128 m4 = type == Q4_0 ? d4 : _mm_cvtph_ps(_mm_shuffle_epi8(w, pick_m));
+
+static inline uint32_t load32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
 
 /* Token x's share of the block: (d dx) * (sum codes * qx) per lane into ACC, m * (dx sum qx) into MS. */
 #define TOKEN4(ACC, MS, x)                                                                                 \
@@ -89,6 +105,15 @@ int tiles_supported(int type) { return tile_block_bytes(type) != 0; }
         ACC = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_mul_ps(d16, _mm512_set1_ps((x)->d)), ACC);    \
         MS = _mm_fmadd_ps(m4, _mm_set1_ps((x)->ds), MS);                                                   \
     } while (0)
+
+/* One block of the four rows against the NT tokens, into their accumulators. */
+#define BLOCK4(SOURCE, b, ACC, MS)                                                                         \
+    {                                                                                                      \
+        SOURCE(b);                                                                                         \
+        const __m512i lo = _mm512_and_si512(c, nib), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib); \
+        const __m512 d16 = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(d4));                       \
+        for (int u = 0; u < nt; u++) TOKEN4(ACC[u], MS[u], x + u * nb + (b));                              \
+    }
 
 /* Each row's four lanes summed in a fixed order ((l0 + l2) + (l1 + l3)), plus its minimum term. */
 static inline void finish4(const int type, __m512 acc0, __m512 acc1, __m128 ms0, __m128 ms1, float *out, int n) {
@@ -101,13 +126,17 @@ static inline void finish4(const int type, __m512 acc0, __m512 acc1, __m128 ms0,
     for (int i = 0; i < n; i++) out[i] = v[4 * i] + (type == Q4_0 ? -8.0f * m[i] : m[i]);
 }
 
-/* out[u * stride + i] = row i (< n) of tile t dotted with token u (x + u * nb), u < NT. */
-#define TILE(NT)                                                                                           \
-static inline void tile_##NT(const int type, const uint8_t *t, const xblock *x, int64_t nb, float *out,   \
-                             int64_t stride, int n) {                                                      \
-    const int tb = type == Q4_0 ? 72 : 80, head = type == Q4_0 ? 8 : 16;                                   \
+/* out[u * stride + i] = row i (< n) of the four dotted with token u (x + u * nb), u < NT. */
+#define FOUR(NAME, NT, SRC_T, SOURCE)                                                                      \
+static inline void NAME(const int type, SRC_T src, const xblock *x, int64_t nb, float *out, int64_t stride,\
+                        int n) {                                                                           \
+    const int bytes = type == Q4_0 ? 18 : 20, tb = 4 * bytes, off = type == Q4_0 ? 2 : 4, head = 4 * off;  \
     const __m512i nib = _mm512_set1_epi8(0xF);                                                             \
     const __m512i lanes = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);             \
+    const __m128i pick_d = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);        \
+    const __m128i pick_m = _mm_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);      \
+    const int nt = NT;                                                                                     \
+    (void)bytes, (void)tb, (void)off, (void)head, (void)pick_d, (void)pick_m;                              \
     __m512 acc0[NT], acc1[NT];                                                                             \
     __m128 ms0[NT], ms1[NT];                                                                               \
     for (int u = 0; u < NT; u++) {                                                                         \
@@ -116,34 +145,37 @@ static inline void tile_##NT(const int type, const uint8_t *t, const xblock *x, 
     }                                                                                                      \
     int64_t b = 0;                                                                                         \
     for (; b + 1 < nb; b += 2) {                                                                           \
-        {                                                                                                  \
-            WEIGHTS4(b);                                                                                   \
-            for (int u = 0; u < NT; u++) TOKEN4(acc0[u], ms0[u], x + u * nb + b);                          \
-        }                                                                                                  \
-        {                                                                                                  \
-            WEIGHTS4(b + 1);                                                                               \
-            for (int u = 0; u < NT; u++) TOKEN4(acc1[u], ms1[u], x + u * nb + b + 1);                      \
-        }                                                                                                  \
+        BLOCK4(SOURCE, b, acc0, ms0)                                                                       \
+        BLOCK4(SOURCE, b + 1, acc1, ms1)                                                                   \
     }                                                                                                      \
-    if (b < nb) {                                                                                          \
-        WEIGHTS4(b);                                                                                       \
-        for (int u = 0; u < NT; u++) TOKEN4(acc0[u], ms0[u], x + u * nb + b);                              \
-    }                                                                                                      \
+    if (b < nb) BLOCK4(SOURCE, b, acc0, ms0)                                                               \
     for (int u = 0; u < NT; u++) finish4(type, acc0[u], acc1[u], ms0[u], ms1[u], out + u * stride, n);    \
 }
-TILE(1)
-TILE(4)
+FOUR(tile_1, 1, const uint8_t *, TILE_SOURCE)
+FOUR(tile_4, 4, const uint8_t *, TILE_SOURCE)
+FOUR(rows_1, 1, const uint8_t *const *, ROWS_SOURCE)
+FOUR(rows_4, 4, const uint8_t *const *, ROWS_SOURCE)
+
+#define OVER_TOKENS(KERNEL, src)                                                                           \
+    do {                                                                                                   \
+        int64_t u = 0;                                                                                     \
+        if (type == Q4_0) {                                                                                \
+            for (; u + 4 <= B; u += 4) KERNEL##_4(Q4_0, src, x + u * nb, nb, out + u * stride, stride, n); \
+            for (; u < B; u++) KERNEL##_1(Q4_0, src, x + u * nb, nb, out + u * stride, stride, n);         \
+        } else {                                                                                           \
+            for (; u + 4 <= B; u += 4) KERNEL##_4(Q4_1, src, x + u * nb, nb, out + u * stride, stride, n); \
+            for (; u < B; u++) KERNEL##_1(Q4_1, src, x + u * nb, nb, out + u * stride, stride, n);         \
+        }                                                                                                  \
+    } while (0)
 
 void tiles_dots(int type, const uint8_t *tile, const xblock *x, int64_t nb, int64_t B, float *out, int64_t stride,
                 int n) {
-    int64_t u = 0;
-    if (type == Q4_0) {
-        for (; u + 4 <= B; u += 4) tile_4(Q4_0, tile, x + u * nb, nb, out + u * stride, stride, n);
-        for (; u < B; u++) tile_1(Q4_0, tile, x + u * nb, nb, out + u * stride, stride, n);
-    } else {
-        for (; u + 4 <= B; u += 4) tile_4(Q4_1, tile, x + u * nb, nb, out + u * stride, stride, n);
-        for (; u < B; u++) tile_1(Q4_1, tile, x + u * nb, nb, out + u * stride, stride, n);
-    }
+    OVER_TOKENS(tile, tile);
+}
+
+void rows4_dots(int type, const uint8_t *const rows[4], const xblock *x, int64_t nb, int64_t B, float *out,
+                int64_t stride, int n) {
+    OVER_TOKENS(rows, rows);
 }
 #else
 int tiles_supported(int type) {
@@ -154,5 +186,10 @@ int tiles_supported(int type) {
 void tiles_dots(int type, const uint8_t *tile, const xblock *x, int64_t nb, int64_t B, float *out, int64_t stride,
                 int n) {
     (void)type, (void)tile, (void)x, (void)nb, (void)B, (void)out, (void)stride, (void)n;
+}
+
+void rows4_dots(int type, const uint8_t *const rows[4], const xblock *x, int64_t nb, int64_t B, float *out,
+                int64_t stride, int n) {
+    (void)type, (void)rows, (void)x, (void)nb, (void)B, (void)out, (void)stride, (void)n;
 }
 #endif
