@@ -1,7 +1,8 @@
 """One FFN layer on the GPU: hotcold's Triton gathered kernels against dense torch (cuBLAS).
 
 bf16 SwiGLU at the Llama-2-7B shape (4096 x 11008) and the default model's (576 x 1536), batch 1/4/16,
-density sweep. Times are triton.testing.do_bench medians (it clears the L2 before every run, so the
+density sweep; `--qtype q4_0|q4_1|q8_0` runs the sparse rows quantized (dequantized in the kernels; the
+dense baseline stays bf16). Times are triton.testing.do_bench medians (it clears the L2 before every run, so the
 weights come from HBM). The floor is the active weight bytes at the measured HBM bandwidth (a
 device-to-device copy); %HBM = that bandwidth's share achieved on the active bytes.
 
@@ -52,11 +53,27 @@ def measure_hbm(device: str, bench, n_bytes: int) -> float:
 
 
 class Layer:
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """One FFN's weights: `gate`, `up`, `down_t` as the sparse kernels read them (float, or kernels.qrows.QRows
+    with --qtype), and `dense` (gate, up, down_t) in `dtype` for the dense baseline, the same values."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: str, seed: int = 0,
+                 qtype: str | None = None):
         g = torch.Generator().manual_seed(seed)
-        mk = lambda *s: (torch.randn(*s, generator=g) * s[-1] ** -0.5).to(dtype).to(device)  # noqa: E731
+        mk = lambda *s: torch.randn(*s, generator=g) * s[-1] ** -0.5  # noqa: E731
         self.hidden, self.inter, self.dtype, self.device = hidden, inter, dtype, device
-        self.gate, self.up, self.down_t = mk(inter, hidden), mk(inter, hidden), mk(inter, hidden)
+        weights = [mk(inter, hidden) for _ in range(3)]
+        if qtype:  # the GGUF blocks' rows, dequantized in the kernels (quantized by kernels.quant, natively)
+            from hotcold.kernels import qrows, quant
+
+            rows = [qrows.from_quant(quant.quantize(w, qtype.upper())).to(device) for w in weights]
+            self.gate, self.up, self.down_t = rows
+            weights = [r.dequantize() for r in rows]
+        self.dense = [w.to(dtype).to(device) for w in weights]
+        if not qtype:
+            self.gate, self.up, self.down_t = self.dense
+        self.exact = [w.float().to(device) for w in weights]  # the values the sparse path computes with
+        self.neuron_bytes = sum(w.nbytes if qtype else w.numel() * w.element_size()
+                                for w in (self.gate, self.up, self.down_t)) // inter
         self.gen = g
 
     def inputs(self, batch: int, density: float):
@@ -104,6 +121,8 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shape only (the smoke mode)")
     p.add_argument("--shapes", default="7b,default")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--qtype", default=None, choices=["q4_0", "q4_1", "q8_0"],
+                   help="the sparse rows quantized (kernels.qrows: dequantized in the kernels); dense stays --dtype")
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--densities", default="1,0.5,0.25,0.1,0.05")
     p.add_argument("--tune", action="store_true", help="sweep block sizes at density 0.1")
@@ -125,15 +144,17 @@ def main() -> int:
     hbm = measure_hbm(args.device, bench, (1 << 30) if args.device == "cuda" else (16 << 20))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
     print(f"{name}: device-to-device copy {hbm:.0f} GB/s")
-    result = dict(device=name, hbm_gbs=hbm, dtype=args.dtype, activation="swiglu", rows=[], tune=[])
+    result = dict(device=name, hbm_gbs=hbm, dtype=args.dtype, qtype=args.qtype, activation="swiglu", rows=[],
+                  tune=[])
     print(f"{'shape':>8} {'batch':>5} {'density':>7} {'dense ms':>9} {'sparse ms':>9} {'floor ms':>8} "
           f"{'GB/s':>6} {'%HBM':>5} {'x dense':>7} {'rel err':>8}")
     for shape in shapes:
         hidden, inter = SHAPES[shape]
-        L = Layer(hidden, inter, dtype, args.device)
+        L = Layer(hidden, inter, dtype, args.device, qtype=args.qtype)
+        gate, up, down_t = L.dense
         for batch in (int(b) for b in args.batches.split(",")):
             x, _, _ = L.inputs(batch, 1.0)
-            dense_ms = bench(lambda x=x, L=L: cpu_sparse.dense_ffn(x, L.up, "swiglu", L.gate, None, L.down_t))
+            dense_ms = bench(lambda x=x, g=gate, u=up, d=down_t: cpu_sparse.dense_ffn(x, u, "swiglu", g, None, d))
             for d in densities:
                 x, idx, mask = L.inputs(batch, d)
                 ms = bench(lambda x=x, idx=idx, mask=mask, L=L: run_sparse(tri, L, x, idx, mask))
@@ -141,11 +162,11 @@ def main() -> int:
                 err = None
                 if d == 1.0 or args.device == "cpu":
                     full = torch.arange(inter, device=args.device)
-                    want = cpu_sparse.dense_ffn(x.float(), L.up.float(), "swiglu", L.gate.float(), None,
-                                                L.down_t.float())
+                    g32, u32, d32 = L.exact
+                    want = cpu_sparse.dense_ffn(x.float(), u32, "swiglu", g32, None, d32)
                     got = run_sparse(tri, L, x, full, None).float()
                     err = ((got - want).abs().max() / want.abs().max()).item()
-                gbytes = 3 * idx.numel() * hidden * dtype.itemsize / 1e9
+                gbytes = idx.numel() * L.neuron_bytes / 1e9
                 row = dict(shape=shape, hidden=hidden, intermediate=inter, batch=batch, density=d, k=idx.numel(),
                            dense_ms=dense_ms, sparse_ms=ms, floor_ms=gbytes / hbm * 1e3, gbs=gbytes / ms * 1e3,
                            pct_hbm=100 * gbytes / ms * 1e3 / hbm, speedup=dense_ms / ms, rel_err_vs_dense=err)

@@ -8,16 +8,16 @@
 # In order: (0) make hotcold importable without its dependencies (pip install --no-deps -e ., else a
 # PYTHONPATH shim), with wheels from .whl/ when that folder was carried; (1) pytest -m gpu on the test files
 # that hold gpu-marked tests (the server tests need fastapi and cannot import there); (2) a quick
-# ffn_gpu.py sweep at the 7B shape in bf16; (3) hybrid_gpu.py (7B-shaped synthetic ReGLU model: hybrid vs
+# ffn_gpu.py sweep at the 7B shape in bf16, (2b) and with Q4_0 hot rows; (3) hybrid_gpu.py (7B-shaped synthetic ReGLU model: hybrid vs
 # layer split vs all-GPU under one budget, bf16 only: it has no Q4_0 mode yet).
 # Each step has its own timeout inside one overall budget, so one hang cannot eat the call; a failed step
 # does not stop the next. Exit status: 0 only if every step passed.
 #
 # Environment: OUT (results folder; default /tmp/gpu_check_out), GPU_CHECK_BUDGET_S (overall seconds, default
-# 450), GPU_CHECK_STEPS (default "pytest,ffn,hybrid"), PYTHON (default python3), GPU_CHECK_DRY=1 (print only),
+# 450), GPU_CHECK_STEPS (default "pytest,ffn,ffnq,hybrid"), PYTHON (default python3), GPU_CHECK_DRY=1 (print only),
 # GPU_CHECK_INSTALL=shim (skip pip: hotcold from links on PYTHONPATH).
-# Files in $OUT (<= 8, the device tool's limit): env.txt pytest.log ffn_gpu.log ffn_gpu.json hybrid_gpu.log
-# hybrid_gpu.json summary.txt.
+# Files in $OUT (<= 8, the device tool's limit): env.txt pytest.log ffn_gpu.log ffn_gpu.json ffn_gpu_q4_0.json
+# hybrid_gpu.log hybrid_gpu.json summary.txt.
 
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -26,7 +26,7 @@ DRY=${GPU_CHECK_DRY:-0}
 OUT=${OUT:-/tmp/gpu_check_out}
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
-STEPS=${GPU_CHECK_STEPS:-pytest,ffn,hybrid}
+STEPS=${GPU_CHECK_STEPS:-pytest,ffn,ffnq,hybrid}
 START=$(date +%s)
 FAILED=0
 export PYTHONUNBUFFERED=1 HOTCOLD_CACHE=${HOTCOLD_CACHE:-/tmp/hotcold_cache}
@@ -132,6 +132,13 @@ fi
 if want ffn; then
     step "ffn_gpu.py" 90 "$OUT/ffn_gpu.log" "$PY" benchmarks/ffn_gpu.py --device cuda --shapes 7b --dtype bfloat16 \
         --batches 1,4,16 --densities 1,0.1,0.05 --out "$OUT/ffn_gpu.json"
+fi
+
+# ---- 2b. the same with quantized hot rows (Q4_0, dequantized in the kernels), 10% density, batch 1 and 16
+if want ffnq; then
+    step "ffn_gpu.py --qtype q4_0" 60 /tmp/ffn_gpu_q4_0.log "$PY" benchmarks/ffn_gpu.py --device cuda --shapes 7b \
+        --dtype bfloat16 --qtype q4_0 --batches 1,16 --densities 1,0.1 --out "$OUT/ffn_gpu_q4_0.json"
+    [ "$DRY" = 1 ] || cat /tmp/ffn_gpu_q4_0.log >>"$OUT/ffn_gpu.log"  # one log: $OUT holds 8 files at most
 fi
 
 # ---- 3. hybrid vs layer split vs all-GPU under one budget (the rest of the budget)

@@ -16,10 +16,11 @@ import torch
 
 from . import cpu_sparse, reference
 from .cpu_sparse import CpuConfig, dense_ffn
+from .qrows import QRows
 from .reference import ACTIVATIONS, ActivationSpec, activation_spec
 
 __all__ = [
-    "ACTIVATIONS", "ActivationSpec", "CpuConfig", "activation_spec", "dense_ffn", "gathered_down",
+    "ACTIVATIONS", "ActivationSpec", "CpuConfig", "QRows", "activation_spec", "dense_ffn", "gathered_down",
     "gathered_ffn", "gathered_gate_up", "resolve_backend", "triton_available",
 ]
 
@@ -49,6 +50,14 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return triton_ffn
 
 
+def _impl(backend: str, device: torch.device, *weights) -> ModuleType:
+    """resolve_backend, except that quantized rows (kernels.qrows) off the Triton path take the reference:
+    on the CPU they are the GPU side's rows run where no GPU is (the CPU engine's own quantized FFNs go
+    through kernels.quant)."""
+    impl = resolve_backend(backend, device)
+    return reference if impl is cpu_sparse and any(isinstance(w, QRows) for w in weights) else impl
+
+
 def gathered_gate_up(
     x: torch.Tensor,
     w_up: torch.Tensor,
@@ -62,7 +71,7 @@ def gathered_gate_up(
     backend: str = "auto",
 ) -> torch.Tensor:
     """fp32 h [B,K] = act(gate/up rows idx at x), zero where token_mask is False (kernels.reference)."""
-    impl = resolve_backend(backend, x.device)
+    impl = _impl(backend, x.device, w_up)
     return impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias=gate_bias)
 
 
@@ -82,7 +91,7 @@ def gathered_ffn(
 ) -> torch.Tensor:
     """y [B,H] = gathered_down(gathered_gate_up(...)): the FFN over the active neurons idx (one native call
     on the CPU for a few tokens; the two kernels elsewhere)."""
-    impl = resolve_backend(backend, x.device)
+    impl = _impl(backend, x.device, w_up, w_down_t)
     if impl is cpu_sparse:
         return cpu_sparse.gathered_ffn(x, w_up, w_down_t, idx, activation, w_gate, up_bias, token_mask,
                                        gate_bias=gate_bias, out_dtype=out_dtype)
@@ -99,4 +108,4 @@ def gathered_down(
     backend: str = "auto",
 ) -> torch.Tensor:
     """y [B,H] = sum_k h[:,k] * w_down_t[idx[k]] in out_dtype, fp32 accumulation (kernels.reference)."""
-    return resolve_backend(backend, h.device).gathered_down(h, w_down_t, idx, out_dtype)
+    return _impl(backend, h.device, w_down_t).gathered_down(h, w_down_t, idx, out_dtype)

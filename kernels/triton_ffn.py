@@ -11,8 +11,10 @@ fixed, so results are bit-reproducible run to run (the engine promises identical
 the partials are tiny next to the weights (S*B*H*4 bytes against K*H*2).
 
 Numerics as the reference: inputs rounded to the weights' dtype, fp32 accumulation, fp32 tl.dot in IEEE
-precision (no TF32). Block sizes are untuned defaults (no GPU was available when this was written); every
-wrapper takes overrides, and benchmarks/ffn_gpu.py --tune sweeps them.
+precision (no TF32). Quantized rows (kernels.qrows.QRows: Q4_0, Q4_1, Q8_0) are read as codes and scales
+and dequantized in registers (`_rows`), so they cost their quantized bytes; products over them run in fp32.
+Block sizes are untuned defaults (no GPU was available when this was written); every wrapper takes
+overrides, and benchmarks/ffn_gpu.py --tune sweeps them.
 Ids are not range-checked here (that needs a device sync): out-of-range ids read out of bounds.
 """
 
@@ -24,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .qrows import QRows
 from .reference import FUNCTIONS, ActivationSpec, check_down, check_gate_up
 
 _DOT_MIN_BATCH = 5  # batches at least this large use tl.dot (MMA tiles need >= 16 rows; pad wastes less)
@@ -73,12 +76,33 @@ def _mac_t(acc, a, bt, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _rows(w_ptr, s_ptr, m_ptr, rows, offs_h, stride_w, stride_s, wmask, QTYPE: tl.constexpr):
+    """Weights [len(rows), len(offs_h)] of the gathered rows: as stored (QTYPE 0), or dequantized in
+    registers from kernels.qrows.QRows (GGML codes: 2 Q4_0, 3 Q4_1, 8 Q8_0) exactly as GGML does, fp32."""
+    if QTYPE == 0:
+        return tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=wmask, other=0.0)
+    g = offs_h // 32
+    d = tl.load(s_ptr + rows[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+    if QTYPE == 8:
+        q = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=wmask, other=0).to(tl.float32)
+        return q * d
+    pos = offs_h % 32  # 4-bit: weight j of a block is byte j % 16's low nibble (j < 16) or high one
+    c = tl.load(w_ptr + rows[:, None] * stride_w + (g * 16 + pos % 16)[None, :], mask=wmask, other=0)
+    q = ((c.to(tl.int32) >> ((pos // 16) * 4)[None, :]) & 0xF).to(tl.float32)
+    if QTYPE == 2:
+        return (q - 8.0) * d
+    m = tl.load(m_ptr + rows[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+    return q * d + m
+
+
+@triton.jit
 def _gate_up_kernel(
-    x_ptr, wu_ptr, wg_ptr, bias_ptr, gbias_ptr, idx_ptr, mask_ptr, h_ptr,
-    B, K, H, stride_xb, stride_wu, stride_wg, stride_bu, stride_bg, stride_mb, stride_hb, threshold,
+    x_ptr, wu_ptr, wg_ptr, bias_ptr, gbias_ptr, idx_ptr, mask_ptr, h_ptr, su_ptr, mu_ptr, sg_ptr, mg_ptr,
+    B, K, H, stride_xb, stride_wu, stride_wg, stride_bu, stride_bg, stride_mb, stride_hb, stride_s, threshold,
     GATED: tl.constexpr, GATE_FN: tl.constexpr, UP_FN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    QTYPE: tl.constexpr,
 ):
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -91,12 +115,12 @@ def _gate_up_kernel(
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mh = offs_h < H
         wmask = mk[:, None] & mh[None, :]
-        wu = tl.load(wu_ptr + rows[:, None] * stride_wu + offs_h[None, :], mask=wmask, other=0.0)
+        wu = _rows(wu_ptr, su_ptr, mu_ptr, rows, offs_h, stride_wu, stride_s, wmask, QTYPE)
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_h[None, :],
                      mask=mb[:, None] & mh[None, :], other=0.0).to(wu.dtype)
         acc_u = _mac_t(acc_u, xt, wu, USE_DOT, DOT_F32)
         if GATED:
-            wg = tl.load(wg_ptr + rows[:, None] * stride_wg + offs_h[None, :], mask=wmask, other=0.0)
+            wg = _rows(wg_ptr, sg_ptr, mg_ptr, rows, offs_h, stride_wg, stride_s, wmask, QTYPE)
             acc_g = _mac_t(acc_g, xt, wg, USE_DOT, DOT_F32)
     if HAS_BIAS:
         acc_u += tl.load(bias_ptr + rows * stride_bu, mask=mk, other=0.0).to(tl.float32)[None, :]
@@ -114,10 +138,10 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, idx_ptr, part_ptr,
-    B, K, H, k_per_split, stride_hb, stride_w, stride_ps, stride_pb,
+    h_ptr, w_ptr, idx_ptr, part_ptr, s_ptr, m_ptr,
+    B, K, H, k_per_split, stride_hb, stride_w, stride_ps, stride_pb, stride_s,
     USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, QTYPE: tl.constexpr,
 ):
     offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
@@ -131,7 +155,7 @@ def _down_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk = offs_k < k_end
         rows = tl.load(idx_ptr + offs_k, mask=mk, other=0).to(tl.int64)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=mk[:, None] & mh[None, :], other=0.0)
+        w = _rows(w_ptr, s_ptr, m_ptr, rows, offs_h, stride_w, stride_s, mk[:, None] & mh[None, :], QTYPE)
         ht = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
                      mask=mb[:, None] & mk[None, :], other=0.0).to(w.dtype)
         acc = _mac(acc, ht, w, USE_DOT, DOT_F32)
@@ -151,7 +175,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _dot_f32(w: torch.Tensor) -> bool:
+def _dot_f32(w: torch.Tensor | QRows) -> bool:
     """fp32 (IEEE) tl.dot for fp32 weights, and in the interpreter, whose 16-bit tl.dot multiplies the raw
     bfloat16 bit patterns (triton-lang/triton#11584, unsupported upstream)."""
     return w.dtype == torch.float32 or w.device.type != "cuda"
@@ -168,8 +192,19 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _rows_contiguous(w: torch.Tensor) -> torch.Tensor:
-    return w if w.stride(-1) == 1 else w.contiguous()
+def _rows_contiguous(w: torch.Tensor | QRows) -> torch.Tensor | QRows:
+    return w if isinstance(w, QRows) or w.stride(-1) == 1 else w.contiguous()
+
+
+def _parts(w: torch.Tensor | QRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(codes or weights, scales, mins, row stride, scale-row stride) as the kernels take them, and the type."""
+    if not isinstance(w, QRows):
+        return w, w, w, w.stride(0), 0
+    return w.codes, w.scales, w.mins if w.mins is not None else w.scales, w.codes.stride(0), w.scales.stride(0)
+
+
+def _qtype(w: torch.Tensor | QRows) -> int:
+    return {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}[w.qtype] if isinstance(w, QRows) else 0
 
 
 def gathered_gate_up(
@@ -205,17 +240,20 @@ def gathered_gate_up(
     stride_bu = up_bias.stride(0) if up_bias is not None else 0
     stride_bg = gate_bias.stride(0) if gate_bias is not None else 0
     grid = (triton.cdiv(K, block_k), triton.cdiv(B, block_b))
+    (wu, su, mu, stride_wu, stride_s), (wg, sg, mg, stride_wg, _) = _parts(w_up), _parts(w_gate)
+    if _qtype(w_gate) != _qtype(w_up):
+        raise ValueError("w_gate and w_up must be stored alike (both quantized the same way, or both not)")
     with _on(x.device):
         _gate_up_kernel[grid](
-            x, w_up, w_gate, up_bias if up_bias is not None else w_up,
-            gate_bias if gate_bias is not None else w_up, idx, mask, h,
-            B, K, H, x.stride(0), w_up.stride(0), w_gate.stride(0), stride_bu, stride_bg, mask.stride(0),
-            h.stride(0),
+            x, wu, wg, up_bias if up_bias is not None else h,
+            gate_bias if gate_bias is not None else h, idx, mask, h, su, mu, sg, mg,
+            B, K, H, x.stride(0), stride_wu, stride_wg, stride_bu, stride_bg, mask.stride(0),
+            h.stride(0), stride_s,
             float(spec.threshold),
             GATED=spec.gated, GATE_FN=FUNCTIONS[spec.gate_fn], UP_FN=FUNCTIONS[spec.up_fn],
             HAS_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None, HAS_MASK=token_mask is not None,
             USE_DOT=use_dot,
-            DOT_F32=_dot_f32(w_up), BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h,
+            DOT_F32=_dot_f32(w_up), BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h, QTYPE=_qtype(w_up),
             num_warps=num_warps or 4,
         )
     return h
@@ -248,12 +286,13 @@ def gathered_down(
     k_per_split = triton.cdiv(k_blocks, min(splits, k_blocks)) * block_k
     splits = triton.cdiv(K, k_per_split)
     part = _empty((splits, B, H), torch.float32, h.device)
+    w, sc, mn, stride_w, stride_s = _parts(w_down_t)
     with _on(h.device):
         _down_kernel[(h_blocks, splits, b_blocks)](
-            h, w_down_t, idx, part,
-            B, K, H, k_per_split, h.stride(0), w_down_t.stride(0), part.stride(0), part.stride(1),
+            h, w, idx, part, sc, mn,
+            B, K, H, k_per_split, h.stride(0), stride_w, part.stride(0), part.stride(1), stride_s,
             USE_DOT=use_dot, DOT_F32=_dot_f32(w_down_t),
-            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=num_warps or 4,
+            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h, QTYPE=_qtype(w_down_t), num_warps=num_warps or 4,
         )
     y = part[0] if splits == 1 else part.sum(0)
     return y.to(out_dtype)

@@ -1,0 +1,98 @@
+"""Quantized neuron rows for the GPU side's kernels: GGUF blocks split into code and scale arrays.
+
+A GGUF row of Q4_0 / Q4_1 / Q8_0 blocks interleaves 2-4 bytes of fp16 scale with 16 or 32 bytes of codes
+(18-34-byte blocks), which a GPU cannot load as aligned vectors. `QRows` holds the same numbers split, one
+row per neuron (losslessly: `from_quant` moves bytes, nothing is re-rounded):
+- `codes`: uint8 [I, H/2] (4-bit: per 32 weights 16 bytes, low nibbles weights 0-15, high 16-31, as in a
+  GGUF block) or int8 [I, H] (Q8_0);
+- `scales` fp16 [I, H/32], and `mins` fp16 [I, H/32] (Q4_1 only).
+Dequantized as GGML does: Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q (fp32).
+
+The kernels (kernels/triton_ffn.py) read the codes and scales and dequantize in registers, so the rows cost
+their quantized bytes in GPU memory and bandwidth. The other backends take the rows through `__getitem__`
+(dequantized fp32 rows), which is what kernels/reference.py indexes: the quantized rows behave there as fp32
+weights with those values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quant import QuantTensor, untile
+
+TYPES = ("Q4_0", "Q4_1", "Q8_0")
+_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+@dataclass
+class QRows:
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    qtype: str
+
+    dtype = torch.float32  # what products over these rows compute in (kernels.reference's rule)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.codes.shape[0], self.scales.shape[1] * 32)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+
+    def dim(self) -> int:
+        return 2
+
+    def to(self, device: torch.device | str) -> QRows:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QRows(move(self.codes), move(self.scales), move(self.mins), self.qtype)
+
+    def select(self, idx: torch.Tensor) -> QRows:
+        """Rows idx, still quantized (one side's share of the neurons)."""
+        idx = idx.to(self.codes.device)
+        pick = lambda t: None if t is None else t.index_select(0, idx).contiguous()  # noqa: E731
+        return QRows(pick(self.codes), pick(self.scales), pick(self.mins), self.qtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [I, H], exactly as GGML dequantizes the blocks these rows came from."""
+        rows, cols = self.shape
+        if self.qtype == "Q8_0":
+            q = self.codes.view(torch.int8).float()
+        else:
+            c = self.codes.view(rows, cols // 32, 16)
+            q = torch.cat([c & 0xF, c >> 4], dim=-1).reshape(rows, cols).float()
+        d = self.scales.float().repeat_interleave(32, dim=1)
+        if self.qtype == "Q4_0":
+            return (q - 8.0) * d
+        if self.qtype == "Q4_1":
+            return q * d + self.mins.float().repeat_interleave(32, dim=1)
+        return q * d
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.select(idx.long()).dequantize()
+
+
+def supported(w: object) -> bool:
+    return isinstance(w, QuantTensor) and w.qtype in TYPES
+
+
+def from_quant(w: QuantTensor) -> QRows:
+    """A QuantTensor's rows (GGUF blocks, or tiles) as QRows: the same numbers, bytes moved."""
+    if not supported(w):
+        raise ValueError(f"quantized GPU rows take {', '.join(TYPES)}; got "
+                         f"{w.qtype if isinstance(w, QuantTensor) else type(w).__name__}")
+    w = untile(w)
+    rows, cols = w.shape
+    blocks = w.data.view(rows, cols // 32, _BYTES[w.qtype])
+    scales = blocks[..., 0:2].contiguous().view(torch.float16).reshape(rows, cols // 32)
+    mins = blocks[..., 2:4].contiguous().view(torch.float16).reshape(rows, cols // 32) if w.qtype == "Q4_1" else None
+    start = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[w.qtype]
+    codes = blocks[..., start:].contiguous().reshape(rows, -1)
+    return QRows(codes.view(torch.int8) if w.qtype == "Q8_0" else codes, scales, mins, w.qtype)
