@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from . import native
-from .quant import NATIVE_TYPES, QuantTensor, _lib, activate, dots, rms_norm, untile
+from .quant import NATIVE_TYPES, SPLIT_TYPES, QuantTensor, _lib, activate, dots, rms_norm, split_blocks
 
-TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the formats whose blocks rearrange losslessly (quant.c's other types: not yet)
+TYPES = SPLIT_TYPES  # the formats whose blocks rearrange losslessly (quant.c's other types: not yet)
 
 
 class _Stored:
@@ -110,18 +110,13 @@ def to_input_major(w: QuantTensor) -> InputMajor:
     if not supported(w):
         raise ValueError(f"input-major storage takes {', '.join(TYPES)} matrices with a multiple of 32 rows; "
                          f"got {w.qtype if isinstance(w, QuantTensor) else type(w).__name__} {tuple(w.shape)}")
-    w = untile(w)
     rows, cols = w.shape
-    nbytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[w.qtype]
-    blocks = w.data.view(rows, cols // 32, nbytes)
-    scales = blocks[..., 0:2].contiguous().view(torch.float16).view(rows, -1).T.contiguous()
-    mins = blocks[..., 2:4].contiguous().view(torch.float16).view(rows, -1).T.contiguous() if (
-        w.qtype == "Q4_1") else None
-    qs = blocks[..., nbytes - (32 if w.qtype == "Q8_0" else 16):]
+    codes, scales, mins = split_blocks(w)
+    scales, mins = scales.T.contiguous(), None if mins is None else mins.T.contiguous()
     if w.qtype == "Q8_0":
-        codes = qs.reshape(rows, cols).T.contiguous()  # the raw int8 bytes
+        codes = codes.view(torch.uint8).T.contiguous()  # the raw int8 bytes
     else:
-        codes = _pack4(_unpack4(qs.reshape(rows * cols // 32, 16)).reshape(rows, cols).T.contiguous())
+        codes = _pack4(_unpack4(codes.reshape(rows * cols // 32, 16)).reshape(rows, cols).T.contiguous())
     native.use_huge_pages(codes)  # kept rows are gathered: a TLB walk each on 4 KiB pages
     return InputMajor(codes, scales, mins, w.qtype)
 

@@ -20,10 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import QuantTensor, untile
-
-TYPES = ("Q4_0", "Q4_1", "Q8_0")
-_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+from .quant import SPLIT_TYPES, QuantTensor, split_blocks
 
 
 @dataclass
@@ -80,19 +77,12 @@ class QRows:
 
 
 def supported(w: object) -> bool:
-    return isinstance(w, QuantTensor) and w.qtype in TYPES
+    return isinstance(w, QuantTensor) and w.qtype in SPLIT_TYPES
 
 
 def from_quant(w: QuantTensor) -> QRows:
     """A QuantTensor's rows (GGUF blocks, or tiles) as QRows: the same numbers, bytes moved."""
     if not supported(w):
-        raise ValueError(f"quantized GPU rows take {', '.join(TYPES)}; got "
+        raise ValueError(f"quantized GPU rows take {', '.join(SPLIT_TYPES)}; got "
                          f"{w.qtype if isinstance(w, QuantTensor) else type(w).__name__}")
-    w = untile(w)
-    rows, cols = w.shape
-    blocks = w.data.view(rows, cols // 32, _BYTES[w.qtype])
-    scales = blocks[..., 0:2].contiguous().view(torch.float16).reshape(rows, cols // 32)
-    mins = blocks[..., 2:4].contiguous().view(torch.float16).reshape(rows, cols // 32) if w.qtype == "Q4_1" else None
-    start = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[w.qtype]
-    codes = blocks[..., start:].contiguous().reshape(rows, -1)
-    return QRows(codes.view(torch.int8) if w.qtype == "Q8_0" else codes, scales, mins, w.qtype)
+    return QRows(*split_blocks(w), w.qtype)

@@ -114,6 +114,24 @@ def untile(w: QuantTensor, idx: torch.Tensor | None = None) -> QuantTensor:
     return QuantTensor(out, w.qtype, w.cols)
 
 
+SPLIT_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the formats whose blocks are a scale (and minimum) and plain codes
+
+
+def split_blocks(w: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A Q4_0/Q4_1/Q8_0 matrix's blocks taken apart, bytes moved and nothing re-rounded: codes [rows, cols/2]
+    uint8 (per 32 weights 16 bytes, low nibbles weights 0-15, high 16-31, as in the block) or [rows, cols]
+    int8 (Q8_0), fp16 scales [rows, cols/32], and fp16 minimums (Q4_1; else None)."""
+    if w.qtype not in SPLIT_TYPES:
+        raise ValueError(f"takes {', '.join(SPLIT_TYPES)} blocks; got {w.qtype}")
+    w = untile(w)
+    rows, cols = w.shape
+    blocks = w.data.view(rows, cols // 32, _BLOCK[w.qtype][1])
+    scales = blocks[..., 0:2].contiguous().view(torch.float16).reshape(rows, cols // 32)
+    mins = blocks[..., 2:4].contiguous().view(torch.float16).reshape(rows, cols // 32) if w.qtype == "Q4_1" else None
+    codes = blocks[..., 4 if w.qtype == "Q4_1" else 2:].contiguous().reshape(rows, -1)
+    return (codes.view(torch.int8) if w.qtype == "Q8_0" else codes), scales, mins
+
+
 def _row_major(w: QuantTensor, what: str) -> None:
     if w.tiled_rows:
         raise ValueError(f"{what} reads row-major blocks; this matrix is tiled (quant.untile it first)")
