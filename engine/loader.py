@@ -181,7 +181,7 @@ def _tile_products(model: Transformer) -> None:
     read as one stream. What gathers rows or rearranges them (a plan's sparse FFN, input sparsity) untiles
     its own matrices; HOTCOLD_TILES=0 keeps the file's rows (to compare)."""
     def tiled(w):
-        return quant.tile(w) if isinstance(w, QuantTensor) and quant.tiles_supported(w.qtype) else w
+        return quant.tile(w, in_place=True) if isinstance(w, QuantTensor) and quant.tiles_supported(w.qtype) else w
 
     for block in model.layers:
         block.attn.wqkv, block.attn.wo = tiled(block.attn.wqkv), tiled(block.attn.wo)

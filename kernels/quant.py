@@ -87,13 +87,15 @@ def tiles_supported(qtype: str) -> bool:
     return lib is not None and qtype in NATIVE_TYPES and bool(lib.tiles_supported(NATIVE_TYPES[qtype]))
 
 
-def tile(w: QuantTensor) -> QuantTensor:
+def tile(w: QuantTensor, in_place: bool = False) -> QuantTensor:
     """The same blocks in tiles of four rows (kernels/tiles.c; lossless): one sequential stream for the
-    four-row kernel. Only where `tiles_supported`."""
+    four-row kernel. Only where `tiles_supported`. `in_place` re-lays w's own bytes where its row count
+    allows (a multiple of 4; no second copy at load): w must not be used afterwards."""
     if w.tiled_rows:
         return w
     rows = w.shape[0]
-    out = torch.empty(-(-rows // 4), 4 * w.row_bytes, dtype=torch.uint8)
+    out = w.data.view(rows // 4, 4 * w.row_bytes) if in_place and rows % 4 == 0 and w.data.is_contiguous() else (
+        torch.empty(-(-rows // 4), 4 * w.row_bytes, dtype=torch.uint8))
     if not tiles_supported(w.qtype) or _lib().quant_tile(w.data.data_ptr(), NATIVE_TYPES[w.qtype], rows, w.cols,
                                                          out.data_ptr()):
         raise ValueError(f"{w.qtype} matrices are not tiled on this machine")

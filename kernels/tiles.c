@@ -26,7 +26,8 @@ enum { Q4_0 = 2, Q4_1 = 3 };
 static int tile_block_bytes(int type) { return type == Q4_0 ? 72 : type == Q4_1 ? 80 : 0; }
 
 /* Row r's block b (GGUF bytes) <-> its place in tile r / 4. dir 1: row -> tile, 0: tile -> row. */
-static void move_block(int type, uint8_t *tile_block, int slot, uint8_t *row_block, int dir) {
+static inline __attribute__((always_inline)) void move_block(int type, uint8_t *tile_block, int slot,
+                                                              uint8_t *row_block, int dir) {
     int scales = type == Q4_0 ? 1 : 2, head = 8 * scales; /* fp16 d (and m) of 4 rows, then the codes */
     for (int s = 0; s < scales; s++) {
         uint8_t *t = tile_block + 8 * s + 2 * slot, *r = row_block + 2 * s;
@@ -36,15 +37,41 @@ static void move_block(int type, uint8_t *tile_block, int slot, uint8_t *row_blo
     dir ? memcpy(t, r, 16) : memcpy(r, t, 16);
 }
 
-/* out [ceil(rows / 4), 4 * row_bytes] = W [rows, row_bytes] (GGUF blocks) in tiles; -2 for another type. */
+typedef struct {
+    const uint8_t *W;
+    uint8_t *out;
+    int type;
+    int64_t rows, nb;
+} tile_call_t;
+
+static inline __attribute__((always_inline)) void tile_rows(const int type, const tile_call_t *c, int64_t t0,
+                                                             int64_t t1) {
+    const int tb = tile_block_bytes(type), bytes = tb / 4;
+    uint8_t rows[4 * c->nb * bytes]; /* the tile's rows, copied first: out may be W itself */
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t n = c->rows - 4 * t < 4 ? c->rows - 4 * t : 4;
+        memcpy(rows, c->W + 4 * t * c->nb * bytes, (size_t)(n * c->nb * bytes));
+        memset(rows + n * c->nb * bytes, 0, (size_t)((4 - n) * c->nb * bytes));
+        for (int64_t b = 0; b < c->nb; b++)
+            for (int r = 0; r < 4; r++)
+                move_block(type, c->out + (t * c->nb + b) * tb, r, rows + (r * c->nb + b) * bytes, 1);
+    }
+}
+
+static void tile_task(void *p, int64_t t0, int64_t t1) { /* the type a constant in each copy of tile_rows */
+    const tile_call_t *c = p;
+    if (c->type == Q4_0) tile_rows(Q4_0, c, t0, t1);
+    else if (c->type == Q4_1) tile_rows(Q4_1, c, t0, t1);
+    else tile_rows(c->type, c, t0, t1);
+}
+
+/* out [ceil(rows / 4), 4 * row_bytes] = W [rows, row_bytes] (GGUF blocks) in tiles (a last partial tile
+ * padded with zero rows); out may be W itself when rows is a multiple of 4 (a tile takes its rows' bytes).
+ * -2 for another type. */
 int quant_tile(const uint8_t *W, int type, int64_t rows, int64_t cols, uint8_t *out) {
-    int tb = tile_block_bytes(type), bytes = tb / 4;
-    if (!tb || cols % 32) return -2;
-    int64_t nb = cols / 32, tiles = (rows + 3) / 4;
-    memset(out, 0, (size_t)(tiles * nb * tb));
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t b = 0; b < nb; b++)
-            move_block(type, out + ((r / 4) * nb + b) * tb, (int)(r % 4), (uint8_t *)W + (r * nb + b) * bytes, 1);
+    if (!tile_block_bytes(type) || cols % 32 || (out == W && rows % 4)) return -2;
+    tile_call_t c = {.W = W, .out = out, .type = type, .rows = rows, .nb = cols / 32};
+    pool_run(tile_task, &c, (rows + 3) / 4, 16);
     return 0;
 }
 

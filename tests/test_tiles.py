@@ -96,3 +96,16 @@ def test_gathered_rows_give_what_the_tiled_product_gives(qtype):
     neurons = gguf_dequantize(raw, qtype, cols).reshape(15, 2, cols)[idx.numpy()].reshape(-1, cols)
     want = quantized_activations(x.numpy()) @ neurons.T
     assert np.abs(got.reshape(5, -1).double().numpy() - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@needs_tiles
+def test_tiling_in_place_is_the_same_layout():
+    """The loader's in-place re-lay (no second copy) gives the bytes a fresh tiling gives."""
+    cols, qtype = 256, TILED[0]
+    raw = random_blocks(qtype, 40, cols, seed=5)
+    fresh = quant.tile(quant.from_gguf(raw, qtype, cols))
+    w = quant.from_gguf(raw, qtype, cols)
+    in_place = quant.tile(w, in_place=True)
+    assert in_place.data.data_ptr() == w.data.data_ptr() and torch.equal(in_place.data, fresh.data)
+    odd = quant.tile(quant.from_gguf(raw[:37], qtype, cols), in_place=True)  # a partial tile: a new buffer
+    assert np.array_equal(quant.untile(odd).data.numpy(), raw[:37])
