@@ -280,10 +280,9 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
     if cfg.mode == "off":
         return counters
     if any(isinstance(layer.ffn, QuantFFN) for layer in model.layers):
-        # quantized rows: the CPU path over the checkpoint's blocks (engine/quant_sparse.py)
-        if gpu.type != "cpu":
-            raise HotcoldError("a plan over quantized weights runs on the CPU only (quantized hot rows on the GPU "
-                               "are not implemented): load the model with --dtype float16 to use the GPU")
+        if gpu.type != "cpu" or cfg.backend != "auto":
+            return _apply_quant_hybrid(model, plan, cfg, gpu, workers, counters)
+        # no GPU side: every row on the CPU, over the checkpoint's blocks (engine/quant_sparse.py)
         from hotcold.engine.quant_sparse import QuantSparseFFN, expected_density
         from hotcold.kernels import calibrate
 
@@ -304,4 +303,20 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
             raise HotcoldError("the model already runs a plan (or has no dense FFN to split): load it again")
         layer.ffn = HybridFFN(layer.ffn, layer_plan, cfg, gpu, pool, counters)
     native.release_heap()  # the dense FFNs' memory and the conversion's temporaries
+    return counters
+
+
+def _apply_quant_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, gpu: torch.device, workers: int,
+                        counters: FFNCounters) -> FFNCounters:
+    """Quantized FFNs with a GPU side (a CUDA device, or kernels named by cfg.backend): hot rows quantized
+    there, cold ones on the CPU (engine/quant_hybrid.py); the rest of the model stays on the CPU path."""
+    from hotcold.engine.quant_hybrid import QuantHybridFFN
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None
+    for layer, layer_plan in zip(model.layers, plan.layers):
+        if not isinstance(layer.ffn, QuantFFN):
+            raise HotcoldError("the model already runs a plan (or has no quantized FFN to split): load it again")
+        layer.ffn = QuantHybridFFN(layer.ffn, layer_plan, cfg.mode, cfg.strategy, cfg.placement, gpu, cfg.backend,
+                                   pool, counters)
+    native.release_heap()  # the replaced FFNs and down's transposition
     return counters

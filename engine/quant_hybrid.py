@@ -1,0 +1,126 @@
+"""A plan's FFN over quantized weights with its hot neurons on a GPU (PowerInfer's split, on GGUF blocks).
+
+Per layer, each neuron's rows live on one side only:
+- hot side (the GPU device): gate and up rows as kernels.qrows.QRows (the file's blocks taken apart, no
+  re-rounding), down as Q8_0 neuron-major rows (PowerInfer's down_t; a neuron subset of the input-major
+  layout the CPU engine keeps would need its groups' scales too), read by the Triton kernels, which
+  dequantize in registers: the hot rows cost their quantized bytes of GPU memory;
+- cold side (the CPU): the same rows as the checkpoint's blocks, through kernels.quant's native sparse FFN
+  on a worker thread, at the same time.
+
+The rest of the block (attention, norms, the head) stays on the CPU engine's native path; the FFN's normed
+input goes to the GPU side and its partial output comes back, once per layer. The predictor runs on the
+GPU side (float, the plan's weights). Every token sums only its own active neurons, so a token's result
+does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from hotcold import kernels
+from hotcold.engine.activations import kernel_activation
+from hotcold.engine.layers import Norm, QuantFFN
+from hotcold.engine.plan import LayerPlan
+from hotcold.engine.sparsity import plan_predictor, predictor_input
+from hotcold.kernels import native, qrows, quant
+
+
+class QuantHybridFFN(nn.Module):
+    """Drop-in for a QuantFFN driven by one plan layer, hot neurons on `gpu` (see the module docstring)."""
+
+    folds_norm = True  # Block passes the RMS norm: it runs once, on the CPU, for both sides
+
+    def __init__(self, ffn: QuantFFN, layer: LayerPlan, mode: str, strategy: str, placement: str,
+                 gpu: torch.device, backend: str, pool: ThreadPoolExecutor | None, counters):
+        super().__init__()
+        num, self.parts = ffn.intermediate_size, 2 if ffn.gated else 1
+        self.intermediate_size, self.index, self.mode, self.layer = num, layer.index, mode, layer
+        self.codes, self.down_bias, self.gpu, self.backend = ffn.codes, ffn.down_bias, gpu, backend
+        self.pool, self.counters = pool, counters
+        self.activation = kernel_activation(ffn.activation, ffn.gelu_approximate, ffn.codes[2])
+        hot = {"gpu": torch.arange(num), "cpu": torch.arange(0)}.get(placement, layer.hot_ids.long().cpu())
+        is_hot = torch.zeros(num, dtype=torch.bool)
+        is_hot[hot] = True
+        cold = (~is_hot).nonzero().flatten()
+        gate_up = quant.untile(ffn.gate_up)  # [I * parts, H]: a neuron's gate and up rows side by side
+        down_t = ffn.down_t if ffn.down_t is not None else quant.transpose(ffn.down, "Q8_0")
+        rows = lambda ids: (ids[:, None] * self.parts + torch.arange(self.parts)).flatten()  # noqa: E731
+        bias = None if ffn.gate_up_bias is None else ffn.gate_up_bias.float().view(num, self.parts)
+        # hot side: separate gate and up rows (the Triton kernels' arguments), on the GPU
+        side = [qrows.from_quant(gate_up.rows(hot * self.parts + p)).to(gpu) for p in range(self.parts)]
+        self.hot_up, self.hot_gate = side[-1], side[0] if self.parts == 2 else None
+        self.hot_down = qrows.from_quant(down_t.rows(hot)).to(gpu)
+        self.hot_bias = None if bias is None else [bias[hot, p].contiguous().to(gpu) for p in range(self.parts)]
+        # cold side: the checkpoint's blocks on the CPU
+        self.cold_gate_up, self.cold_down_t = gate_up.rows(rows(cold)), down_t.rows(cold)
+        for t in (self.cold_gate_up.data, self.cold_down_t.data):
+            native.use_huge_pages(t)  # gathered rows: a TLB walk each on 4 KiB pages
+        self.cold_bias = None if bias is None else bias[cold].reshape(-1).contiguous()
+        local = torch.empty(num, dtype=torch.long)
+        local[hot], local[cold] = torch.arange(hot.numel()), torch.arange(cold.numel())
+        self.is_hot, self.local, self.num_hot, self.num_cold = is_hot.to(gpu), local.to(gpu), hot.numel(), cold.numel()
+        self.hot_ids, self.cold_ids = hot.to(gpu), cold
+        self.predictor, self.rule = plan_predictor(layer, strategy, gpu) if mode == "predictor" else (None, {})
+        if mode == "oracle":  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule
+            self.norms = down_t.dequantize().norm(dim=1).to(gpu)
+
+    @property
+    def wants_residual(self) -> bool:
+        return self.predictor is not None and self.predictor.input == "residual"
+
+    def _hot_h(self, x: torch.Tensor, local: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        up_bias, gate_bias = (None, None) if self.hot_bias is None else (self.hot_bias[-1], self.hot_bias[0]
+                                                                          if self.parts == 2 else None)
+        return kernels.gathered_gate_up(x, self.hot_up, local, self.activation, self.hot_gate, up_bias, token_mask,
+                                        gate_bias=gate_bias, backend=self.backend)
+
+    def active_mask(self, x_cpu: torch.Tensor, x_gpu: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """[T, I] bool on the GPU side's device: the neurons each token computes."""
+        if self.predictor is not None:
+            return self.predictor.predict(predictor_input(self.predictor, x_gpu, residual), **self.rule)
+        h = torch.empty(x_gpu.shape[0], self.intermediate_size, dtype=torch.float32, device=self.gpu)
+        if self.num_hot:
+            h[:, self.hot_ids] = self._hot_h(x_gpu, torch.arange(self.num_hot, device=self.gpu), None)
+        if self.num_cold:
+            z = quant.dots(self.cold_gate_up, x_cpu, parts=self.parts)
+            h[:, self.cold_ids.to(self.gpu)] = quant.activate(z, self.codes[0], self.codes[1], self.cold_bias,
+                                                              self.codes[2]).to(self.gpu)
+        return h.abs() * self.norms > self.layer.threshold
+
+    def forward(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        x_cpu = (x.float() if norm is None else norm(x).float()).contiguous()
+        x_gpu = x_cpu.to(self.gpu)
+        if residual is not None:
+            residual = residual.to(self.gpu)
+        mask = self.active_mask(x_cpu, x_gpu, residual)
+        T = x.shape[0]
+        union = mask[0] if T == 1 else mask.any(0)
+        hot_ids, cold_ids = (union & self.is_hot).nonzero().flatten(), (union & ~self.is_hot).nonzero().flatten()
+        c = self.counters
+        active = int(mask.sum())
+        c.computed, c.total = c.computed + active, c.total + T * self.intermediate_size
+        c.hot += int(mask[:, hot_ids].sum()) if hot_ids.numel() else 0
+        c.per_layer_density[self.index] = active / (T * self.intermediate_size)
+        future = y_cold = None
+        if cold_ids.numel():
+            local = self.local[cold_ids].cpu()
+            cold_mask = None if T == 1 else mask[:, cold_ids].cpu()
+            args = (x_cpu, self.cold_gate_up, self.cold_down_t, self.parts, local, self.codes[0], self.codes[1])
+            kw = dict(mask=cold_mask, gate_up_bias=self.cold_bias, threshold=self.codes[2])
+            if self.pool is not None and hot_ids.numel():  # overlap with the GPU side
+                future = self.pool.submit(quant.sparse_ffn, *args, **kw)
+            else:
+                y_cold = quant.sparse_ffn(*args, **kw)
+        y = torch.zeros(T, x.shape[1], dtype=torch.float32)
+        if hot_ids.numel():
+            local = self.local[hot_ids]
+            h = self._hot_h(x_gpu, local, None if T == 1 else mask[:, hot_ids])
+            y = kernels.gathered_down(h, self.hot_down, local, torch.float32, backend=self.backend).cpu()
+        if cold_ids.numel():
+            y = y + (future.result() if future is not None else y_cold)
+        return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)

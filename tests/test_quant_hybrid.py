@@ -1,0 +1,110 @@
+"""A plan over quantized weights with a GPU side (engine/quant_hybrid.py): hot rows as quantized QRows read by
+the GPU side's kernels, cold rows as the checkpoint's blocks on the CPU. Here the "GPU side" runs on the CPU:
+through the kernels' torch reference in this process, and through the Triton kernels in Triton's interpreter
+(a child pytest). References: the dense quantized model, and transformers with gguf's Q8_0 round trip and the
+switched-off neurons zeroed (test_quant_sparse_engine's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from interpreted import INTERPRETED, run_interpreter_cases
+from test_hybrid import make_plan
+from test_quant_sparse_engine import PROMPT, _close, _keep_only
+from test_quantized_engine import quantized_reference
+from tiny_models import fixed_set_predictor
+
+from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+from hotcold.engine.loader import load_model
+from hotcold.engine.quant_hybrid import QuantHybridFFN
+from hotcold.kernels import quant
+
+
+def _split_model(tiny_checkpoint, backend: str, mode: str, qtype: str = "q8_0"):
+    path = tiny_checkpoint("llama")
+    loaded = load_model(path, quantize=qtype, activation="reglu")
+    cfg = loaded.config
+    weights, keep = fixed_set_predictor(cfg.hidden_size, cfg.intermediate_size, seed=3)
+    plan = make_plan(loaded, "random", seed=1, predictor=weights if mode == "predictor" else None)
+    dense = loaded.model.forward_sequence(torch.tensor(PROMPT))
+    counters = apply_hybrid(loaded.model, plan, HybridConfig(mode=mode, backend=backend), loaded.fingerprint,
+                            gpu_device="cpu", workers=1)
+    return path, loaded, plan, keep, dense, counters
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_split_at_threshold_zero_is_the_dense_model(qtype, tiny_checkpoint):
+    """Oracle at threshold 0, neurons split at random between the sides: the dense model's logits (within
+    the int8 activations and the hot side's Q8_0 down rows), and both sides did work."""
+    _, loaded, _, _, dense, counters = _split_model(tiny_checkpoint, "reference", "oracle", qtype)
+    assert all(isinstance(layer.ffn, QuantHybridFFN) for layer in loaded.model.layers)
+    _close(loaded.model.forward_sequence(torch.tensor(PROMPT)), dense)
+    assert 0 < counters.hot_share < 1
+
+
+def test_each_neurons_rows_live_on_one_side(tiny_checkpoint):
+    """The hot side's quantized rows and the cold side's blocks partition the layer: every neuron once, and
+    gate/up take the file's bytes (nothing re-quantized); down is Q8_0 neuron-major rows, once."""
+    path = tiny_checkpoint("llama")
+    loaded = load_model(path, quantize="q4_0", activation="reglu")
+    gate_up_bytes = [quant.untile(layer.ffn.gate_up).nbytes for layer in loaded.model.layers]
+    plan = make_plan(loaded, "random", seed=2)
+    apply_hybrid(loaded.model, plan, HybridConfig(mode="oracle", backend="reference"), loaded.fingerprint,
+                 gpu_device="cpu")
+    n = loaded.config.intermediate_size
+    for layer, lp, nbytes in zip(loaded.model.layers, plan.layers, gate_up_bytes):
+        f = layer.ffn
+        assert f.num_hot == lp.hot_ids.numel() and f.num_hot + f.num_cold == n
+        assert sorted(f.hot_ids.tolist() + f.cold_ids.tolist()) == list(range(n))
+        assert f.hot_up.nbytes + f.hot_gate.nbytes + f.cold_gate_up.nbytes == nbytes
+        assert f.hot_down.shape[0] + f.cold_down_t.shape[0] == n and f.cold_down_t.qtype == "Q8_0"
+
+
+def test_predictor_mask_is_what_gets_computed(tiny_checkpoint):
+    """A predictor that always picks a known neuron set: transformers with the other neurons zeroed."""
+    path, loaded, _, keep, _, counters = _split_model(tiny_checkpoint, "reference", "predictor")
+    got = loaded.model.forward_sequence(torch.tensor(PROMPT))
+    with torch.no_grad():
+        want = _keep_only(quantized_reference(path), keep.float(), "reglu")(torch.tensor([PROMPT])).logits[0]
+    _close(got, want)
+    assert counters.sparsity == pytest.approx(1 - keep.float().mean().item(), abs=1e-6)
+
+
+def test_quantized_hybrid_under_the_interpreter():
+    run_interpreter_cases(__file__, min_passed=2)
+
+
+if INTERPRETED:
+
+    @pytest.mark.parametrize("mode", ["oracle", "predictor"])
+    def test_interp_quantized_hybrid(mode, tiny_checkpoint):
+        """The same split with the GPU side's Triton kernels (dequantizing in registers), interpreted."""
+        path, loaded, _, keep, dense, _ = _split_model(tiny_checkpoint, "triton", mode,
+                                                       "q4_0" if mode == "oracle" else "q8_0")
+        got = loaded.model.forward_sequence(torch.tensor(PROMPT))
+        if mode == "oracle":
+            _close(got, dense)
+        else:
+            with torch.no_grad():
+                want = _keep_only(quantized_reference(path), keep.float(), "reglu")(torch.tensor([PROMPT])).logits[0]
+            _close(got, want)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_quantized_hybrid_predictor(tiny_checkpoint):
+    """Hot rows quantized on CUDA (Triton), cold ones on a CPU worker: transformers with the same neurons."""
+    path = tiny_checkpoint("llama")
+    loaded = load_model(path, quantize="q8_0", activation="reglu")
+    cfg = loaded.config
+    weights, keep = fixed_set_predictor(cfg.hidden_size, cfg.intermediate_size, seed=3)
+    apply_hybrid(loaded.model, make_plan(loaded, "random", seed=1, predictor=weights), HybridConfig(),
+                 loaded.fingerprint, gpu_device="cuda", workers=1)
+    assert loaded.model.layers[0].ffn.hot_up.device.type == "cuda"
+    got = loaded.model.forward_sequence(torch.tensor(PROMPT))
+    with torch.no_grad():
+        want = _keep_only(quantized_reference(path), keep.float(), "reglu")(torch.tensor([PROMPT])).logits[0]
+    _close(got, want)
