@@ -12,7 +12,6 @@ from test_hybrid import make_plan
 from test_quantized_engine import PROMPT, assert_batch_independent, quantized_reference
 from tiny_models import fixed_set_predictor
 
-from hotcold.engine.errors import HotcoldError
 from hotcold.engine.hybrid import HybridConfig, apply_hybrid
 from hotcold.engine.loader import load_model
 from hotcold.engine.quant_sparse import QuantSparseFFN
@@ -83,13 +82,6 @@ def test_a_token_does_not_depend_on_its_batch(tiny_checkpoint):
     loaded = load_model(tiny_checkpoint("llama"), quantize="q4_0", activation="reglu")
     apply_hybrid(loaded.model, make_plan(loaded, "random"), ORACLE, loaded.fingerprint)
     assert_batch_independent(loaded, max_tokens=10)
-
-
-def test_quantized_plan_on_a_gpu_is_refused_in_one_line(tiny_checkpoint):
-    loaded = load_model(tiny_checkpoint("llama"), quantize="q8_0", activation="reglu")
-    with pytest.raises(HotcoldError, match="CPU only"):
-        apply_hybrid(loaded.model, make_plan(loaded, "random"), ORACLE, loaded.fingerprint,
-                     gpu_device="meta")
 
 
 def test_layers_expected_too_dense_stay_dense(tiny_checkpoint):
