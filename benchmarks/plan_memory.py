@@ -62,10 +62,12 @@ def main() -> None:
     size = path.stat().st_size
     print(f"\n{cpu_line()}")
     print(f"model {path.name} ({size / 1e6:.0f} MB file), plan {args.plan}, sparsity {args.sparsity}")
-    print(f"{'case':10s} {'RSS MB':>8s} {'vs dense':>8s} {'peak MB':>8s} {'peak/file':>9s} {'sparse layers':>13s}")
-    for r in rows:
+    print(f"{'case':10s} {'RSS MB':>8s} {'vs dense':>8s} {'peak MB':>8s} {'peak/file':>9s} {'above start/file':>16s} "
+          f"{'sparse layers':>13s}")
+    for r in rows:  # "above start": the peak less what the process held before loading (Python, torch)
         print(f"{r['case']:10s} {r['rss'] / 1e6:8.0f} {r['rss'] / rows[0]['rss']:7.2f}x {r['peak'] / 1e6:8.0f} "
-              f"{r['peak'] / size:8.2f}x {r['sparse_layers']:>6d} of {r['layers']}")
+              f"{r['peak'] / size:8.2f}x {(r['peak'] - r['before']) / size:15.2f}x {r['sparse_layers']:>6d} of "
+              f"{r['layers']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": cpu_line(), "model": str(path), "file_bytes": size,
                                           "plan": args.plan, "rows": rows,

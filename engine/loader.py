@@ -115,9 +115,10 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
         gen = _generation_defaults(path)
         tokenizer = from_hf_folder(path, gen.eos_token_ids)
     tensors = reader.tensor_names()
-    model = build_model(cfg, reader, dtype, torch.device(device), keep_blocks=keep_blocks, quantize=quantize)
-    if os.environ.get("HOTCOLD_TILES", "1") != "0":
-        _tile_products(model)
+    with native.large_frees_returned():
+        model = build_model(cfg, reader, dtype, torch.device(device), keep_blocks=keep_blocks, quantize=quantize)
+        if os.environ.get("HOTCOLD_TILES", "1") != "0":
+            _tile_products(model)
     for weight in _large_weights(model):
         native.use_huge_pages(weight)
     native.release_heap()
