@@ -86,16 +86,17 @@ def time_llama_cpp(path: Path, threads: int, new_tokens: int, prompt_tokens: int
 def skipped_products(run):
     """Run with every native product and block replaced by one that returns at once (zeros, or x unchanged):
     what is left is the per-token floor of Python, dispatch, sampling and scheduling."""
+    from hotcold.kernels import block as block_kernel
     from hotcold.kernels import quant
 
-    saved = quant.dots, quant.ffn, quant.block
+    saved = quant.dots, quant.ffn, block_kernel.block
     quant.dots = lambda w, x, idx=None, parts=1, **k: torch.zeros(x.shape[0], w.shape[0] // parts, parts)
     quant.ffn = lambda x, gate_up, down, *a, **k: torch.zeros(x.shape[0], down.shape[0])
-    quant.block = lambda x, *a, **k: x.float()
+    block_kernel.block = lambda x, *a, **k: x.float()
     try:
         return run()
     finally:
-        quant.dots, quant.ffn, quant.block = saved
+        quant.dots, quant.ffn, block_kernel.block = saved
 
 
 def cpu_line() -> str:

@@ -19,6 +19,7 @@ from hotcold.engine.cache import KVCache, rows_of
 from hotcold.engine.config import ModelConfig
 from hotcold.engine.input_sparsity import SparseInput
 from hotcold.engine.layers import Norm, QuantFFN, linear
+from hotcold.kernels import block as block_kernel
 from hotcold.kernels import quant
 from hotcold.kernels.input_sparse import InputMajor
 from hotcold.kernels.quant import QuantTensor
@@ -176,8 +177,8 @@ def _native_matrix(w) -> tuple[QuantTensor | InputMajor, float] | None:
     return None
 
 
-def native_block(block: Block) -> quant.BlockWeights | None:
-    """The block's weights for kernels.quant.block (one native call per block), or None where that kernel
+def native_block(block: Block) -> block_kernel.BlockWeights | None:
+    """The block's weights for kernels.block.block (one native call per block), or None where that kernel
     does not apply: it runs pre-norm RMS blocks whose matrices are all quantized (row-major, or input-major
     for input sparsity), on the CPU. A block whose FFN is another one that folds the norm in (a plan's sparse
     FFN) runs attention alone in that call (BlockWeights without gate_up), then its FFN."""
@@ -189,9 +190,9 @@ def native_block(block: Block) -> quant.BlockWeights | None:
     gu = _native_matrix(ffn.gate_up) if isinstance(ffn, QuantFFN) else None
     down = _native_matrix(ffn.down) if isinstance(ffn, QuantFFN) and ffn.down is not None else None
     if gu is None or down is None:
-        return quant.BlockWeights(n1.weight, n2.weight, n1.eps, qkv[0], attn.bqkv, o[0], attn.bo,
+        return block_kernel.BlockWeights(n1.weight, n2.weight, n1.eps, qkv[0], attn.bqkv, o[0], attn.bo,
                                   input_thresholds=(qkv[1], o[1], 0.0, 0.0))
-    return quant.BlockWeights(n1.weight, n2.weight, n1.eps, qkv[0], attn.bqkv, o[0], attn.bo, gu[0],
+    return block_kernel.BlockWeights(n1.weight, n2.weight, n1.eps, qkv[0], attn.bqkv, o[0], attn.bo, gu[0],
                               down[0], 2 if ffn.gated else 1, ffn.gate_up_bias, ffn.down_bias, *ffn.codes,
                               input_thresholds=(qkv[1], o[1], gu[1], down[1]))
     # (MiniCPM's scalings are not in that kernel: Transformer._native_blocks leaves such models to the per-op path)
@@ -220,7 +221,7 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def _native_blocks(self) -> list[quant.BlockWeights] | None:
+    def _native_blocks(self) -> list[block_kernel.BlockWeights] | None:
         """Every block's weights for the one-call native block, or None unless all blocks qualify (cached
         until a block's FFN is replaced, as the hybrid executor does)."""
         key = tuple((id(layer.ffn), id(layer.attn.wqkv), id(layer.attn.wo), id(getattr(layer.ffn, "gate_up", None)),
@@ -265,7 +266,7 @@ class Transformer(nn.Module):
             rows = rows_of(batch.tables, batch.starts, batch.lengths, cache.block_size).to(self.device)
         for i, layer in enumerate(self.layers):
             if blocks is not None:
-                x = quant.block(x, blocks[i], rope, cache.k[i], cache.v[i], tables, token_seqs, positions,
+                x = block_kernel.block(x, blocks[i], rope, cache.k[i], cache.v[i], tables, token_seqs, positions,
                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window, sparse)
                 if blocks[i].gate_up is None:  # attention only: the FFN is the layer's own (a sparse one)
                     x = x + layer.ffn_after_attention(x)

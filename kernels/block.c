@@ -25,7 +25,7 @@ static void act_task(void *p, int64_t r0, int64_t r1) { /* rows r of z [B*I, par
     }
 }
 
-typedef struct { /* one matrix, as Python passes it (kernels/quant.py's _QMat) */
+typedef struct { /* one matrix, as Python passes it (kernels/block.py's _QMat) */
     const uint8_t *data;
     int64_t type, rows, row_bytes, cols;
     const uint8_t *scales, *mins; /* input-major (kernels/tsparse.c): data holds the codes; else NULL */
@@ -117,7 +117,7 @@ static void rope_and_store(float *qkv, int64_t B, int64_t qkv_dim, int64_t n_hea
 
 /* x [B, H] updated in place (gate_up NULL: attention and its residual only). scratch: enough floats for qkv
  * [B, qkv_dim], the attention output [B, nh * D], the projections' [B, max(H, qkv_dim)] and the FFN's scratch
- * (kernels/quant.py sizes it). sparse [B] (or NULL: none): the tokens whose input-major matrices drop inputs. */
+ * (kernels/block.py sizes it). sparse [B] (or NULL: none): the tokens whose input-major matrices drop inputs. */
 int quant_block(float *x, int64_t B, int64_t H, const float *attn_norm, const float *ffn_norm, float eps,
                 const qmat_t *wqkv, const float *bqkv, const qmat_t *wo, const float *bo,
                 const qmat_t *gate_up, const qmat_t *down, int64_t parts, const float *gu_bias,
