@@ -19,7 +19,7 @@ from hotcold.engine.model import Attention, Block, Transformer
 from hotcold.engine.plan import compute_fingerprint
 from hotcold.engine.tokenizer import Tokenizer, from_gguf_metadata, from_hf_folder
 from hotcold.engine.weights import GGUFReader, HFReader
-from hotcold.kernels import native, quant
+from hotcold.kernels import calibrate, native, quant
 from hotcold.kernels.quant import QUANTIZE_TYPES, QuantTensor
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -178,9 +178,12 @@ def memory_report(model: Transformer) -> str:
 
 def _tile_products(model: Transformer) -> None:
     """The Q4_0/Q4_1 matrices that dense products read, re-laid in tiles of four rows (kernels/tiles.c:
-    lossless, the same bytes) where this CPU has the kernel for them: one register then serves four rows,
-    read as one stream. What gathers rows or rearranges them (a plan's sparse FFN, input sparsity) untiles
-    its own matrices; HOTCOLD_TILES=0 keeps the file's rows (to compare)."""
+    lossless, the same bytes) where this CPU has the kernel for them and the calibration measured it faster:
+    one register then serves four rows, read as one stream. What gathers rows or rearranges them (a plan's
+    sparse FFN, input sparsity) untiles its own matrices; HOTCOLD_TILES=0 keeps the file's rows."""
+    if not calibrate.current().tiles:  # measured slower here, or no tiled kernel in this build
+        return
+
     def tiled(w):
         return quant.tile(w, in_place=True) if isinstance(w, QuantTensor) and quant.tiles_supported(w.qtype) else w
 

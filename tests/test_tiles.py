@@ -109,3 +109,21 @@ def test_tiling_in_place_is_the_same_layout():
     assert in_place.data.data_ptr() == w.data.data_ptr() and torch.equal(in_place.data, fresh.data)
     odd = quant.tile(quant.from_gguf(raw[:37], qtype, cols), in_place=True)  # a partial tile: a new buffer
     assert np.array_equal(quant.untile(odd).data.numpy(), raw[:37])
+
+
+def test_the_loader_tiles_where_the_calibration_says(tiny_checkpoint, monkeypatch):
+    """Tiles where this build has the kernel and the calibration measured them faster; HOTCOLD_TILES=0 keeps
+    the file's rows; either way the model's logits agree within the int8 activations' rounding."""
+    from hotcold.engine.loader import load_model
+    from hotcold.kernels import calibrate
+
+    path = tiny_checkpoint("llama")
+    tiled = load_model(path, quantize="q4_0")
+    want = calibrate.current().tiles and quant.tiles_supported("Q4_0")
+    assert all(bool(layer.attn.wqkv.tiled_rows) == want for layer in tiled.model.layers)
+    monkeypatch.setenv("HOTCOLD_TILES", "0")
+    rows = load_model(path, quantize="q4_0")
+    assert not any(layer.attn.wqkv.tiled_rows for layer in rows.model.layers)
+    ids = torch.tensor([1, 5, 9, 2, 7])
+    a, b = tiled.model.forward_sequence(ids), rows.model.forward_sequence(ids)
+    assert (a - b).abs().max() <= 1e-2 * b.abs().max()  # sums in another order, then int8 re-rounding
