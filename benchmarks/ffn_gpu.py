@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from hotcold.kernels.qrows import QRows
+
 SHAPES = {"7b": (4096, 11008), "default": (576, 1536), "tiny": (64, 192)}  # (hidden, intermediate)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -71,10 +73,12 @@ class Layer:
         self.dense = [w.to(dtype).to(device) for w in weights]
         if not qtype:
             self.gate, self.up, self.down_t = self.dense
-        self.exact = [w.float().to(device) for w in weights]  # the values the sparse path computes with
-        self.neuron_bytes = sum(w.nbytes if qtype else w.numel() * w.element_size()
-                                for w in (self.gate, self.up, self.down_t)) // inter
+        self.neuron_bytes = sum(w.nbytes for w in (self.gate, self.up, self.down_t)) // inter
         self.gen = g
+
+    def exact(self) -> list[torch.Tensor]:
+        """fp32 gate, up, down_t: the values the sparse path computes with (made when checked, not held)."""
+        return [w.dequantize() if isinstance(w, QRows) else w.float() for w in (self.gate, self.up, self.down_t)]
 
     def inputs(self, batch: int, density: float):
         k = max(1, round(density * self.inter))
@@ -162,7 +166,7 @@ def main() -> int:
                 err = None
                 if d == 1.0 or args.device == "cpu":
                     full = torch.arange(inter, device=args.device)
-                    g32, u32, d32 = L.exact
+                    g32, u32, d32 = L.exact()
                     want = cpu_sparse.dense_ffn(x.float(), u32, "swiglu", g32, None, d32)
                     got = run_sparse(tri, L, x, full, None).float()
                     err = ((got - want).abs().max() / want.abs().max()).item()

@@ -117,8 +117,7 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
     tensors = reader.tensor_names()
     with native.large_frees_returned():
         model = build_model(cfg, reader, dtype, torch.device(device), keep_blocks=keep_blocks, quantize=quantize)
-        if os.environ.get("HOTCOLD_TILES", "1") != "0":
-            _tile_products(model)
+        _tile_products(model)
     for weight in _large_weights(model):
         native.use_huge_pages(weight)
     native.release_heap()
@@ -181,7 +180,7 @@ def _tile_products(model: Transformer) -> None:
     lossless, the same bytes) where this CPU has the kernel for them and the calibration measured it faster:
     one register then serves four rows, read as one stream. What gathers rows or rearranges them (a plan's
     sparse FFN, input sparsity) untiles its own matrices; HOTCOLD_TILES=0 keeps the file's rows."""
-    if not calibrate.current().tiles:  # measured slower here, or no tiled kernel in this build
+    if os.environ.get("HOTCOLD_TILES", "1") == "0" or not calibrate.current().tiles:  # (or slower here)
         return
 
     def tiled(w):

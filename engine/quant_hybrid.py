@@ -63,7 +63,7 @@ class QuantHybridFFN(nn.Module):
         local = torch.empty(num, dtype=torch.long)
         local[hot], local[cold] = torch.arange(hot.numel()), torch.arange(cold.numel())
         self.is_hot, self.local, self.num_hot, self.num_cold = is_hot.to(gpu), local.to(gpu), hot.numel(), cold.numel()
-        self.hot_ids, self.cold_ids = hot.to(gpu), cold
+        self.hot_ids, self.cold_ids, self._cold_on_gpu = hot.to(gpu), cold, cold.to(gpu)
         self.predictor, self.rule = plan_predictor(layer, strategy, gpu) if mode == "predictor" else (None, {})
         if mode == "oracle":  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule
             self.norms = down_t.dequantize().norm(dim=1).to(gpu)
@@ -87,7 +87,7 @@ class QuantHybridFFN(nn.Module):
             h[:, self.hot_ids] = self._hot_h(x_gpu, torch.arange(self.num_hot, device=self.gpu), None)
         if self.num_cold:
             z = quant.dots(self.cold_gate_up, x_cpu, parts=self.parts)
-            h[:, self.cold_ids.to(self.gpu)] = quant.activate(z, self.codes[0], self.codes[1], self.cold_bias,
+            h[:, self._cold_on_gpu] = quant.activate(z, self.codes[0], self.codes[1], self.cold_bias,
                                                               self.codes[2]).to(self.gpu)
         return h.abs() * self.norms > self.layer.threshold
 

@@ -14,28 +14,26 @@ from dataclasses import dataclass
 import torch
 
 from . import native
-from .quant import NATIVE_TYPES, SPLIT_TYPES, QuantTensor, _lib, activate, dots, rms_norm, split_blocks
+from .quant import (
+    NATIVE_TYPES,
+    SPLIT_TYPES,
+    QuantTensor,
+    Stored,
+    _lib,
+    activate,
+    dots,
+    pack4,
+    rms_norm,
+    split_blocks,
+    split_values,
+    unpack4,
+)
 
 TYPES = SPLIT_TYPES  # the formats whose blocks rearrange losslessly (quant.c's other types: not yet)
 
 
-class _Stored:
-    """What every input-major matrix answers: its logical shape [rows, cols], device and bytes held."""
-
-    def tensors(self) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    @property
-    def device(self) -> torch.device:
-        return self.tensors()[0].device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-
 @dataclass
-class InputMajor(_Stored):
+class InputMajor(Stored):
     """W [rows, cols] of a Q4_0/Q4_1/Q8_0 QuantTensor, input-major: `codes` uint8 [cols, rows / 2] (4-bit:
     per 32 outputs 16 bytes, low nibbles outputs 0-15, high 16-31, as in a GGUF block) or [cols, rows]
     (Q8_0, int8); `scales` and `mins` (Q4_1 only) the blocks' fp16 d and m, [cols / 32, rows]."""
@@ -54,16 +52,12 @@ class InputMajor(_Stored):
 
     def dequantize(self) -> torch.Tensor:
         """fp32 W [rows, cols] (for tests and references)."""
-        rows, cols = self.shape
-        q = self.codes.view(torch.int8).float() if self.qtype == "Q8_0" else _unpack4(self.codes).float()
-        d = self.scales.float().repeat_interleave(32, dim=0)
-        m = {"Q4_0": -8.0 * d, "Q8_0": torch.zeros_like(d)}.get(self.qtype)
-        m = self.mins.float().repeat_interleave(32, dim=0) if m is None else m
-        return (d * q + m).T.contiguous()
+        per_weight = lambda t: None if t is None else t.repeat_interleave(32, dim=0)  # noqa: E731
+        return split_values(self.codes, per_weight(self.scales), per_weight(self.mins), self.qtype).T.contiguous()
 
 
 @dataclass
-class FloatInputMajor(_Stored):
+class FloatInputMajor(Stored):
     """A float W [rows, cols] as `weight_t` [cols, rows], contiguous: input k's weights are row k."""
 
     weight_t: torch.Tensor
@@ -88,18 +82,6 @@ def float_linear(x: torch.Tensor, w: FloatInputMajor, threshold: float, backend:
     return gathered_down((x * keep).index_select(1, idx), w.weight_t, idx, backend=backend)
 
 
-def _pack4(q: torch.Tensor) -> torch.Tensor:
-    """4-bit values [n, w] (w a multiple of 32) as bytes [n, w / 2], GGUF's nibble order per 32."""
-    q = q.reshape(q.shape[0], -1, 2, 16)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1)
-
-
-def _unpack4(c: torch.Tensor) -> torch.Tensor:
-    """The inverse of _pack4: bytes [n, w / 2] -> values [n, w]."""
-    c = c.reshape(c.shape[0], -1, 16)
-    return torch.cat([c & 0xF, c >> 4], dim=-1).reshape(c.shape[0], -1)
-
-
 def supported(w: object) -> bool:
     """Whether `w` can be stored input-major: a Q4_0/Q4_1/Q8_0 QuantTensor whose outputs come in 32s."""
     return isinstance(w, QuantTensor) and w.qtype in TYPES and w.shape[0] % 32 == 0
@@ -116,7 +98,7 @@ def to_input_major(w: QuantTensor) -> InputMajor:
     if w.qtype == "Q8_0":
         codes = codes.view(torch.uint8).T.contiguous()  # the raw int8 bytes
     else:
-        codes = _pack4(_unpack4(codes.reshape(rows * cols // 32, 16)).reshape(rows, cols).T.contiguous())
+        codes = pack4(unpack4(codes).T.contiguous())
     native.use_huge_pages(codes)  # kept rows are gathered: a TLB walk each on 4 KiB pages
     return InputMajor(codes, scales, mins, w.qtype)
 

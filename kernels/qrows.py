@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import SPLIT_TYPES, QuantTensor, split_blocks
+from .quant import SPLIT_TYPES, QuantTensor, Stored, split_blocks, split_values
 
 
 @dataclass
-class QRows:
+class QRows(Stored):
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None
@@ -36,13 +36,8 @@ class QRows:
     def shape(self) -> tuple[int, int]:
         return (self.codes.shape[0], self.scales.shape[1] * 32)
 
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scales, self.mins) if t is not None]
 
     def dim(self) -> int:
         return 2
@@ -59,18 +54,8 @@ class QRows:
 
     def dequantize(self) -> torch.Tensor:
         """fp32 [I, H], exactly as GGML dequantizes the blocks these rows came from."""
-        rows, cols = self.shape
-        if self.qtype == "Q8_0":
-            q = self.codes.view(torch.int8).float()
-        else:
-            c = self.codes.view(rows, cols // 32, 16)
-            q = torch.cat([c & 0xF, c >> 4], dim=-1).reshape(rows, cols).float()
-        d = self.scales.float().repeat_interleave(32, dim=1)
-        if self.qtype == "Q4_0":
-            return (q - 8.0) * d
-        if self.qtype == "Q4_1":
-            return q * d + self.mins.float().repeat_interleave(32, dim=1)
-        return q * d
+        per_weight = lambda t: None if t is None else t.repeat_interleave(32, dim=1)  # noqa: E731
+        return split_values(self.codes, per_weight(self.scales), per_weight(self.mins), self.qtype)
 
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
         return self.select(idx.long()).dequantize()

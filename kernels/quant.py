@@ -133,6 +133,44 @@ def split_blocks(w: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return (codes.view(torch.int8) if w.qtype == "Q8_0" else codes), scales, mins
 
 
+def pack4(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values [n, w] (w a multiple of 32) as bytes [n, w / 2], GGUF's nibble order per 32 (low nibbles
+    values 0-15, high 16-31)."""
+    q = q.reshape(q.shape[0], -1, 2, 16)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1)
+
+
+def unpack4(c: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack4: bytes [n, w / 2] -> values [n, w]."""
+    c = c.reshape(c.shape[0], -1, 16)
+    return torch.cat([c & 0xF, c >> 4], dim=-1).reshape(c.shape[0], -1)
+
+
+def split_values(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, qtype: str) -> torch.Tensor:
+    """fp32 weights from split_blocks' parts, d and m already one per weight: as GGML dequantizes (Q4_0
+    d * (q - 8), Q4_1 d * q + m, Q8_0 d * q); codes as split_blocks gives them along the last dimension."""
+    q = codes.view(torch.int8).float() if qtype == "Q8_0" else unpack4(codes).float()
+    d = d.float()
+    if qtype == "Q4_0":
+        return (q - 8.0) * d
+    return q * d + m.float() if qtype == "Q4_1" else q * d
+
+
+class Stored:
+    """What a matrix held as several tensors answers: its device and the bytes it holds."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
 def _row_major(w: QuantTensor, what: str) -> None:
     if w.tiled_rows:
         raise ValueError(f"{what} reads row-major blocks; this matrix is tiled (quant.untile it first)")

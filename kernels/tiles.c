@@ -61,8 +61,7 @@ static inline __attribute__((always_inline)) void tile_rows(const int type, cons
 static void tile_task(void *p, int64_t t0, int64_t t1) { /* the type a constant in each copy of tile_rows */
     const tile_call_t *c = p;
     if (c->type == Q4_0) tile_rows(Q4_0, c, t0, t1);
-    else if (c->type == Q4_1) tile_rows(Q4_1, c, t0, t1);
-    else tile_rows(c->type, c, t0, t1);
+    else tile_rows(Q4_1, c, t0, t1); /* quant_tile takes no other type */
 }
 
 /* out [ceil(rows / 4), 4 * row_bytes] = W [rows, row_bytes] (GGUF blocks) in tiles (a last partial tile
