@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,4 +41,7 @@ def test_decode_cpu_synthetic_smoke(tmp_path):
     predictor = rows["hotcold predictor float32 (plan)"]
     assert 0 < predictor["ffn_sparsity"] < 1 and predictor["perplexity"] > 1
     bound = rows["hotcold no FFN (ceiling) float32 (plan)"]["bound"]
-    assert 0 < bound["ffn_share_of_decode"] < 1 and bound["oracle_sparsity"] > 0.8  # --cett 0 on a 90%-sparse model
+    # the share is a timing (8 tokens of a tiny model: noise can make it negative), so only its use is checked
+    share, oracle = bound["ffn_share_of_decode"], bound["oracle_sparsity"]
+    assert math.isfinite(share) and share < 1 and oracle > 0.8  # --cett 0 on a 90%-sparse model
+    assert bound["max_speedup_at_oracle_sparsity"] == pytest.approx(1 / (1 - share * oracle))
