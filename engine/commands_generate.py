@@ -66,37 +66,45 @@ def load_from_args(args: argparse.Namespace):
         raise HotcoldError(f"--sparsity {args.sparsity} needs --plan PLAN_DIR (make one with `hotcold profile`)")
     if getattr(args, "gpu_memory", None) is not None and not args.plan:
         raise HotcoldError("--gpu-memory places a plan's neurons: it needs --plan PLAN_DIR")
-    dtype = args.dtype
-    if args.plan and dtype is None and torch.device(args.device).type != "cpu":
-        from hotcold.engine.loader import default_dtype  # the GPU side gathers 16/32-bit rows
+    plan = mode = None
+    if args.plan:
+        from hotcold.engine.plan import load_plan
 
-        dtype = default_dtype(args.device)
-    loaded = load_model(args.model, dtype=dtype, device=args.device, activation=args.activation,
-                        quantize=getattr(args, "quantize", None))
+        plan = load_plan(args.plan)  # read first: where the model loads depends on it; bound to the model below
+        mode = args.sparsity or plan.sparsity_mode
+        if mode != "off" and (mode == "input") != (plan.sparsity_mode == "input"):
+            made = "input thresholds" if plan.sparsity_mode == "input" else "neuron thresholds and predictors"
+            raise HotcoldError(f"--sparsity {mode} does not fit plan {args.plan}, which holds {made}; use "
+                               f"--sparsity {plan.sparsity_mode} (or off)")
+    dtype, device, quantize = args.dtype, args.device, getattr(args, "quantize", None)
+    if plan is not None and mode not in ("off", "input") and torch.device(device).type != "cpu":
+        # a GPU side: the model loads on the CPU and each neuron's rows go to one side (hot rows and the dense
+        # parts to the GPU); a GGUF's quantized blocks stay quantized there too, unless --dtype says otherwise
+        from hotcold.engine.loader import default_dtype, holds_quantized_ffn
+
+        device = "cpu"
+        if dtype is None and not quantize and not holds_quantized_ffn(args.model):
+            dtype = default_dtype(args.device)  # the GPU side gathers 16/32-bit rows
+    loaded = load_model(args.model, dtype=dtype, device=device, activation=args.activation, quantize=quantize)
     if args.model in (None, "", "default"):  # requests that set no sampling fields get the model card's
         from hotcold.engine.default_model import SAMPLING_DEFAULTS
 
         for name, value in SAMPLING_DEFAULTS.items():
             if getattr(loaded.generation, name) is None:
                 setattr(loaded.generation, name, value)
-    if args.plan:
+    if plan is not None:
         from hotcold.engine.hybrid import HybridConfig, apply_hybrid
-        from hotcold.engine.plan import load_plan
 
-        plan = load_plan(args.plan, loaded.fingerprint)
-        mode = args.sparsity or plan.sparsity_mode
-        if mode != "off" and (mode == "input") != (plan.sparsity_mode == "input"):
-            made = "input thresholds" if plan.sparsity_mode == "input" else "neuron thresholds and predictors"
-            raise HotcoldError(f"--sparsity {mode} does not fit plan {args.plan}, which holds {made}; use "
-                               f"--sparsity {plan.sparsity_mode} (or off)")
+        plan.check_model(loaded.fingerprint, str(args.plan))
         if mode == "input":
             return _apply_input_plan(loaded, plan, args)
         if getattr(args, "gpu_memory", None) is not None:
             _replan(plan, loaded, args)
         config = HybridConfig(mode=mode, placement=args.placement)
-        gpu = args.device if torch.device(args.device).type == "cuda" else None
+        gpu = args.device if torch.device(args.device).type != "cpu" else None
         apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu)
-        if mode != "off" and any(lp.inputs is not None and lp.inputs.thresholds for lp in plan.layers):
+        if mode != "off" and loaded.model.device.type == "cpu" and any(
+                lp.inputs is not None and lp.inputs.thresholds for lp in plan.layers):
             from hotcold.engine.input_sparsity import dense_ffn_sites
 
             # a neuron plan with input thresholds too: attention's, and those of the FFNs left dense
@@ -129,7 +137,11 @@ def _replan(plan, loaded, args: argparse.Namespace) -> None:
     budget = parse_memory(args.gpu_memory)
     context = getattr(args, "max_model_len", None) or loaded.config.max_position_embeddings
     batch = getattr(args, "max_num_seqs", None) or 1
-    dtype_bytes = loaded.model.dtype.itemsize
+    from hotcold.engine.layers import QuantFFN
+
+    # the dense parts' bytes on the GPU: a quantized model's become bfloat16 there (engine.hybrid)
+    quantized = isinstance(loaded.model.layers[0].ffn, QuantFFN)
+    dtype_bytes = 2 if quantized else loaded.model.dtype.itemsize
     placed = replan(plan, loaded.model, budget, dtype_bytes, context, batch)
     p = placed.placement
     print(f"hotcold: --gpu-memory {fmt_bytes(budget)}: {sum(p.hot_counts)} hot neurons ({fmt_bytes(p.hot_bytes)}, "

@@ -28,6 +28,7 @@ from hotcold.engine.model import Transformer
 from hotcold.engine.plan import LayerPlan, Plan
 from hotcold.engine.sparsity import plan_predictor, predictor_input
 from hotcold.kernels import native
+from hotcold.kernels.quant import QuantTensor
 
 log = logging.getLogger(__name__)
 MODES = ("off", "oracle", "predictor")
@@ -249,15 +250,25 @@ def _masked(h: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     return h if token_mask is None else h * token_mask
 
 
-def move_dense_parts(model: Transformer, device: torch.device) -> None:
-    """Attention, embeddings, norms and the head go to the GPU first (PowerInfer's order)."""
-    if model.device == device:
+def move_dense_parts(model: Transformer, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Attention, embeddings, norms and the head go to the GPU first (PowerInfer's order). Quantized matrices
+    (GGUF blocks, which only the CPU kernels read) become `dtype` floats on the way, as do the norms."""
+    quantized = isinstance(model.embed, QuantTensor)
+    if model.device == device and not quantized:
         return
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    dtype = dtype or torch.bfloat16
+
+    def move(t):
+        if t is None:
+            return None
+        if isinstance(t, QuantTensor):
+            return t.dequantize().to(device, dtype)
+        return t.to(device, dtype) if quantized else t.to(device)
+
     model.embed = move(model.embed)
     model.lm_head = model.embed if model.config.tie_word_embeddings else move(model.lm_head)
     model.pos_embed = move(model.pos_embed)
-    model.inv_freq = move(model.inv_freq)
+    model.inv_freq = None if model.inv_freq is None else model.inv_freq.to(device)  # stays float32
     for norm in [model.final_norm] + [n for layer in model.layers for n in (layer.attn_norm, layer.ffn_norm)]:
         norm.weight, norm.bias = move(norm.weight), move(norm.bias)
     for layer in model.layers:
@@ -312,6 +323,8 @@ def _apply_quant_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, gpu: 
     there, cold ones on the CPU (engine/quant_hybrid.py); the rest of the model stays on the CPU path."""
     from hotcold.engine.quant_hybrid import QuantHybridFFN
 
+    if gpu.type != "cpu":  # a real GPU: the dense parts run there, dequantized (no quantized dense GPU kernels yet)
+        move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None
     for layer, layer_plan in zip(model.layers, plan.layers):
         if not isinstance(layer.ffn, QuantFFN):

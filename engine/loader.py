@@ -102,7 +102,8 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
                                f"{', '.join(t.lower() for t in QUANTIZE_TYPES)})")
     cpu = torch.device(device).type == "cpu"
     if quantize and not cpu:
-        raise HotcoldError("--quantize runs on the CPU only (the GPU kernels take 16/32-bit weights)")
+        raise HotcoldError("--quantize keeps the model on the CPU: use --device cpu, or give --plan for quantized "
+                           "hot rows on the GPU")
     keep_blocks = dtype is None and cpu and native.load() is not None
     if quantize and native.load() is None:
         raise HotcoldError("--quantize needs the native CPU kernels (a C compiler, HOTCOLD_NATIVE unset)")
@@ -122,6 +123,12 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
         native.use_huge_pages(weight)
     native.release_heap()
     return LoadedModel(model, tokenizer, cfg, gen, str(path), model_fingerprint(cfg, tensors), tensors)
+
+
+def holds_quantized_ffn(spec: str | Path) -> bool:
+    """Whether a checkpoint stores its FFN matrices in quantized GGUF blocks (read from the header alone)."""
+    path = resolve_model_path(spec)
+    return path.suffix == ".gguf" and GGUFReader(path).is_quantized("layers.0.up.weight")
 
 
 def model_config(spec: str | Path, activation: str | None = None) -> ModelConfig:

@@ -25,7 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from hotcold.engine.errors import HotcoldError
+from hotcold.engine.layers import QuantFFN
 from hotcold.engine.plan import Plan
+from hotcold.kernels import qrows
+from hotcold.kernels.quant import QuantTensor
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -47,6 +50,20 @@ def neuron_bytes(hidden: int, gated: bool, bias: bool, dtype_bytes: int) -> int:
     """Bytes one FFN neuron occupies: its up (and gate) row, its down column, its biases."""
     rows = 3 if gated else 2
     return (rows * hidden + (2 if gated and bias else 1 if bias else 0)) * dtype_bytes
+
+
+def model_neuron_bytes(model: nn.Module, dtype_bytes: int) -> int:
+    """GPU bytes of one of this model's FFN neurons: 16/32-bit rows, or for an FFN kept in GGUF blocks the
+    quantized rows the GPU side holds (engine/quant_hybrid.py: gate/up in the checkpoint's type, down as
+    Q8_0, fp32 biases) — what lets a card hold most hot neurons of a larger model."""
+    cfg = model.config
+    ffn = model.layers[0].ffn
+    if not isinstance(ffn, QuantFFN):
+        return neuron_bytes(cfg.hidden_size, cfg.gated, bool(getattr(cfg, "mlp_bias", False)), dtype_bytes)
+    parts = 2 if ffn.gated else 1
+    bias = 0 if ffn.gate_up_bias is None else 4 * parts
+    return parts * qrows.row_bytes(ffn.gate_up.qtype, cfg.hidden_size) + qrows.row_bytes("Q8_0", cfg.hidden_size) \
+        + bias
 
 
 @dataclass
@@ -120,9 +137,8 @@ def place_for_budget(model: nn.Module, frequencies: list[Tensor], gpu_memory: in
     """The placement for a GPU budget: the dense parts (embeddings,
     attention, head, norms, predictors, KV cache for batch x context) go first, FFN neurons fill the rest by
     frequency. gpu_memory 0: CPU only (nothing reserved); None: everything on the GPU."""
-    cfg = model.config
     parts = dense_parts(model, dtype_bytes, predictor_params, context, batch)
-    nbytes = neuron_bytes(cfg.hidden_size, cfg.gated, bool(getattr(cfg, "mlp_bias", False)), dtype_bytes)
+    nbytes = model_neuron_bytes(model, dtype_bytes)
     L = len(frequencies)
     if gpu_memory == 0:
         return BudgetPlacement(place_neurons(frequencies, [nbytes] * L, 0, 0), parts, 0, nbytes)
@@ -149,18 +165,18 @@ def dense_parts(model: nn.Module, dtype_bytes: int, predictor_params: int, conte
     parts = {"embeddings": 0, "attention": 0, "norms": 0, "lm_head": 0, "other": 0}
     seen: set[int] = set()
 
-    def add(part: str, t: Tensor | None) -> None:
-        if t is None or not isinstance(t, Tensor) or id(t) in seen:
+    def add(part: str, t: Tensor | QuantTensor | None) -> None:
+        if not isinstance(t, (Tensor, QuantTensor)) or id(t) in seen:
             return
         seen.add(id(t))
-        parts[part] += t.numel() * dtype_bytes
+        parts[part] += numel(t) * dtype_bytes
 
     add("embeddings", getattr(model, "embed", None))
     add("embeddings", getattr(model, "pos_embed", None))
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None and id(lm_head) in seen:
         seen.discard(id(lm_head))  # tied: the GPU needs the matrix once, count it under lm_head
-        parts["embeddings"] -= lm_head.numel() * dtype_bytes
+        parts["embeddings"] -= numel(lm_head) * dtype_bytes
     add("lm_head", lm_head)
     for block in model.layers:
         for t in _tensors(block.attn):
@@ -177,11 +193,16 @@ def dense_parts(model: nn.Module, dtype_bytes: int, predictor_params: int, conte
     return parts
 
 
-def _tensors(module: nn.Module | None) -> list[Tensor]:
+def numel(t: Tensor | QuantTensor) -> int:
+    return math.prod(t.shape)
+
+
+def _tensors(module: nn.Module | None) -> list[Tensor | QuantTensor]:
+    """A module's weights; quantized ones (CPU blocks) count as the floats they become on a GPU."""
     if module is None:
         return []
-    return [v for v in vars(module).values() if isinstance(v, Tensor)] + list(module.parameters()) + \
-        list(module.buffers())
+    return [v for v in vars(module).values() if isinstance(v, (Tensor, QuantTensor))] + \
+        list(module.parameters()) + list(module.buffers())
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -8,8 +8,10 @@ Per layer, each neuron's rows live on one side only:
 - cold side (the CPU): the same rows as the checkpoint's blocks, through kernels.quant's native sparse FFN
   on a worker thread, at the same time.
 
-The rest of the block (attention, norms, the head) stays on the CPU engine's native path; the FFN's normed
-input goes to the GPU side and its partial output comes back, once per layer. The predictor runs on the
+The rest of the model (attention, norms, embeddings, the head) runs where the dense parts are: on a CUDA
+device they go there first, dequantized to bfloat16 (engine.hybrid.move_dense_parts), and the FFN's normed
+input goes to the CPU side; otherwise they stay on the CPU engine's native path and the input goes to the
+GPU side. Either way one input crosses and one partial output comes back per layer. The predictor runs on the
 GPU side (float, the plan's weights). Every token sums only its own active neurons, so a token's result
 does not depend on its batch.
 """
@@ -93,8 +95,9 @@ class QuantHybridFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        x_cpu = (x.float() if norm is None else norm(x).float()).contiguous()
-        x_gpu = x_cpu.to(self.gpu)
+        # x lives where the dense parts run: the CPU engine's path, or the GPU with them (hybrid.move_dense_parts)
+        xn = (x if norm is None else norm(x)).float()
+        x_cpu, x_gpu = xn.cpu().contiguous(), xn.to(self.gpu).contiguous()
         if residual is not None:
             residual = residual.to(self.gpu)
         mask = self.active_mask(x_cpu, x_gpu, residual)
@@ -116,11 +119,11 @@ class QuantHybridFFN(nn.Module):
                 future = self.pool.submit(quant.sparse_ffn, *args, **kw)
             else:
                 y_cold = quant.sparse_ffn(*args, **kw)
-        y = torch.zeros(T, x.shape[1], dtype=torch.float32)
+        y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
         if hot_ids.numel():
             local = self.local[hot_ids]
             h = self._hot_h(x_gpu, local, None if T == 1 else mask[:, hot_ids])
-            y = kernels.gathered_down(h, self.hot_down, local, torch.float32, backend=self.backend).cpu()
+            y = kernels.gathered_down(h, self.hot_down, local, torch.float32, backend=self.backend).to(x.device)
         if cold_ids.numel():
-            y = y + (future.result() if future is not None else y_cold)
-        return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)
+            y = y + (future.result() if future is not None else y_cold).to(x.device)
+        return (y if self.down_bias is None else y + self.down_bias.to(x.device)).to(x.dtype)

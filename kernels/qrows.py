@@ -61,6 +61,12 @@ class QRows(Stored):
         return self.select(idx.long()).dequantize()
 
 
+def row_bytes(qtype: str, cols: int) -> int:
+    """Bytes of one row of `cols` weights as QRows holds it (codes, fp16 scales, and mins for Q4_1)."""
+    blocks = cols // 32
+    return blocks * ((32 if qtype == "Q8_0" else 16) + (4 if qtype == "Q4_1" else 2))
+
+
 def supported(w: object) -> bool:
     return isinstance(w, QuantTensor) and w.qtype in SPLIT_TYPES
 

@@ -227,3 +227,16 @@ def test_gguf_mlp_biases_are_read(tmp_path):
     got = loaded.model.forward_sequence(ids)
     want = _transformers_logits(folder, ids.tolist())
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_quantized_ffn_is_seen_from_the_header(tmp_path):
+    """`--device cuda --plan` keeps a quantized GGUF's FFN in blocks (quantized hot rows): decided from the
+    file's header alone, before loading; a float GGUF or a Hugging Face folder loads as floats."""
+    from tiny_models import make_tiny_checkpoint, write_llama_gguf
+
+    from hotcold.engine.loader import holds_quantized_ffn
+
+    folder = make_tiny_checkpoint("llama", tmp_path / "hf")
+    assert not holds_quantized_ffn(write_llama_gguf(folder, tmp_path / "f32.gguf"))
+    assert holds_quantized_ffn(write_llama_gguf(folder, tmp_path / "q8.gguf", qtype="Q8_0"))
+    assert not holds_quantized_ffn(folder)

@@ -157,3 +157,26 @@ def test_replan_at_start_takes_the_most_frequent_neurons_that_fit(tiny_checkpoin
         replan(plan, loaded.model, reserved - 1, 2, context=64, batch=2)
     replan(plan, loaded.model, 0, 2, context=64, batch=2)
     assert all(len(lp.hot_ids) == 0 for lp in plan.layers)
+
+
+def test_quantized_model_counts_the_bytes_its_gpu_side_holds(tiny_checkpoint):
+    """--gpu-memory on a model kept in GGUF blocks: a neuron costs the quantized rows the quantized hybrid
+    really puts on its GPU side (measured on those tensors), and the dense parts count the same weights as
+    the float model's (they become floats on the GPU)."""
+    from test_hybrid import make_plan
+
+    from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+    from hotcold.engine.loader import load_model
+    from hotcold.engine.placement import model_neuron_bytes
+
+    path = tiny_checkpoint("llama")
+    floats = load_model(str(path), dtype="float32", activation="reglu")
+    for qtype in ("q4_0", "q4_1", "q8_0"):
+        loaded = load_model(str(path), quantize=qtype, activation="reglu")
+        assert dense_parts(loaded.model, 2, 0, 64, 2) == dense_parts(floats.model, 2, 0, 64, 2)
+        per = model_neuron_bytes(loaded.model, 2)
+        apply_hybrid(loaded.model, make_plan(loaded, "all"), HybridConfig(mode="oracle", backend="reference"),
+                     loaded.fingerprint, gpu_device="cpu")
+        ffn = loaded.model.layers[0].ffn
+        held = sum(t.nbytes for t in (ffn.hot_up, ffn.hot_gate, ffn.hot_down))
+        assert per * ffn.num_hot == held and per < neuron_bytes(loaded.config.hidden_size, True, False, 2)

@@ -14,7 +14,7 @@ from test_quant_sparse_engine import PROMPT, _close, _keep_only
 from test_quantized_engine import quantized_reference
 from tiny_models import fixed_set_predictor
 
-from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+from hotcold.engine.hybrid import HybridConfig, apply_hybrid, move_dense_parts
 from hotcold.engine.loader import load_model
 from hotcold.engine.quant_hybrid import QuantHybridFFN
 from hotcold.kernels import quant
@@ -104,7 +104,53 @@ def test_cuda_quantized_hybrid_predictor(tiny_checkpoint):
     apply_hybrid(loaded.model, make_plan(loaded, "random", seed=1, predictor=weights), HybridConfig(),
                  loaded.fingerprint, gpu_device="cuda", workers=1)
     assert loaded.model.layers[0].ffn.hot_up.device.type == "cuda"
+    assert loaded.model.device.type == "cuda" and loaded.model.layers[0].attn.wqkv.dtype == torch.bfloat16
+    got = loaded.model.forward_sequence(torch.tensor(PROMPT)).float().cpu()
+    with torch.no_grad():
+        want = _keep_only(quantized_reference(path), keep.float(), "reglu")(torch.tensor([PROMPT])).logits[0]
+    _close(got, want)
+
+
+def test_dense_parts_as_floats_where_the_gpu_side_runs(tiny_checkpoint):
+    """On a GPU the dense parts go there as floats (hybrid.move_dense_parts dequantizes them) and the FFN's
+    input comes from them: here that layout on the CPU (float32), against transformers with the same neurons."""
+    path = tiny_checkpoint("llama")
+    loaded = load_model(path, quantize="q8_0", activation="reglu")
+    cfg = loaded.config
+    weights, keep = fixed_set_predictor(cfg.hidden_size, cfg.intermediate_size, seed=3)
+    move_dense_parts(loaded.model, torch.device("cpu"), torch.float32)
+    assert not isinstance(loaded.model.layers[0].attn.wqkv, quant.QuantTensor)
+    assert loaded.model.dtype == torch.float32 and loaded.model._native_blocks() is None
+    apply_hybrid(loaded.model, make_plan(loaded, "random", seed=1, predictor=weights),
+                 HybridConfig(backend="reference"), loaded.fingerprint, gpu_device="cpu", workers=1)
     got = loaded.model.forward_sequence(torch.tensor(PROMPT))
     with torch.no_grad():
         want = _keep_only(quantized_reference(path), keep.float(), "reglu")(torch.tensor([PROMPT])).logits[0]
     _close(got, want)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_command_line_route(tiny_checkpoint, tmp_path):
+    """`--device cuda --plan P` on a quantized model: it loads on the CPU, hot rows go to CUDA quantized, the
+    dense parts as bfloat16, cold rows stay in CPU blocks; a greedy generation runs and the counters move."""
+    import argparse
+
+    from hotcold.engine import commands_perplexity
+    from hotcold.engine.commands_generate import load_from_args
+    from hotcold.engine.plan import save_plan
+
+    path = tiny_checkpoint("llama")
+    loaded = load_model(path, quantize="q8_0", activation="reglu")
+    save_plan(make_plan(loaded, "random", seed=1), tmp_path / "plan")
+    parser = argparse.ArgumentParser()
+    commands_perplexity.add_arguments(parser)
+    args = parser.parse_args(["--model", str(path), "--quantize", "q8_0", "--activation", "reglu", "--plan",
+                              str(tmp_path / "plan"), "--sparsity", "oracle", "--device", "cuda", "--text", "x"])
+    routed = load_from_args(args)
+    ffn = routed.model.layers[0].ffn
+    assert isinstance(ffn, QuantHybridFFN) and ffn.hot_up.device.type == "cuda"
+    assert ffn.cold_gate_up.data.device.type == "cpu" and routed.model.device.type == "cuda"
+    got = routed.model.forward_sequence(torch.tensor(PROMPT)).float().cpu()
+    _close(got, loaded.model.forward_sequence(torch.tensor(PROMPT)))  # threshold 0: the dense model
+    assert 0 < routed.model.ffn_counters.hot_share < 1
