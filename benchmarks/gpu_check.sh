@@ -9,7 +9,7 @@
 # PYTHONPATH shim), with wheels from .whl/ when that folder was carried; (1) pytest -m gpu on the test files
 # that hold gpu-marked tests (the server tests need fastapi and cannot import there); (2) a quick
 # ffn_gpu.py sweep at the 7B shape in bf16, (2b) and with Q4_0 hot rows; (3) hybrid_gpu.py (7B-shaped synthetic ReGLU model: hybrid vs
-# layer split vs all-GPU under one budget, bf16 only: it has no Q4_0 mode yet).
+# layer split vs all-GPU under one budget, bf16 and then Q4_0 FFN rows; its JSON is rewritten after each).
 # Each step has its own timeout inside one overall budget, so one hang cannot eat the call; a failed step
 # does not stop the next. Exit status: 0 only if every step passed.
 #
@@ -144,8 +144,8 @@ fi
 # ---- 3. hybrid vs layer split vs all-GPU under one budget (the rest of the budget)
 if want hybrid; then
     step "hybrid_gpu.py" "$BUDGET" "$OUT/hybrid_gpu.log" "$PY" benchmarks/hybrid_gpu.py --device cuda \
-        --new-tokens 32 --profile-tokens 2000 --out "$OUT/hybrid_gpu.json"
-    [ "$DRY" = 1 ] || grep -E "setup|tok/s|hybrid|split|GPU" "$OUT/hybrid_gpu.log" | tail -n 8 | sed 's/^/    /' \
+        --new-tokens 32 --profile-tokens 2000 --qtypes none,q4_0 --out "$OUT/hybrid_gpu.json"
+    [ "$DRY" = 1 ] || grep -E "setup|tok/s|hybrid|split|GPU" "$OUT/hybrid_gpu.log" | tail -n 10 | sed 's/^/    /' \
         | tee -a "$OUT/summary.txt"
 fi
 

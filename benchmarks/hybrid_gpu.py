@@ -2,6 +2,7 @@
 
     python benchmarks/hybrid_gpu.py                      # GPU machine: Llama-2-7B shape, synthetic ReGLU weights
     python benchmarks/hybrid_gpu.py --device cpu --tiny  # smoke mode (CI): tiny shape, "GPU" = CPU, seconds
+    python benchmarks/hybrid_gpu.py --qtypes q4_0        # the same three setups with Q4_0 FFN rows
 
 1. Writes a synthetic ReLU-family checkpoint (benchmarks/synthetic_model.py: ~90% of FFN neurons inactive per
    token, power-law neuron frequencies) unless it is cached.
@@ -10,12 +11,17 @@
 3. Decodes greedily at batch 1 with (a) hybrid: attention + hot neurons on the GPU, cold neurons on CPU
    workers, predictor mode; (b) layer split: the first k whole layers on the GPU, the rest on the CPU, k as
    large as the same budget allows (output layer on the GPU, as llama.cpp's -ngl); (c) all on the GPU.
+   With --qtypes q4_0 the FFN is quantized at load (Q4_0 gate/up, Q8_0 down rows: what the quantized hybrid
+   holds) and the budget's FFN share is counted in those bytes, so it holds more neurons: hybrid = quantized
+   hot rows on the GPU (engine/quant_hybrid.py), split and all-GPU = the same rows through the same kernels
+   for every neuron of the GPU layers; attention, embeddings and head are bfloat16 on the GPU in every setup.
 Prints a table and writes benchmarks/results/hybrid_gpu.json (hybrid_gpu_smoke.json in --tiny mode).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -29,12 +35,18 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_model import SHAPES, make_synthetic_checkpoint  # noqa: E402
 
+from hotcold import kernels  # noqa: E402
+from hotcold.engine.activations import kernel_activation  # noqa: E402
 from hotcold.engine.cache import KVCache  # noqa: E402
 from hotcold.engine.default_model import cache_dir  # noqa: E402
 from hotcold.engine.hybrid import HybridConfig, apply_hybrid, move_dense_parts  # noqa: E402
+from hotcold.engine.layers import QuantFFN  # noqa: E402
 from hotcold.engine.loader import load_model  # noqa: E402
 from hotcold.engine.model import StepBatch, attn_dtype  # noqa: E402
+from hotcold.engine.placement import replan  # noqa: E402
 from hotcold.engine.plan import load_plan  # noqa: E402
+from hotcold.kernels import qrows, quant  # noqa: E402
+from hotcold.kernels.quant import QuantTensor  # noqa: E402
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:
@@ -42,10 +54,38 @@ def nbytes(*tensors: torch.Tensor | None) -> int:
 
 
 def layer_bytes(block) -> tuple[int, int]:
-    """(attention + norms, FFN) bytes of one block."""
+    """(attention + norms, FFN) bytes of one block (FFN: 16/32-bit rows; QuantGPUFFN: its quantized rows)."""
     a, f = block.attn, block.ffn
     attn = nbytes(a.wqkv, a.bqkv, a.wo, a.bo, block.attn_norm.weight, block.ffn_norm.weight)
+    if isinstance(f, QuantGPUFFN):
+        return attn, sum(r.nbytes for r in (f.up, f.gate, f.down_t) if r is not None) + nbytes(f.bias, f.down_bias)
     return attn, nbytes(f.gate_up, f.gate_up_bias, f.down_t, f.down_bias)
+
+
+class QuantGPUFFN(nn.Module):
+    """Every neuron of a quantized FFN on the GPU side (a layer the split puts on the GPU): gate/up as the
+    checkpoint's blocks taken apart, down as Q8_0 rows, through the gathered kernels over all ids — the
+    rows and kernels the quantized hybrid uses for its hot neurons, at 100% density."""
+
+    def __init__(self, ffn: QuantFFN, device: torch.device, backend: str):
+        super().__init__()
+        n, parts = ffn.intermediate_size, 2 if ffn.gated else 1
+        gate_up = quant.untile(ffn.gate_up)
+        rows = [qrows.from_quant(gate_up.rows(torch.arange(n) * parts + p)).to(device) for p in range(parts)]
+        self.up, self.gate = rows[-1], rows[0] if parts == 2 else None
+        down_t = ffn.down_t if ffn.down_t is not None else quant.transpose(ffn.down, "Q8_0")
+        self.down_t = qrows.from_quant(down_t).to(device)
+        self.bias = None if ffn.gate_up_bias is None else ffn.gate_up_bias.float().view(n, parts).to(device)
+        self.down_bias = None if ffn.down_bias is None else ffn.down_bias.to(device)
+        self.activation = kernel_activation(ffn.activation, ffn.gelu_approximate, ffn.codes[2])
+        self.ids, self.backend = torch.arange(n, device=device), backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up_bias, gate_bias = (None, None) if self.bias is None else (self.bias[:, -1], self.bias[:, 0])
+        h = kernels.gathered_gate_up(x.float(), self.up, self.ids, self.activation, self.gate, up_bias,
+                                     gate_bias=gate_bias if self.gate is not None else None, backend=self.backend)
+        y = kernels.gathered_down(h, self.down_t, self.ids, torch.float32, backend=self.backend)
+        return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)
 
 
 class DeviceBlock(nn.Module):
@@ -59,12 +99,22 @@ class DeviceBlock(nn.Module):
         home = x.device
         move = lambda t: None if t is None else t.to(self.device)  # noqa: E731
         rope = None if rope is None else tuple(move(t).float() for t in rope)
-        out = self.block(x.to(self.device), rope, batch, cache, layer, move(token_slots), move(positions))
-        return out.to(home)
+        out = self.block(x.to(self.device, torch.float32), rope, batch, cache, layer, move(token_slots),
+                         move(positions))
+        return out.to(home, x.dtype)
 
 
-def to_device(block, device: torch.device) -> None:
+def to_device(block, device: torch.device, backend: str) -> None:
+    """A whole block to the GPU: a quantized one's attention as bfloat16, its FFN as QuantGPUFFN."""
     a, f = block.attn, block.ffn
+    if isinstance(f, QuantFFN):
+        to = lambda t: None if t is None else (t.dequantize() if isinstance(t, QuantTensor) else t).to(  # noqa: E731
+            device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        a.wqkv, a.wo, a.bqkv, a.bo = to(a.wqkv), to(a.wo), to(a.bqkv), to(a.bo)
+        for norm in (block.attn_norm, block.ffn_norm):
+            norm.weight = to(norm.weight)
+        block.ffn = QuantGPUFFN(f, device, backend)
+        return
     a.wqkv, a.wo = a.wqkv.to(device), a.wo.to(device)
     a.bqkv, a.bo = (None if t is None else t.to(device) for t in (a.bqkv, a.bo))
     for norm in (block.attn_norm, block.ffn_norm):
@@ -102,6 +152,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--profile-tokens", type=int, default=4000)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument("--qtypes", default="none", help="FFN rows to run: none (the model's dtype), q4_0, q8_0, "
+                    "q4_1, comma-separated (e.g. none,q4_0)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/hybrid_gpu[_smoke].json)")
     args = ap.parse_args()
     gpu = torch.device(args.device)
@@ -115,7 +167,8 @@ def main() -> None:
     probe = load_model(folder, dtype=dtype)
     model = probe.model
     ffn_total = sum(layer_bytes(b)[1] for b in model.layers)
-    dense = nbytes(model.embed, model.lm_head, model.final_norm.weight) + sum(layer_bytes(b)[0] for b in model.layers)
+    fixed = nbytes(model.embed, model.lm_head, model.final_norm.weight)  # embeddings, head, final norm
+    dense = fixed + sum(layer_bytes(b)[0] for b in model.layers)
     cfg = probe.config
     context = 512
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * dtype.itemsize
@@ -135,62 +188,91 @@ def main() -> None:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         print(f"profiled in {time.perf_counter() - t0:.0f} s")
-    plan = load_plan(plan_dir)
-    hot_share = sum(lp.hot_count for lp in plan.layers) / sum(lp.num_neurons for lp in plan.layers)
-    prompt = list(range(2, 18))
-    rows = []
+    backend = "auto" if gpu.type == "cuda" else "cpu"  # cpu: the GPU side's kernels run on the CPU (smoke mode)
+    results = []
+    for qtype in args.qtypes.split(","):
+        quantize = None if qtype == "none" else qtype.upper()
+        load = functools.partial(load_model, folder, dtype=None if quantize else dtype, quantize=quantize)
+        results.append(run_setups(load, load_plan(plan_dir), gpu, backend, budget, fixed, kv, ffn_total, args,
+                                  quantize))
+        for r in results[-1]["rows"]:
+            r["qtype"] = qtype
+        out = report(results, shape_name, gpu, dtype, budget, args)  # after each: a timeout keeps what ran
 
-    # (a) hybrid
-    loaded = load_model(folder, dtype=dtype)
-    apply_hybrid(loaded.model, plan, HybridConfig(mode="predictor", placement="hybrid"), loaded.fingerprint,
-                 gpu_device=gpu, workers=args.workers)
-    rows.append({"setup": "hybrid (hot on GPU, cold on CPU, predictor)", "gpu_bytes": budget,
-                 "tok_s": decode_speed(loaded.model, prompt, args.new_tokens),
-                 "ffn_sparsity": loaded.model.ffn_counters.sparsity})
-    del loaded
+    print(f"wrote {out}")
 
-    # (b) layer split under the same budget
-    loaded = load_model(folder, dtype=dtype)
-    model = loaded.model
-    attn_b, ffn_b = layer_bytes(model.layers[0])
-    fixed = nbytes(model.embed, model.lm_head, model.final_norm.weight)
-    per_layer = attn_b + ffn_b + kv // cfg.num_layers
-    k = max(0, min(cfg.num_layers, (budget - fixed) // per_layer))
-    move_dense_parts_only_head(model, gpu)
-    cpu_layers = set(range(k, cfg.num_layers))
-    for i, block in enumerate(model.layers):
-        if i < k:
-            to_device(block, gpu)
-        elif gpu.type != "cpu":
-            model.layers[i] = DeviceBlock(block, torch.device("cpu"))
-    rows.append({"setup": f"layer split ({k}/{cfg.num_layers} layers on GPU)", "gpu_bytes": fixed + k * per_layer,
-                 "tok_s": decode_speed(model, prompt, args.new_tokens, cpu_layers if gpu.type != "cpu" else set())})
-    del loaded, model
 
-    # (c) everything on the GPU (needs the whole model to fit)
-    loaded = load_model(folder, dtype=dtype, device=str(gpu))
-    rows.append({"setup": "all on GPU (dense)", "gpu_bytes": dense + ffn_total + kv,
-                 "tok_s": decode_speed(loaded.model, prompt, args.new_tokens)})
-
-    split = rows[1]["tok_s"]
-    print(f"\n{shape_name} synthetic ReGLU model, {dtype}, device {gpu}, budget {budget / 2**30:.2f} GiB "
-          f"(hot neurons {100 * hot_share:.0f}% of FFN), batch 1, {args.new_tokens} tokens")
-    print(f"{'setup':48s} {'GPU GiB':>8s} {'tok/s':>8s} {'vs split':>9s}")
-    for r in rows:
-        print(f"{r['setup']:48s} {r['gpu_bytes'] / 2**30:8.2f} {r['tok_s']:8.1f} {r['tok_s'] / split:8.2f}x")
+def report(results: list[dict], shape_name: str, gpu: torch.device, dtype: torch.dtype, budget: int, args) -> Path:
+    print(f"\n{shape_name} synthetic ReGLU model, device {gpu}, batch 1, {args.new_tokens} tokens, budget holds "
+          f"the dense parts + KV cache + {100 * args.hot_fraction:.0f}% of the {dtype} FFN's bytes")
+    print(f"{'FFN rows':9s} {'setup':48s} {'GPU GiB':>8s} {'hot %':>6s} {'tok/s':>8s} {'vs split':>9s}")
+    for res in results:
+        split = res["rows"][1]["tok_s"]
+        for r in res["rows"]:
+            hot = f"{100 * res['hot_share']:.0f}" if r is res["rows"][0] else ""
+            print(f"{r['qtype']:9s} {r['setup']:48s} {r['gpu_bytes'] / 2**30:8.2f} {hot:>6s} {r['tok_s']:8.1f} "
+                  f"{r['tok_s'] / split:8.2f}x")
     out = Path(args.out or Path("benchmarks/results") / ("hybrid_gpu_smoke.json" if args.tiny else "hybrid_gpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else "cpu"
+    first = results[0]
     out.write_text(json.dumps({"shape": shape_name, "device": device_name, "dtype": str(dtype), "budget": budget,
-                               "hot_share": hot_share, "rows": rows, "time": time.strftime("%F %T")}, indent=2))
-    print(f"wrote {out}")
+                               "hot_share": first["hot_share"], "rows": [r for res in results for r in res["rows"]],
+                               "hot_share_by_qtype": {res["rows"][0]["qtype"]: res["hot_share"] for res in results},
+                               "time": time.strftime("%F %T")}, indent=2))
+    return out
+
+
+def run_setups(load, plan, gpu: torch.device, backend: str, budget: int, fixed: int, kv: int, ffn_total: int, args,
+               quantize: str | None) -> dict:
+    """The three setups under one budget; quantized: the hot neurons re-placed for the quantized rows' bytes."""
+    rows = []
+    # (a) hybrid
+    loaded = load()
+    cfg = loaded.config
+    if quantize:  # the plan's bf16 placement re-done for quantized neurons: more of them fit
+        replan(plan, loaded.model, budget - int(0.1 * ffn_total), 2, 512, 1)
+    hot_share = sum(lp.hot_count for lp in plan.layers) / sum(lp.num_neurons for lp in plan.layers)
+    config = HybridConfig(mode="predictor", placement="hybrid", backend="auto" if not quantize else backend)
+    apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu, workers=args.workers)
+    rows.append({"setup": "hybrid (hot on GPU, cold on CPU, predictor)", "gpu_bytes": budget,
+                 "tok_s": decode_speed(loaded.model, prompt_ids(), args.new_tokens),
+                 "ffn_sparsity": loaded.model.ffn_counters.sparsity})
+    del loaded
+
+    # (b) layer split under the same budget, (c) every layer on the GPU
+    for setup in ("split", "all"):
+        loaded = load()
+        model = loaded.model
+        move_dense_parts_only_head(model, gpu)
+        blocks = list(model.layers)
+        k = cfg.num_layers
+        for i, block in enumerate(blocks):
+            if i < k:
+                to_device(block, gpu, backend)
+            if i == 0:  # a layer's bytes as the GPU holds it (quantized FFN rows: QuantGPUFFN's); at least one
+                attn_b, ffn_b = layer_bytes(block)
+                per_layer = attn_b + ffn_b + kv // cfg.num_layers
+                k = cfg.num_layers if setup == "all" else max(1, min(cfg.num_layers, (budget - fixed) // per_layer))
+            if i >= k:
+                model.layers[i] = DeviceBlock(block, torch.device("cpu")) if gpu.type != "cpu" else block
+        cpu_layers = set(range(k, cfg.num_layers)) if gpu.type != "cpu" else set()
+        name = f"layer split ({k}/{cfg.num_layers} layers on GPU)" if setup == "split" else "all on GPU (dense)"
+        rows.append({"setup": name, "gpu_bytes": fixed + k * per_layer,
+                     "tok_s": decode_speed(model, prompt_ids(), args.new_tokens, cpu_layers)})
+        del loaded, model
+    return {"rows": rows, "hot_share": hot_share}
+
+
+def prompt_ids() -> list[int]:
+    return list(range(2, 18))
 
 
 def move_dense_parts_only_head(model, device: torch.device) -> None:
     """Embeddings, final norm and head on the GPU; the blocks stay where they are (moved one by one)."""
     blocks = list(model.layers)
     model.layers = nn.ModuleList()
-    move_dense_parts(model, device)
+    move_dense_parts(model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.layers = nn.ModuleList(blocks)
 
 

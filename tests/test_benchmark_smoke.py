@@ -19,13 +19,16 @@ def test_hybrid_gpu_benchmark_smoke(tmp_path):
     env = {**os.environ, "HOTCOLD_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
         [sys.executable, "benchmarks/hybrid_gpu.py", "--device", "cpu", "--tiny", "--profile-tokens", "1200",
-         "--new-tokens", "8", "--workers", "1", "--out", str(out)],
+         "--new-tokens", "8", "--workers", "1", "--qtypes", "none,q4_0", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert [r["setup"].split()[0] for r in data["rows"]] == ["hybrid", "layer", "all"]
+    assert [(r["qtype"], r["setup"].split()[0]) for r in data["rows"]] == [
+        (q, s) for q in ("none", "q4_0") for s in ("hybrid", "layer", "all")]
     assert all(r["tok_s"] > 0 for r in data["rows"])
     assert 0 < data["hot_share"] < 1  # the budget kept only part of the FFN on the "GPU"
+    # quantized rows cost fewer bytes: the same budget holds more hot neurons
+    assert data["hot_share_by_qtype"]["q4_0"] > data["hot_share_by_qtype"]["none"]
 
 
 def test_decode_cpu_synthetic_smoke(tmp_path):
