@@ -20,7 +20,7 @@ from .qrows import QRows
 from .reference import ACTIVATIONS, ActivationSpec, activation_spec
 
 __all__ = [
-    "ACTIVATIONS", "ActivationSpec", "CpuConfig", "QRows", "activation_spec", "dense_ffn", "gathered_down",
+    "ACTIVATIONS", "ActivationSpec", "CpuConfig", "QRows", "activation_spec", "compact", "dense_ffn", "gathered_down",
     "gathered_ffn", "gathered_gate_up", "resolve_backend", "triton_available",
 ]
 
@@ -58,6 +58,27 @@ def _impl(backend: str, device: torch.device, *weights) -> ModuleType:
     return reference if impl is cpu_sparse and any(isinstance(w, QRows) for w in weights) else impl
 
 
+def compact(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, count): the positions of active's True entries first, ascending, padded with 0 to active's
+    length, and how many there are (int32 [1]) — computed where `active` lives, with no host sync, so the
+    kernels' `count` argument can consume them on a GPU while the host goes on."""
+    n = active.numel()
+    pos = torch.cumsum(active, 0)
+    count = (pos[-1:] if n else torch.zeros(1, dtype=pos.dtype, device=active.device)).to(torch.int32)
+    slots = torch.where(active, pos - 1, n)  # inactive ones all land in a spare slot, dropped
+    ids = torch.zeros(n + 1, dtype=torch.long, device=active.device)
+    ids.scatter_(0, slots, torch.arange(n, device=active.device))
+    return ids[:n], count
+
+
+def _sliced(impl: ModuleType, count: torch.Tensor | None, idx: torch.Tensor, token_mask: torch.Tensor | None):
+    """A backend without `count` (the CPU one) gets the live ids alone (it runs on the host: no sync to save)."""
+    if count is None or impl is not cpu_sparse:
+        return idx, token_mask, {} if count is None else {"count": count}
+    n = reference.live(idx.numel(), count)
+    return idx[:n], None if token_mask is None else token_mask[:, :n], {}
+
+
 def gathered_gate_up(
     x: torch.Tensor,
     w_up: torch.Tensor,
@@ -69,10 +90,14 @@ def gathered_gate_up(
     *,
     gate_bias: torch.Tensor | None = None,
     backend: str = "auto",
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 h [B,K] = act(gate/up rows idx at x), zero where token_mask is False (kernels.reference)."""
+    """fp32 h [B,K] = act(gate/up rows idx at x), zero where token_mask is False and past `count`
+    (kernels.reference)."""
     impl = _impl(backend, x.device, w_up)
-    return impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias=gate_bias)
+    ids, mask, kw = _sliced(impl, count, idx, token_mask)
+    h = impl.gathered_gate_up(x, w_up, ids, activation, w_gate, up_bias, mask, gate_bias=gate_bias, **kw)
+    return h if ids.numel() == idx.numel() else torch.nn.functional.pad(h, (0, idx.numel() - ids.numel()))
 
 
 def gathered_ffn(
@@ -88,15 +113,17 @@ def gathered_ffn(
     gate_bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
     backend: str = "auto",
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y [B,H] = gathered_down(gathered_gate_up(...)): the FFN over the active neurons idx (one native call
-    on the CPU for a few tokens; the two kernels elsewhere)."""
+    """y [B,H] = gathered_down(gathered_gate_up(...)): the FFN over the active neurons idx (the first
+    count[0] of them when given; one native call on the CPU for a few tokens; the two kernels elsewhere)."""
     impl = _impl(backend, x.device, w_up, w_down_t)
+    idx, token_mask, kw = _sliced(impl, count, idx, token_mask)
     if impl is cpu_sparse:
         return cpu_sparse.gathered_ffn(x, w_up, w_down_t, idx, activation, w_gate, up_bias, token_mask,
                                        gate_bias=gate_bias, out_dtype=out_dtype)
-    h = impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias=gate_bias)
-    return impl.gathered_down(h, w_down_t, idx, out_dtype)
+    h = impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias=gate_bias, **kw)
+    return impl.gathered_down(h, w_down_t, idx, out_dtype, **kw)
 
 
 def gathered_down(
@@ -106,6 +133,9 @@ def gathered_down(
     out_dtype: torch.dtype = torch.float32,
     *,
     backend: str = "auto",
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y [B,H] = sum_k h[:,k] * w_down_t[idx[k]] in out_dtype, fp32 accumulation (kernels.reference)."""
-    return _impl(backend, h.device, w_down_t).gathered_down(h, w_down_t, idx, out_dtype)
+    """y [B,H] = sum_k h[:,k] * w_down_t[idx[k]] in out_dtype, fp32 accumulation, k < count (kernels.reference)."""
+    impl = _impl(backend, h.device, w_down_t)
+    ids, _, kw = _sliced(impl, count, idx, None)
+    return impl.gathered_down(h[:, : ids.numel()], w_down_t, ids, out_dtype, **kw)

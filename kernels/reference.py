@@ -1,7 +1,9 @@
 """Torch reference for the gathered (sparse) FFN: the semantics every backend must match.
 
 Shapes: x [B,H]; w_up, w_gate, w_down_t [I,H] (one contiguous row per neuron, down stored transposed);
-idx [K] integer neuron ids (any order, no duplicates expected); token_mask [B,K] bool.
+idx [K] integer neuron ids (any order, no duplicates expected); token_mask [B,K] bool; count: optional
+int tensor [1] on the device: only the first count[0] ids are live (ids compacted on the device, padded to
+a size known at launch, so the host never waits for how many there are); the rest give h = 0 and add nothing.
 
 Numerics, shared by all backends:
 - the input of each product is first rounded to the weights' dtype (x for gate/up, h for down), as a
@@ -96,6 +98,7 @@ def check_gate_up(
     up_bias: torch.Tensor | None,
     token_mask: torch.Tensor | None,
     gate_bias: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
 ) -> ActivationSpec:
     """Validate the arguments of gathered_gate_up (shapes and dtypes only: no device sync). Weights and biases
     may be strided views (the executor passes gate_up[:, 0] / gate_up_bias[:, 1], stride 2): every backend
@@ -119,17 +122,30 @@ def check_gate_up(
     ):
         raise ValueError(f"token_mask must be bool [B,K]=({x.shape[0]}, {idx.numel()}); got "
                          f"{token_mask.dtype} {tuple(token_mask.shape)}")
-    _check_devices(x, w_up, idx, w_gate, up_bias, token_mask, gate_bias)
+    _check_count(count)
+    _check_devices(x, w_up, idx, w_gate, up_bias, token_mask, gate_bias, count)
     return spec
 
 
-def check_down(h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor) -> None:
+def check_down(h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor, count: torch.Tensor | None = None
+               ) -> None:
     """Validate the arguments of gathered_down."""
     _check_idx(idx)
     if h.dim() != 2 or w_down_t.dim() != 2 or h.shape[1] != idx.numel():
         raise ValueError(f"h must be [B,K] with K=len(idx)={idx.numel()} and w_down_t [I,H]; got "
                          f"{tuple(h.shape)} and {tuple(w_down_t.shape)}")
-    _check_devices(h, w_down_t, idx)
+    _check_count(count)
+    _check_devices(h, w_down_t, idx, count)
+
+
+def _check_count(count: torch.Tensor | None) -> None:
+    if count is not None and (count.numel() != 1 or count.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"count must be one int32/int64 element; got {count.dtype} {tuple(count.shape)}")
+
+
+def live(k: int, count: torch.Tensor | None) -> int:
+    """How many of k ids are live (reads count on the host: the reference and CPU paths only)."""
+    return k if count is None else max(0, min(k, int(count.reshape(-1)[0])))
 
 
 def _check_devices(*tensors: torch.Tensor | None) -> None:
@@ -153,9 +169,13 @@ def gathered_gate_up(
     token_mask: torch.Tensor | None = None,
     *,
     gate_bias: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """h[b,k] = act(rows idx[k] of the gate/up projections at x[b]) as fp32 [B,K]; masked entries are 0."""
-    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias)
+    """h[b,k] = act(rows idx[k] of the gate/up projections at x[b]) as fp32 [B,K]; masked entries are 0, as
+    are the ids past `count`."""
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias, count)
+    if count is not None:
+        token_mask = _live_mask(x.shape[0], idx.numel(), count, token_mask, x.device)
     idx = idx.long()
     xw = x.to(w_up.dtype).float()
     u = xw @ w_up[idx].float().T
@@ -172,10 +192,19 @@ def gathered_gate_up(
     return h
 
 
+def _live_mask(B: int, K: int, count: torch.Tensor, token_mask: torch.Tensor | None, device: torch.device
+               ) -> torch.Tensor:
+    keep = (torch.arange(K, device=device) < live(K, count)).expand(B, K)
+    return keep if token_mask is None else keep & token_mask
+
+
 def gathered_down(
-    h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype = torch.float32
+    h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y[b] = sum_k h[b,k] * w_down_t[idx[k]] as [B,H] in out_dtype (fp32 accumulation)."""
-    check_down(h, w_down_t, idx)
+    """y[b] = sum_k h[b,k] * w_down_t[idx[k]] as [B,H] in out_dtype (fp32 accumulation), k < count."""
+    check_down(h, w_down_t, idx, count)
+    n = live(idx.numel(), count)
+    h, idx = h[:, :n], idx[:n]
     y = h.to(w_down_t.dtype).float() @ w_down_t[idx.long()].float()
     return y.to(out_dtype)

@@ -97,21 +97,26 @@ def _rows(w_ptr, s_ptr, m_ptr, rows, offs_h, stride_w, stride_s, wmask, QTYPE: t
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, wu_ptr, wg_ptr, bias_ptr, gbias_ptr, idx_ptr, mask_ptr, h_ptr, su_ptr, mu_ptr, sg_ptr, mg_ptr,
+    x_ptr, wu_ptr, wg_ptr, bias_ptr, gbias_ptr, idx_ptr, mask_ptr, h_ptr, su_ptr, mu_ptr, sg_ptr, mg_ptr, count_ptr,
     B, K, H, stride_xb, stride_wu, stride_wg, stride_bu, stride_bg, stride_mb, stride_hb, stride_s, threshold,
     GATED: tl.constexpr, GATE_FN: tl.constexpr, UP_FN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    QTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COUNT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, QTYPE: tl.constexpr,
 ):
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mk = offs_k < K
+    k_live = K
+    h_end = H
+    if HAS_COUNT:  # ids past the device-side count are padding: their h is 0, a block of them reads nothing
+        k_live = tl.minimum(tl.load(count_ptr).to(tl.int32), K)
+        h_end = tl.where(tl.program_id(0) * BLOCK_K < k_live, H, 0)
+    mk = offs_k < k_live
     mb = offs_b < B
     rows = tl.load(idx_ptr + offs_k, mask=mk, other=0).to(tl.int64)
     acc_u = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(0, h_end, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mh = offs_h < H
         wmask = mk[:, None] & mh[None, :]
@@ -129,18 +134,20 @@ def _gate_up_kernel(
         if HAS_GATE_BIAS:
             acc_g += tl.load(gbias_ptr + rows * stride_bg, mask=mk, other=0.0).to(tl.float32)[None, :]
         h = _apply(acc_g, GATE_FN, threshold) * h
-    out_mask = mb[:, None] & mk[None, :]
     if HAS_MASK:
-        keep = tl.load(mask_ptr + offs_b[:, None] * stride_mb + offs_k[None, :], mask=out_mask, other=0)
+        keep = tl.load(mask_ptr + offs_b[:, None] * stride_mb + offs_k[None, :],
+                       mask=mb[:, None] & mk[None, :], other=0)
         h = tl.where(keep != 0, h, 0.0)
-    tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], h, mask=out_mask)
+    if HAS_COUNT:
+        h = tl.where(mk[None, :], h, 0.0)
+    tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], h, mask=mb[:, None] & (offs_k < K)[None, :])
 
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, idx_ptr, part_ptr, s_ptr, m_ptr,
+    h_ptr, w_ptr, idx_ptr, part_ptr, s_ptr, m_ptr, count_ptr,
     B, K, H, k_per_split, stride_hb, stride_w, stride_ps, stride_pb, stride_s,
-    USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_COUNT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, QTYPE: tl.constexpr,
 ):
     offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -148,19 +155,34 @@ def _down_kernel(
     offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
     mh = offs_h < H
     mb = offs_b < B
-    k_start = split * k_per_split
-    k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < k_end
-        rows = tl.load(idx_ptr + offs_k, mask=mk, other=0).to(tl.int64)
-        w = _rows(w_ptr, s_ptr, m_ptr, rows, offs_h, stride_w, stride_s, mk[:, None] & mh[None, :], QTYPE)
-        ht = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
-                     mask=mb[:, None] & mk[None, :], other=0.0).to(w.dtype)
-        acc = _mac(acc, ht, w, USE_DOT, DOT_F32)
+    if HAS_COUNT:  # only the first `count` ids are live (unknown at launch): splits take every S-th block of
+        # them, so a short live prefix still spreads over all the programs
+        k_live = tl.minimum(tl.load(count_ptr).to(tl.int32), K)
+        for kb in range(split, tl.cdiv(k_live, BLOCK_K), tl.num_programs(1)):
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            acc = _down_step(acc, h_ptr, w_ptr, s_ptr, m_ptr, idx_ptr, offs_k, offs_k < k_live, offs_h, offs_b,
+                             mh, mb, stride_hb, stride_w, stride_s, USE_DOT, DOT_F32, QTYPE)
+    else:
+        k_start = split * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            acc = _down_step(acc, h_ptr, w_ptr, s_ptr, m_ptr, idx_ptr, offs_k, offs_k < k_end, offs_h, offs_b,
+                             mh, mb, stride_hb, stride_w, stride_s, USE_DOT, DOT_F32, QTYPE)
     tl.store(part_ptr + split * stride_ps + offs_b[:, None] * stride_pb + offs_h[None, :], acc,
              mask=mb[:, None] & mh[None, :])
+
+
+@triton.jit
+def _down_step(acc, h_ptr, w_ptr, s_ptr, m_ptr, idx_ptr, offs_k, mk, offs_h, offs_b, mh, mb, stride_hb, stride_w,
+               stride_s, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, QTYPE: tl.constexpr):
+    """acc += h[offs_b, offs_k] @ rows idx[offs_k] of down_t (columns offs_h)."""
+    rows = tl.load(idx_ptr + offs_k, mask=mk, other=0).to(tl.int64)
+    w = _rows(w_ptr, s_ptr, m_ptr, rows, offs_h, stride_w, stride_s, mk[:, None] & mh[None, :], QTYPE)
+    ht = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
+                 mask=mb[:, None] & mk[None, :], other=0.0).to(w.dtype)
+    return _mac(acc, ht, w, USE_DOT, DOT_F32)
 
 
 def _block_b(B: int) -> tuple[int, bool]:
@@ -220,9 +242,11 @@ def gathered_gate_up(
     block_h: int | None = None,
     num_warps: int | None = None,
     gate_bias: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 h [B,K] (kernels.reference.gathered_gate_up), one fused kernel for gate, up, bias, act, mask."""
-    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias)
+    """fp32 h [B,K] (kernels.reference.gathered_gate_up), one fused kernel for gate, up, bias, act, mask;
+    `count` (a device tensor): only the first count[0] ids are live, read by the kernel (no host sync)."""
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias, count)
     B, K, H = x.shape[0], idx.numel(), x.shape[1]
     h = _empty((B, K), torch.float32, x.device)
     if B == 0 or K == 0:
@@ -247,12 +271,13 @@ def gathered_gate_up(
         _gate_up_kernel[grid](
             x, wu, wg, up_bias if up_bias is not None else h,
             gate_bias if gate_bias is not None else h, idx, mask, h, su, mu, sg, mg,
+            count if count is not None else idx,
             B, K, H, x.stride(0), stride_wu, stride_wg, stride_bu, stride_bg, mask.stride(0),
             h.stride(0), stride_s,
             float(spec.threshold),
             GATED=spec.gated, GATE_FN=FUNCTIONS[spec.gate_fn], UP_FN=FUNCTIONS[spec.up_fn],
             HAS_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None, HAS_MASK=token_mask is not None,
-            USE_DOT=use_dot,
+            HAS_COUNT=count is not None, USE_DOT=use_dot,
             DOT_F32=_dot_f32(w_up), BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h, QTYPE=_qtype(w_up),
             num_warps=num_warps or 4,
         )
@@ -269,9 +294,11 @@ def gathered_down(
     block_h: int | None = None,
     splits: int | None = None,
     num_warps: int | None = None,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y [B,H] in out_dtype (kernels.reference.gathered_down): split-K over the active rows."""
-    check_down(h, w_down_t, idx)
+    """y [B,H] in out_dtype (kernels.reference.gathered_down): split-K over the active rows (the first
+    count[0] of them when `count` is given)."""
+    check_down(h, w_down_t, idx, count)
     B, K = h.shape
     H = w_down_t.shape[1]
     if B == 0 or K == 0:
@@ -289,9 +316,9 @@ def gathered_down(
     w, sc, mn, stride_w, stride_s = _parts(w_down_t)
     with _on(h.device):
         _down_kernel[(h_blocks, splits, b_blocks)](
-            h, w, idx, part, sc, mn,
+            h, w, idx, part, sc, mn, count if count is not None else idx,
             B, K, H, k_per_split, h.stride(0), stride_w, part.stride(0), part.stride(1), stride_s,
-            USE_DOT=use_dot, DOT_F32=_dot_f32(w_down_t),
+            USE_DOT=use_dot, DOT_F32=_dot_f32(w_down_t), HAS_COUNT=count is not None,
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_H=block_h, QTYPE=_qtype(w_down_t), num_warps=num_warps or 4,
         )
     y = part[0] if splits == 1 else part.sum(0)
