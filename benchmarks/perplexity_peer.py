@@ -49,7 +49,7 @@ def _all_neurons_sparse(model, down_type: str) -> None:
     """Every FFN through the sparse path (engine/quant_sparse.py) with a plan that keeps every neuron (oracle
     threshold -1): the result differs from dense only by down's second rounding into down_t (none when down is
     kept input-major)."""
-    from hotcold.engine.hybrid import FFNCounters
+    from hotcold.engine.counters import FFNCounters
     from hotcold.engine.plan import LayerPlan
     from hotcold.engine.quant_sparse import QuantSparseFFN
 

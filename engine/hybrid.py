@@ -1,28 +1,33 @@
 """The hybrid executor: per FFN layer, compute only the active neurons — hot ones on the GPU side with the
 Triton kernels, cold ones on CPU workers at the same time — and add the two partial outputs.
 
-    predictor(x) or oracle threshold -> active mask [T, I] -> union over the batch -> split by the plan
-      ├─ GPU side: hot ids  -> kernels.gathered_gate_up / gathered_down on the GPU device ─┐
-      └─ CPU worker: cold ids -> the same kernels' CPU path on CPU memory ──────────────────┴─> y = y_gpu + y_cpu
+    predictor(x) or oracle threshold -> active mask [T, I] on the GPU side's device
+      ├─ GPU side: hot ids compacted there (kernels.compact) -> gathered kernels reading the count ─┐
+      └─ x and mask to the host once (engine/handoff.py) -> CPU worker: cold ids -> CPU kernels ────┴─> y_gpu + y_cpu
 
-Each token only ever sums its own active neurons (per-token masks), so a request's result does not depend
-on what else is in its batch. A side whose union is too dense, or a prefill chunk that is too long, runs
-the dense product over that side's rows (still masked per token) because the gather stops paying off
-there (benchmarks/ffn_cpu.py measures the crossover). With no CUDA device the "GPU side" runs on the CPU.
+The host never waits for the GPU side within a layer: the hot side's ids and the counters stay on its
+device, and only the CPU worker waits for the handed-off mask. Each token only ever sums its own active
+neurons (per-token masks), so a request's result does not depend on what else is in its batch. On the CPU
+side a union too dense for the gather, or a prefill chunk too long, runs the dense product over its rows
+(still masked per token; benchmarks/ffn_cpu.py measures the crossover); the GPU side takes long chunks
+densely. With no CUDA device the "GPU side" runs on the CPU, choosing its ids as the CPU side does.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hotcold import kernels
 from hotcold.engine.activations import kernel_activation
+from hotcold.engine.counters import FFNCounters
 from hotcold.engine.errors import HotcoldError
+from hotcold.engine.handoff import Handoff
 from hotcold.engine.layers import DenseFFN, NeuronRows, QuantFFN
 from hotcold.engine.model import Transformer
 from hotcold.engine.plan import LayerPlan, Plan
@@ -58,28 +63,6 @@ class HybridConfig:
         return self
 
 
-@dataclass
-class FFNCounters:
-    """What the FFNs did since the last reset: neurons computed vs available, and the hot share."""
-
-    computed: int = 0  # token-neuron pairs actually active
-    total: int = 0  # token-neuron pairs in the layers run
-    hot: int = 0  # of `computed`, those served by the GPU side
-    per_layer_density: dict[int, float] = field(default_factory=dict)
-
-    def reset(self) -> None:
-        self.computed = self.total = self.hot = 0
-        self.per_layer_density.clear()
-
-    @property
-    def sparsity(self) -> float | None:
-        return None if not self.total else 1.0 - self.computed / self.total
-
-    @property
-    def hot_share(self) -> float | None:
-        return None if not self.computed else self.hot / self.computed
-
-
 class _Side(NeuronRows):
     """One side's copy of a layer's neurons: weights on its device and the map global id -> local row."""
 
@@ -97,7 +80,10 @@ class _Side(NeuronRows):
             self.gate_up_bias = None if dense.gate_up_bias is None else dense.gate_up_bias[ids].to(device)
         self.gated, self.activation, self.gelu_approximate = dense.gated, dense.activation, dense.gelu_approximate
         self.threshold = dense.threshold
-        self.ids = ids.to(device)
+        self.ids = ids.to(device)  # the global ids of its rows
+        local = torch.zeros(dense.intermediate_size, dtype=torch.long)
+        local[ids] = torch.arange(ids.numel())
+        self.local = local.to(device)  # global id -> its row here (0 for the other side's: never read)
         self.all_rows = full  # local row == global id: no translation needed
         # the views the kernels take, sliced once (a slice costs microseconds; a small layer's call ~30)
         self.views = (self.up, self.gate, self.up_bias, self.gate_bias)
@@ -128,15 +114,13 @@ class HybridFFN(nn.Module):
         self.gpu_device, self.cpu_device = gpu, torch.device("cpu")
         self.hot = _Side(dense, hot, gpu)
         self.cold = _Side(dense, cold, self.cpu_device)
-        # global neuron id -> (side, local row): local index tables on each side's device
-        local = torch.empty(num, dtype=torch.long)
-        local[hot], local[cold] = torch.arange(hot.numel()), torch.arange(cold.numel())
-        self.is_hot = is_hot.to(gpu)
-        self.local = local.to(gpu)
+        self.is_hot, self.is_cold_host = is_hot.to(gpu), ~is_hot  # each on the device that reads it
         self.down_bias = None if dense.down_bias is None else dense.down_bias.to(gpu)
         self.norms = dense.down_t.float().norm(dim=1).to(gpu)  # ||down_t[i]||: oracle magnitudes
-        self._pinned: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # CUDA only: staging buffers
-        self._copied: dict[torch.dtype, torch.cuda.Event] = {}
+        self.handoff = Handoff(gpu, cfg.max_sparse_tokens)
+        # the hot side's ids stay on its device (compacted there, no host sync) unless it is the CPU itself,
+        # run by the CPU kernels: then it chooses ids like the cold side, with the dense fallback
+        self.hot_on_host = gpu.type == "cpu" and cfg.backend == "auto"
         self.predictor, self.rule = None, {}
         if cfg.mode == "predictor":  # the rule MaskedFFN and the profiler's evaluation use (engine.sparsity)
             self.predictor, self.rule = plan_predictor(layer, cfg.strategy, gpu)
@@ -163,71 +147,64 @@ class HybridFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         mask, h_known = self.active_mask(x, residual)
-        T, num = x.shape[0], self.intermediate_size
-        union = mask[0] if T == 1 else mask.any(0)
-        if self.hot.num and self.cold.num:
-            hot_ids = (union & self.is_hot).nonzero().flatten()
-            cold_ids = (union & ~self.is_hot).nonzero().flatten()
-        else:  # one side holds every neuron (placement gpu or cpu): no split to compute
-            ids = union.nonzero().flatten()
-            hot_ids, cold_ids = (ids, ids[:0]) if self.hot.num else (ids[:0], ids)
-        if T == 1:  # one token: its mask is the union
-            active, hot_active = hot_ids.numel() + cold_ids.numel(), hot_ids.numel()
-        else:
-            active = int(mask.sum())
-            hot_active = int(mask[:, hot_ids].sum()) if hot_ids.numel() else 0
-        self.counters.computed += active
-        self.counters.total += T * num
-        self.counters.hot += hot_active
-        self.counters.per_layer_density[self.index] = active / (T * num)
-
-        future = None
-        if cold_ids.numel():
-            args = (self.cold, self._to_host(x), cold_ids.cpu(), mask.cpu(), h_known)
+        T = x.shape[0]
+        hot = 0 if not self.hot.num else mask.sum() if not self.cold.num else (mask & self.is_hot).sum()
+        self.counters.add(self.index, mask.sum(), hot, T * self.intermediate_size)  # read once per step
+        future = y_cold = None
+        if self.cold.num:  # the input and the mask cross to the host once; the worker waits for them, not us
+            sent, landed = self.handoff.to_host(x, mask, *(() if h_known is None else (h_known,)))
+            job = functools.partial(self._cold_side, *sent[:2], sent[2] if len(sent) > 2 else None, landed)
             # a worker only when there is GPU-side work to overlap: otherwise the hop is pure overhead
-            future = self.pool.submit(self._side, *args) if self.pool and hot_ids.numel() else None
-            y_cold = None if future else self._side(*args)
-        y = self._side(self.hot, x, hot_ids, mask, h_known) if hot_ids.numel() else torch.zeros(
-            x.shape, dtype=torch.float32, device=x.device)
-        if cold_ids.numel():
-            y_cold = future.result() if future else y_cold
-            y = y + self._to_device(y_cold, y.device)
+            future = self.pool.submit(job) if self.pool and self.hot.num else None
+            y_cold = None if future else job()
+        y = self._hot_side(x, mask, h_known) if self.hot.num else None
+        if future is not None:
+            y_cold = future.result()
+        if y_cold is not None:
+            y_cold = self.handoff.to_device(y_cold)
+            y = y_cold if y is None else y + y_cold
+        if y is None:
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if self.down_bias is not None:
             y = y + self.down_bias
         return y.to(x.dtype)
 
-    def _to_host(self, x: torch.Tensor) -> torch.Tensor:
-        """The hidden vector for the CPU side; from CUDA through a pinned buffer (a full-speed DMA)."""
-        buf = self._staging("x", x) if x.device.type == "cuda" else None
-        return x.to(self.cpu_device) if buf is None else buf.copy_(x)
+    def _cold_side(self, x: torch.Tensor, mask: torch.Tensor, h_known: torch.Tensor | None,
+                   landed: torch.cuda.Event | None) -> torch.Tensor | None:
+        """The CPU side, on the host copies (after they land): its active ids, then its partial output."""
+        if landed is not None:
+            landed.synchronize()
+        union = mask[0] if x.shape[0] == 1 else mask.any(0)
+        ids = (union & self.is_cold_host).nonzero().flatten() if self.hot.num else union.nonzero().flatten()
+        return self._side(self.cold, x, ids, mask, h_known) if ids.numel() else None
 
-    def _to_device(self, y: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The CPU side's partial output back to the GPU side: pinned buffer, asynchronous copy."""
-        buf = self._staging("y", y) if device.type == "cuda" else None
-        if buf is None:
-            return y.to(device)
-        out = buf.copy_(y).to(device, non_blocking=True)
-        self._copied[buf.dtype] = torch.cuda.Event()
-        self._copied[buf.dtype].record()
-        return out
-
-    def _staging(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
-        """A pinned host buffer of this layer for t (None for chunks longer than max_sparse_tokens)."""
-        if t.dim() != 2 or t.shape[0] > self.cfg.max_sparse_tokens:
-            return None
-        key = (name, t.dtype)
-        if key not in self._pinned:
-            self._pinned[key] = torch.empty(self.cfg.max_sparse_tokens, t.shape[1], dtype=t.dtype, pin_memory=True)
-        if name == "y" and t.dtype in self._copied:  # the last asynchronous copy out of it must be done
-            self._copied[t.dtype].synchronize()
-        return self._pinned[key][: t.shape[0]]
+    def _hot_side(self, x: torch.Tensor, mask: torch.Tensor, h_known: torch.Tensor | None) -> torch.Tensor | None:
+        """The GPU side's partial output, launched with no host sync: active ids compacted on the device."""
+        side, T = self.hot, x.shape[0]
+        if self.hot_on_host:
+            union = mask[0] if T == 1 else mask.any(0)
+            ids = (union & self.is_hot).nonzero().flatten() if self.cold.num else union.nonzero().flatten()
+            return self._side(side, x, ids, mask, h_known) if ids.numel() else None
+        cols = mask if side.all_rows else mask[:, side.ids]  # [T, hot rows]
+        if h_known is not None or T > self.cfg.max_sparse_tokens:  # oracle's activations, or a long chunk
+            if h_known is None:
+                h = self._dense_h(side, x)
+            else:
+                h = h_known if side.all_rows else h_known[:, side.ids]
+            h = h * cols
+            return (h.to(side.down_t.dtype) @ side.down_t).float()
+        local, count = kernels.compact(cols[0] if T == 1 else cols.any(0))
+        up, gate, up_bias, gate_bias = side.views
+        return kernels.gathered_ffn(x, up, side.down_t, local, self.activation, gate, up_bias,
+                                    None if T == 1 else cols[:, local], gate_bias=gate_bias,
+                                    backend=self.cfg.backend, count=count)
 
     def _side(self, side: _Side, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
               h_known: torch.Tensor | None) -> torch.Tensor:
-        """One side's partial output over its active neurons `ids` (global), masked per token."""
-        ids = ids.to(side.device)
-        local = ids if side.all_rows else self.local.to(side.device)[ids]
-        token_mask = None if x.shape[0] == 1 else mask.to(side.device)[:, ids]  # one token: all of ids
+        """A side's partial output over its active neurons `ids` (global), chosen on the host, masked per
+        token; a dense product over its rows where the gather stops paying (ffn_cpu.py's crossover)."""
+        local = ids if side.all_rows else side.local[ids]
+        token_mask = None if x.shape[0] == 1 else mask[:, ids]  # one token: all of ids
         backend = self.cfg.backend if side is self.hot else "cpu"
         T = x.shape[0]
         dense_side = T > self.cfg.max_sparse_tokens or (T > 1 and ids.numel() > self.cfg.dense_above * side.num)
@@ -236,7 +213,7 @@ class HybridFFN(nn.Module):
             return kernels.gathered_ffn(x, up, side.down_t, local, self.activation, gate, up_bias, token_mask,
                                         gate_bias=gate_bias, backend=backend)
         if h_known is not None:
-            h = _masked(h_known.to(side.device)[:, ids], token_mask)
+            h = _masked(h_known[:, ids], token_mask)
         else:  # all rows of this side, then keep only the active (token, neuron) pairs
             h = _masked(self._dense_h(side, x)[:, local], token_mask)
         if dense_side:
@@ -330,6 +307,6 @@ def _apply_quant_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, gpu: 
         if not isinstance(layer.ffn, QuantFFN):
             raise HotcoldError("the model already runs a plan (or has no quantized FFN to split): load it again")
         layer.ffn = QuantHybridFFN(layer.ffn, layer_plan, cfg.mode, cfg.strategy, cfg.placement, gpu, cfg.backend,
-                                   pool, counters)
+                                   pool, counters, cfg.max_sparse_tokens)
     native.release_heap()  # the replaced FFNs and down's transposition
     return counters

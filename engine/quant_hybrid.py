@@ -18,6 +18,7 @@ does not depend on its batch.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from hotcold import kernels
 from hotcold.engine.activations import kernel_activation
+from hotcold.engine.handoff import Handoff
 from hotcold.engine.layers import Norm, QuantFFN
 from hotcold.engine.plan import LayerPlan
 from hotcold.engine.sparsity import plan_predictor, predictor_input
@@ -37,7 +39,7 @@ class QuantHybridFFN(nn.Module):
     folds_norm = True  # Block passes the RMS norm: it runs once, on the CPU, for both sides
 
     def __init__(self, ffn: QuantFFN, layer: LayerPlan, mode: str, strategy: str, placement: str,
-                 gpu: torch.device, backend: str, pool: ThreadPoolExecutor | None, counters):
+                 gpu: torch.device, backend: str, pool: ThreadPoolExecutor | None, counters, max_tokens: int = 32):
         super().__init__()
         num, self.parts = ffn.intermediate_size, 2 if ffn.gated else 1
         self.intermediate_size, self.index, self.mode, self.layer = num, layer.index, mode, layer
@@ -62,10 +64,12 @@ class QuantHybridFFN(nn.Module):
         for t in (self.cold_gate_up.data, self.cold_down_t.data):
             native.use_huge_pages(t)  # gathered rows: a TLB walk each on 4 KiB pages
         self.cold_bias = None if bias is None else bias[cold].reshape(-1).contiguous()
-        local = torch.empty(num, dtype=torch.long)
-        local[hot], local[cold] = torch.arange(hot.numel()), torch.arange(cold.numel())
-        self.is_hot, self.local, self.num_hot, self.num_cold = is_hot.to(gpu), local.to(gpu), hot.numel(), cold.numel()
-        self.hot_ids, self.cold_ids, self._cold_on_gpu = hot.to(gpu), cold, cold.to(gpu)
+        local = torch.zeros(num, dtype=torch.long)
+        local[cold] = torch.arange(cold.numel())
+        self.local_cold, self.is_cold = local, ~is_hot  # host tables, read by the CPU side
+        self.is_hot, self.num_hot, self.num_cold = is_hot.to(gpu), hot.numel(), cold.numel()
+        self.hot_ids, self.cold_ids, self._cold_on_gpu = hot.to(gpu), cold, cold.to(gpu)  # hot_ids: row order
+        self.handoff = Handoff(gpu, max_tokens)
         self.predictor, self.rule = plan_predictor(layer, strategy, gpu) if mode == "predictor" else (None, {})
         if mode == "oracle":  # |h_i| * ||down_t[i]|| > threshold: the plan's activity rule
             self.norms = down_t.dequantize().norm(dim=1).to(gpu)
@@ -74,21 +78,23 @@ class QuantHybridFFN(nn.Module):
     def wants_residual(self) -> bool:
         return self.predictor is not None and self.predictor.input == "residual"
 
-    def _hot_h(self, x: torch.Tensor, local: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def _hot_h(self, x: torch.Tensor, local: torch.Tensor, token_mask: torch.Tensor | None,
+               count: torch.Tensor | None = None) -> torch.Tensor:
         up_bias, gate_bias = (None, None) if self.hot_bias is None else (self.hot_bias[-1], self.hot_bias[0]
                                                                           if self.parts == 2 else None)
         return kernels.gathered_gate_up(x, self.hot_up, local, self.activation, self.hot_gate, up_bias, token_mask,
-                                        gate_bias=gate_bias, backend=self.backend)
+                                        gate_bias=gate_bias, backend=self.backend, count=count)
 
-    def active_mask(self, x_cpu: torch.Tensor, x_gpu: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """[T, I] bool on the GPU side's device: the neurons each token computes."""
+    def active_mask(self, x: torch.Tensor, x_gpu: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """[T, I] bool on the GPU side's device: the neurons each token computes (oracle mode: the true
+        activations, each side over its rows; a mode for checking, so its host copies are plain ones)."""
         if self.predictor is not None:
             return self.predictor.predict(predictor_input(self.predictor, x_gpu, residual), **self.rule)
         h = torch.empty(x_gpu.shape[0], self.intermediate_size, dtype=torch.float32, device=self.gpu)
         if self.num_hot:
             h[:, self.hot_ids] = self._hot_h(x_gpu, torch.arange(self.num_hot, device=self.gpu), None)
         if self.num_cold:
-            z = quant.dots(self.cold_gate_up, x_cpu, parts=self.parts)
+            z = quant.dots(self.cold_gate_up, x.cpu(), parts=self.parts)
             h[:, self._cold_on_gpu] = quant.activate(z, self.codes[0], self.codes[1], self.cold_bias,
                                                               self.codes[2]).to(self.gpu)
         return h.abs() * self.norms > self.layer.threshold
@@ -96,34 +102,47 @@ class QuantHybridFFN(nn.Module):
     def forward(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None
                 ) -> torch.Tensor:
         # x lives where the dense parts run: the CPU engine's path, or the GPU with them (hybrid.move_dense_parts)
-        xn = (x if norm is None else norm(x)).float()
-        x_cpu, x_gpu = xn.cpu().contiguous(), xn.to(self.gpu).contiguous()
+        xn = (x if norm is None else norm(x)).float().contiguous()
+        x_gpu = xn.to(self.gpu)
         if residual is not None:
             residual = residual.to(self.gpu)
-        mask = self.active_mask(x_cpu, x_gpu, residual)
+        mask = self.active_mask(xn, x_gpu, residual)
         T = x.shape[0]
-        union = mask[0] if T == 1 else mask.any(0)
-        hot_ids, cold_ids = (union & self.is_hot).nonzero().flatten(), (union & ~self.is_hot).nonzero().flatten()
-        c = self.counters
-        active = int(mask.sum())
-        c.computed, c.total = c.computed + active, c.total + T * self.intermediate_size
-        c.hot += int(mask[:, hot_ids].sum()) if hot_ids.numel() else 0
-        c.per_layer_density[self.index] = active / (T * self.intermediate_size)
+        hot = 0 if not self.num_hot else mask.sum() if not self.num_cold else (mask & self.is_hot).sum()
+        self.counters.add(self.index, mask.sum(), hot, T * self.intermediate_size)  # read once per step
         future = y_cold = None
-        if cold_ids.numel():
-            local = self.local[cold_ids].cpu()
-            cold_mask = None if T == 1 else mask[:, cold_ids].cpu()
-            args = (x_cpu, self.cold_gate_up, self.cold_down_t, self.parts, local, self.codes[0], self.codes[1])
-            kw = dict(mask=cold_mask, gate_up_bias=self.cold_bias, threshold=self.codes[2])
-            if self.pool is not None and hot_ids.numel():  # overlap with the GPU side
-                future = self.pool.submit(quant.sparse_ffn, *args, **kw)
-            else:
-                y_cold = quant.sparse_ffn(*args, **kw)
-        y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-        if hot_ids.numel():
-            local = self.local[hot_ids]
-            h = self._hot_h(x_gpu, local, None if T == 1 else mask[:, hot_ids])
-            y = kernels.gathered_down(h, self.hot_down, local, torch.float32, backend=self.backend).to(x.device)
-        if cold_ids.numel():
-            y = y + (future.result() if future is not None else y_cold).to(x.device)
-        return (y if self.down_bias is None else y + self.down_bias.to(x.device)).to(x.dtype)
+        if self.num_cold:  # the input and the mask cross to the host once; the worker waits for them, not us
+            (x_host, mask_host), landed = self.handoff.to_host(xn, mask)
+            job = functools.partial(self._cold_side, x_host, mask_host, landed)
+            future = self.pool.submit(job) if self.pool is not None and self.num_hot else None
+            y_cold = None if future is not None else job()
+        y = self._hot_side(x_gpu, mask).to(x.device) if self.num_hot else None
+        if future is not None:
+            y_cold = future.result()
+        if y_cold is not None:
+            y_cold = self.handoff.to_device(y_cold) if x.device == self.gpu else y_cold.to(x.device)
+            y = y_cold if y is None else y + y_cold
+        if y is None:
+            y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+        if self.down_bias is not None and self.down_bias.device != x.device:
+            self.down_bias = self.down_bias.to(x.device)  # once: where the dense parts run
+        return (y if self.down_bias is None else y + self.down_bias).to(x.dtype)
+
+    def _hot_side(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The GPU side's partial output, launched with no host sync: active ids compacted on the device."""
+        cols = mask[:, self.hot_ids]
+        local, count = kernels.compact(cols[0] if x.shape[0] == 1 else cols.any(0))
+        h = self._hot_h(x, local, None if x.shape[0] == 1 else cols[:, local], count)
+        return kernels.gathered_down(h, self.hot_down, local, torch.float32, backend=self.backend, count=count)
+
+    def _cold_side(self, x: torch.Tensor, mask: torch.Tensor, landed) -> torch.Tensor | None:
+        """The CPU side on the host copies (after they land): its active ids, then the file's blocks."""
+        if landed is not None:
+            landed.synchronize()
+        union = mask[0] if x.shape[0] == 1 else mask.any(0)
+        ids = (union & self.is_cold).nonzero().flatten()
+        if not ids.numel():
+            return None
+        return quant.sparse_ffn(x, self.cold_gate_up, self.cold_down_t, self.parts, self.local_cold[ids],
+                                self.codes[0], self.codes[1], mask=None if x.shape[0] == 1 else mask[:, ids],
+                                gate_up_bias=self.cold_bias, threshold=self.codes[2])

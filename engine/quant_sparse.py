@@ -118,9 +118,7 @@ class QuantSparseFFN(nn.Module):
         mask = self.active_mask(x, norm, residual)
         ids = (mask[0] if T == 1 else mask.any(0)).nonzero().flatten()
         active = ids.numel() if T == 1 else int(mask.sum())
-        c = self.counters
-        c.computed, c.total = c.computed + active, c.total + T * self.intermediate_size
-        c.per_layer_density[self.index] = active / (T * self.intermediate_size)
+        self.counters.add(self.index, active, 0, T * self.intermediate_size)
         run = quant.sparse_ffn if self.down is None else input_sparse.sparse_ffn
         y = run(x, self.gate_up, self.down_t if self.down is None else self.down, self.parts, ids, self.codes[0],
                 self.codes[1], mask=None if T == 1 else mask[:, ids], gate_up_bias=self.gate_up_bias,

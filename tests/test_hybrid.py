@@ -230,3 +230,17 @@ def test_one_predictor_rule_everywhere(strategy, value, tiny_checkpoint):
     assert torch.equal(layer.active_mask(x)[0], want)
     if strategy == "topk" and value == 0:  # nothing computed: the down bias alone, as the plan was measured
         assert torch.equal(layer(x), dense.down_bias.expand(5, -1))
+
+
+def test_oracle_on_the_device_ids_path(tiny_checkpoint):
+    """Oracle mode through the GPU side's way (reference kernels on the CPU standing in for it): the dense model."""
+    path = tiny_checkpoint("relu_llama")
+    dense = load_model(path, dtype="float32").model.forward_sequence(IDS)
+    loaded = load_model(path, dtype="float32")
+    apply_hybrid(loaded.model, make_plan(loaded, "random", seed=5), HybridConfig(mode="oracle", backend="reference"),
+                 loaded.fingerprint, gpu_device="cpu", workers=1)
+    assert not loaded.model.layers[0].ffn.hot_on_host
+    for n in (len(IDS), 6):  # a long chunk (dense over each side's rows) and a short one
+        got = loaded.model.forward_sequence(IDS[:n])
+        assert (got - dense[:n]).abs().max().item() <= 1e-5 * dense.abs().max().item()
+    assert 0 < loaded.model.ffn_counters.hot_share < 1
