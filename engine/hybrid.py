@@ -15,6 +15,7 @@ densely. With no CUDA device the "GPU side" runs on the CPU, choosing its ids as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -118,9 +119,6 @@ class HybridFFN(nn.Module):
         self.down_bias = None if dense.down_bias is None else dense.down_bias.to(gpu)
         self.norms = dense.down_t.float().norm(dim=1).to(gpu)  # ||down_t[i]||: oracle magnitudes
         self.handoff = Handoff(gpu, cfg.max_sparse_tokens)
-        # the hot side's ids stay on its device (compacted there, no host sync) unless it is the CPU itself,
-        # run by the CPU kernels: then it chooses ids like the cold side, with the dense fallback
-        self.hot_on_host = gpu.type == "cpu" and cfg.backend == "auto"
         self.predictor, self.rule = None, {}
         if cfg.mode == "predictor":  # the rule MaskedFFN and the profiler's evaluation use (engine.sparsity)
             self.predictor, self.rule = plan_predictor(layer, cfg.strategy, gpu)
@@ -181,10 +179,6 @@ class HybridFFN(nn.Module):
     def _hot_side(self, x: torch.Tensor, mask: torch.Tensor, h_known: torch.Tensor | None) -> torch.Tensor | None:
         """The GPU side's partial output, launched with no host sync: active ids compacted on the device."""
         side, T = self.hot, x.shape[0]
-        if self.hot_on_host:
-            union = mask[0] if T == 1 else mask.any(0)
-            ids = (union & self.is_hot).nonzero().flatten() if self.cold.num else union.nonzero().flatten()
-            return self._side(side, x, ids, mask, h_known) if ids.numel() else None
         cols = mask if side.all_rows else mask[:, side.ids]  # [T, hot rows]
         if h_known is not None or T > self.cfg.max_sparse_tokens:  # oracle's activations, or a long chunk
             if h_known is None:
@@ -201,11 +195,11 @@ class HybridFFN(nn.Module):
 
     def _side(self, side: _Side, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
               h_known: torch.Tensor | None) -> torch.Tensor:
-        """A side's partial output over its active neurons `ids` (global), chosen on the host, masked per
-        token; a dense product over its rows where the gather stops paying (ffn_cpu.py's crossover)."""
+        """The CPU side's partial output over its active neurons `ids` (global), chosen on the host, masked
+        per token; a dense product over its rows where the gather stops paying (ffn_cpu.py's crossover)."""
         local = ids if side.all_rows else side.local[ids]
         token_mask = None if x.shape[0] == 1 else mask[:, ids]  # one token: all of ids
-        backend = self.cfg.backend if side is self.hot else "cpu"
+        backend = "cpu"
         T = x.shape[0]
         dense_side = T > self.cfg.max_sparse_tokens or (T > 1 and ids.numel() > self.cfg.dense_above * side.num)
         if h_known is None and not dense_side:  # the sparse path proper: gather, activate, project down
@@ -284,6 +278,18 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
         log.info("plan: %d of %d layers sparse (the others expect more than %.0f%% of their neurons active, "
                  "where the dense FFN is faster on this machine)", sparse, len(plan.layers), 100 * limit)
         return counters
+    if gpu.type == "cpu" and cfg.backend == "auto" and cfg.placement != "cpu":
+        # no GPU: the "GPU side" would be the same cores through the same kernels, and splitting the neurons
+        # only adds a thread hop and two thread teams per layer (benchmarks/placement_cpu.py): one side holds
+        # them all. A kernel backend named in cfg keeps the split (a stand-in for a GPU side, in tests).
+        log.info("no GPU side (device cpu): every neuron on the CPU side, as --placement cpu")
+        cfg = dataclasses.replace(cfg, placement="cpu")
+    if gpu.type == "cpu" and cfg.backend == "auto" and cfg.placement != "cpu":
+        # no GPU: the "GPU side" would be the same cores through the same kernels, and splitting the neurons
+        # only adds a thread hop and two thread teams per layer (benchmarks/placement_cpu.py): one side holds
+        # them all. A kernel backend named in cfg keeps the split (a stand-in for a GPU side, in tests).
+        log.info("no GPU side (device cpu): every neuron on the CPU side, as --placement cpu")
+        cfg = dataclasses.replace(cfg, placement="cpu")
     move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None
     for layer, layer_plan in zip(model.layers, plan.layers):

@@ -49,7 +49,7 @@ def test_oracle_threshold_zero_is_exact(kind, activation, split, tiny_checkpoint
     path = tiny_checkpoint(kind)
     dense = load_model(path, dtype="float32", activation=activation).model.forward_sequence(IDS)
     loaded = load_model(path, dtype="float32", activation=activation)
-    apply_hybrid(loaded.model, make_plan(loaded, split, seed=len(kind)), HybridConfig(mode="oracle"),
+    apply_hybrid(loaded.model, make_plan(loaded, split, seed=len(kind)), HybridConfig(mode="oracle", backend="cpu"),
                  loaded.fingerprint, workers=1)
     # single sequence, and a decode-sized batch (below max_sparse_tokens: the sparse path)
     sparse = loaded.model.forward_sequence(IDS)
@@ -68,8 +68,8 @@ def test_oracle_batched_decode_equals_dense_engine(kind, activation, tiny_checkp
     dense_engine = LLMEngine(load_model(path, dtype="float32", activation=activation), max_num_seqs=4, max_model_len=64)
     expected = [s.output_ids for s in dense_engine.generate(prompts, params)]
     loaded = load_model(path, dtype="float32", activation=activation)
-    apply_hybrid(loaded.model, make_plan(loaded, "random"), HybridConfig(mode="oracle", max_sparse_tokens=4),
-                 loaded.fingerprint, workers=1)
+    apply_hybrid(loaded.model, make_plan(loaded, "random"),
+                 HybridConfig(mode="oracle", max_sparse_tokens=4, backend="cpu"), loaded.fingerprint, workers=1)
     engine = LLMEngine(loaded, max_num_seqs=4, max_model_len=64)
     assert [s.output_ids for s in engine.generate(prompts, params)] == expected
 
@@ -100,7 +100,8 @@ def test_predictor_mask_is_what_gets_computed(kind, tiny_checkpoint):
         layer.ffn = KeepOnly(layer.ffn)
     expected = ref_model.forward_sequence(IDS[:8])
 
-    apply_hybrid(loaded.model, plan, HybridConfig(mode="predictor", max_sparse_tokens=64), loaded.fingerprint)
+    apply_hybrid(loaded.model, plan, HybridConfig(mode="predictor", max_sparse_tokens=64, backend="cpu"),
+                 loaded.fingerprint)
     got = loaded.model.forward_sequence(IDS[:8])
     assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
     assert loaded.model.ffn_counters.sparsity == pytest.approx(1 - keep.float().mean().item(), abs=1e-6)
@@ -126,20 +127,21 @@ def test_two_cpu_sides_run_at_once(tiny_checkpoint):
     n = cfg.intermediate_size
     weights, keep = fixed_set_predictor(cfg.hidden_size, n, seed=2)
     apply_hybrid(loaded.model, make_plan(loaded, "random", seed=4, predictor=weights),
-                 HybridConfig(mode="predictor"), loaded.fingerprint, gpu_device="cpu", workers=2)
+                 HybridConfig(mode="predictor", backend="cpu"), loaded.fingerprint, gpu_device="cpu", workers=2)
     layer = loaded.model.layers[0].ffn
     hot = torch.zeros(n, dtype=torch.bool)
     hot[layer.hot.ids] = True
     assert (keep & hot).any() and (keep & ~hot).any()  # both sides have work on every call
     barrier, threads = threading.Barrier(2, timeout=20), set()
-    side = layer._side
 
-    def at_once(*args):
-        threads.add(threading.get_ident())
-        barrier.wait()  # the other side must be running now
-        return side(*args)
+    def at_once(side):
+        def run(*args):
+            threads.add(threading.get_ident())
+            barrier.wait()  # the other side must be running now
+            return side(*args)
+        return run
 
-    layer._side = at_once
+    layer._hot_side, layer._cold_side = at_once(layer._hot_side), at_once(layer._cold_side)
     gen = torch.Generator().manual_seed(3)
     for step in range(30):
         x = torch.randn(1 + step % 4, cfg.hidden_size, generator=gen)
@@ -239,8 +241,23 @@ def test_oracle_on_the_device_ids_path(tiny_checkpoint):
     loaded = load_model(path, dtype="float32")
     apply_hybrid(loaded.model, make_plan(loaded, "random", seed=5), HybridConfig(mode="oracle", backend="reference"),
                  loaded.fingerprint, gpu_device="cpu", workers=1)
-    assert not loaded.model.layers[0].ffn.hot_on_host
+    assert loaded.model.layers[0].ffn.hot.num > 0  # a split: the reference kernels stand in for a GPU side
     for n in (len(IDS), 6):  # a long chunk (dense over each side's rows) and a short one
         got = loaded.model.forward_sequence(IDS[:n])
         assert (got - dense[:n]).abs().max().item() <= 1e-5 * dense.abs().max().item()
     assert 0 < loaded.model.ffn_counters.hot_share < 1
+
+
+def test_no_gpu_means_one_side(tiny_checkpoint):
+    """With no GPU and the default kernels, a hybrid placement runs every neuron on the CPU side (a split of
+    the same cores only adds a thread hop per layer: benchmarks/placement_cpu.py); same logits either way."""
+    path = tiny_checkpoint("relu_llama")
+    got = []
+    for placement in ("hybrid", "cpu"):
+        loaded = load_model(path, dtype="float32")
+        apply_hybrid(loaded.model, make_plan(loaded, "random", seed=2),
+                     HybridConfig(mode="oracle", placement=placement), loaded.fingerprint, gpu_device="cpu", workers=1)
+        ffn = loaded.model.layers[0].ffn
+        assert ffn.hot.num == 0 and ffn.cold.num == loaded.config.intermediate_size
+        got.append(loaded.model.forward_sequence(IDS[:6]))
+    assert torch.equal(got[0], got[1])
