@@ -270,10 +270,11 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
 
         limit = calibrate.current().sparse_max_density if cfg.max_sparse_density is None else cfg.max_sparse_density
         sparse = 0
-        for layer, layer_plan in zip(model.layers, plan.layers):
-            if expected_density(layer_plan, cfg.mode, cfg.strategy) <= limit:  # else dense: it would not pay
-                layer.ffn = QuantSparseFFN(layer.ffn, layer_plan, cfg.mode, cfg.strategy, counters)
-                sparse += 1
+        with native.large_frees_returned():  # the conversion's temporaries go back to the system
+            for layer, layer_plan in zip(model.layers, plan.layers):
+                if expected_density(layer_plan, cfg.mode, cfg.strategy) <= limit:  # else dense: it would not pay
+                    layer.ffn = QuantSparseFFN(layer.ffn, layer_plan, cfg.mode, cfg.strategy, counters)
+                    sparse += 1
         native.release_heap()  # the temporaries of down's transposition
         log.info("plan: %d of %d layers sparse (the others expect more than %.0f%% of their neurons active, "
                  "where the dense FFN is faster on this machine)", sparse, len(plan.layers), 100 * limit)

@@ -111,6 +111,7 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
     cfg, reader = _open(path, activation)
     if path.suffix == ".gguf":
         tokenizer = from_gguf_metadata(reader.metadata)
+        reader.forget_vocabulary()  # the tokenizer holds it now: not resident beside the weights' copies
         gen = GenerationDefaults()
     else:
         gen = _generation_defaults(path)

@@ -8,6 +8,7 @@ so a model is converted into hotcold's layout with at most one extra tensor in f
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import pickle
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from hotcold.engine.errors import HotcoldError
-from hotcold.kernels.quant import QuantTensor, from_gguf
+from hotcold.kernels.quant import NATIVE_TYPES, QuantTensor, from_gguf
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -237,6 +238,22 @@ def _release(mapped: np.ndarray) -> None:
     release_mapped(mapped.ctypes.data, mapped.nbytes)
 
 
+def _streamed_copy(mapped: np.ndarray, chunk: int = 8 << 20) -> np.ndarray:
+    """This process's own copy of a memory-mapped tensor, taken `chunk` bytes at a time, each piece's file pages
+    dropped once copied: a tensor's file pages never sit resident beside its whole copy (a 113 MB head was
+    the load's peak, 2 x 113 MB at once)."""
+    if not mapped.flags.c_contiguous:
+        out = np.ascontiguousarray(mapped)
+        _release(mapped)
+        return out
+    out = np.empty_like(mapped)
+    src, dst = mapped.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
+    for start in range(0, src.size, chunk):
+        dst[start: start + chunk] = src[start: start + chunk]
+        _release(src[start: start + chunk])
+    return out
+
+
 class _Damaged(Exception):
     """A GGUF file that ends before what its own header describes."""
 
@@ -292,6 +309,12 @@ class GGUFReader:
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.powerinfer = self._reader.powerinfer
         self.metadata = self._read_metadata()
+        # gguf's reader holds every metadata field as numpy views, two per vocabulary entry and merge: 166 MB
+        # for a 49152-token vocabulary, resident through the load. Their contents are in self.metadata now.
+        self._reader.fields = {}
+        from hotcold.kernels.native import release_heap
+
+        release_heap()  # their pages, before the tensors' copies are laid over them
         self.arch = self.metadata.get("general.architecture")
         self.n_head = self.metadata.get(f"{self.arch}.attention.head_count")
         self.n_head_kv = self.metadata.get(f"{self.arch}.attention.head_count_kv") or self.n_head
@@ -306,6 +329,16 @@ class GGUFReader:
             except Exception:  # an exotic field type: skip rather than fail the whole load
                 continue
         return meta
+
+    def forget_vocabulary(self) -> None:
+        """Drop the tokenizer's arrays from the metadata (42 MB of Python objects for 49152 tokens and their
+        merges) once a tokenizer has been made from them."""
+        for key in [k for k, v in self.metadata.items() if k.startswith("tokenizer.ggml.") and isinstance(v, list)]:
+            del self.metadata[key]
+        gc.collect()
+        from hotcold.kernels.native import release_heap
+
+        release_heap()
 
     def tensor_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {n: (tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name) for n, t in self._tensors.items()}
@@ -343,8 +376,12 @@ class GGUFReader:
         if tensor is None or tensor.tensor_type.name in FLOAT_TYPES:
             return None
         cols = int(tensor.shape[0])  # GGUF lists the contiguous dimension first
+        qtype = tensor.tensor_type.name
         try:
-            out = from_gguf(np.asarray(tensor.data), tensor.tensor_type.name, cols)
+            if qtype in NATIVE_TYPES:  # the blocks as they are: copied out chunk by chunk
+                out = from_gguf(_streamed_copy(np.asarray(tensor.data)), qtype, cols, copy=False)
+            else:
+                out = from_gguf(np.asarray(tensor.data), qtype, cols)
         except (ValueError, NotImplementedError) as exc:
             raise HotcoldError(f"{tensor.name}: cannot use its {tensor.tensor_type.name} data ({exc}); convert the "
                                "model to Q8_0, Q4_0, Q4_1 or F16 with llama-quantize") from None

@@ -97,8 +97,11 @@ def to_input_major(w: QuantTensor) -> InputMajor:
     scales, mins = scales.T.contiguous(), None if mins is None else mins.T.contiguous()
     if w.qtype == "Q8_0":
         codes = codes.view(torch.uint8).T.contiguous()  # the raw int8 bytes
-    else:
-        codes = pack4(unpack4(codes).T.contiguous())
+    else:  # in slices of inputs: the unpacked values of a whole matrix are 4x its bytes (a load-time peak)
+        out = torch.empty(cols, rows // 2, dtype=torch.uint8)
+        for c in range(0, cols, 1024):  # a multiple of 32 values: whole blocks
+            out[c: c + 1024] = pack4(unpack4(codes[:, c // 2: (c + 1024) // 2]).T.contiguous())
+        codes = out
     native.use_huge_pages(codes)  # kept rows are gathered: a TLB walk each on 4 KiB pages
     return InputMajor(codes, scales, mins, w.qtype)
 

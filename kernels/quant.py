@@ -366,12 +366,13 @@ def quantize(t: torch.Tensor, qtype: str) -> QuantTensor:
     return QuantTensor(out, qtype, cols)
 
 
-def from_gguf(raw: np.ndarray, qtype: str, cols: int) -> QuantTensor:
+def from_gguf(raw: np.ndarray, qtype: str, cols: int, copy: bool = True) -> QuantTensor:
     """A GGUF tensor's bytes ([rows, row_bytes] uint8, as gguf.GGUFReader gives them) as a QuantTensor; types
-    quant.c does not run are dequantized (gguf.quants) and re-quantized to Q8_0 once."""
+    quant.c does not run are dequantized (gguf.quants) and re-quantized to Q8_0 once. copy=False: `raw` is
+    already this process's own copy, kept as it is."""
     raw = np.ascontiguousarray(raw).reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
     if qtype in NATIVE_TYPES:
-        return QuantTensor(torch.from_numpy(raw.copy()), qtype, cols)
+        return QuantTensor(torch.from_numpy(raw.copy() if copy else raw), qtype, cols)
     import gguf
 
     values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])

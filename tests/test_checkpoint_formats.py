@@ -240,3 +240,19 @@ def test_quantized_ffn_is_seen_from_the_header(tmp_path):
     assert not holds_quantized_ffn(write_llama_gguf(folder, tmp_path / "f32.gguf"))
     assert holds_quantized_ffn(write_llama_gguf(folder, tmp_path / "q8.gguf", qtype="Q8_0"))
     assert not holds_quantized_ffn(folder)
+
+
+def test_streamed_copy_of_a_mapping(tmp_path):
+    """Loading copies each GGUF tensor out of its file mapping in pieces, dropping each piece's pages: the
+    copy is byte for byte the file's, over piece boundaries that fall inside pages and rows."""
+    import numpy as np
+
+    from hotcold.engine.weights import _streamed_copy
+
+    data = np.random.default_rng(0).integers(0, 256, size=(37, 1234), dtype=np.uint8)
+    path = tmp_path / "t.bin"
+    data.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=data.shape)
+    for chunk in (4096, 5000, 1 << 20):
+        got = _streamed_copy(mapped, chunk)
+        assert got.shape == data.shape and np.array_equal(got, data) and not np.shares_memory(got, mapped)
