@@ -65,14 +65,15 @@ class QuantSparseFFN(nn.Module):
         super().__init__()
         if mode not in ("oracle", "predictor"):
             raise HotcoldError(f"unknown sparsity mode {mode!r}")
-        self.gate_up = quant.untile(ffn.gate_up)  # its active rows are gathered
-        if self.gate_up is not ffn.gate_up:
-            native.use_huge_pages(self.gate_up.data)  # gathered rows: a TLB walk each on 4 KiB pages
+        # its active rows are gathered: row-major again, in place (no second copy while converting; `ffn`
+        # takes the row-major matrix too, so it stays usable)
+        self.gate_up = ffn.gate_up = quant.untile(ffn.gate_up, in_place=True)
         self.gate_up_bias, self.down_bias = ffn.gate_up_bias, ffn.down_bias
         self.parts, self.codes, self.index = 2 if ffn.gated else 1, ffn.codes, layer.index
         self.intermediate_size = ffn.intermediate_size
         self.down_t = self.down = None  # one of the two: neuron-major rows, or down input-major
         if ffn.down_t is None and down_type == "input-major" and input_sparse.supported(ffn.down):
+            ffn.down = quant.untile(ffn.down, in_place=True)
             self.down = input_sparse.to_input_major(ffn.down)
         else:
             self.down_t = ffn.down_t if ffn.down_t is not None else quant.transpose(

@@ -27,6 +27,7 @@ from .quant import (
     split_blocks,
     split_values,
     unpack4,
+    untile,
 )
 
 TYPES = SPLIT_TYPES  # the formats whose blocks rearrange losslessly (quant.c's other types: not yet)
@@ -93,15 +94,20 @@ def to_input_major(w: QuantTensor) -> InputMajor:
         raise ValueError(f"input-major storage takes {', '.join(TYPES)} matrices with a multiple of 32 rows; "
                          f"got {w.qtype if isinstance(w, QuantTensor) else type(w).__name__} {tuple(w.shape)}")
     rows, cols = w.shape
-    codes, scales, mins = split_blocks(w)
-    scales, mins = scales.T.contiguous(), None if mins is None else mins.T.contiguous()
-    if w.qtype == "Q8_0":
-        codes = codes.view(torch.uint8).T.contiguous()  # the raw int8 bytes
-    else:  # in slices of inputs: the unpacked values of a whole matrix are 4x its bytes (a load-time peak)
-        out = torch.empty(cols, rows // 2, dtype=torch.uint8)
-        for c in range(0, cols, 1024):  # a multiple of 32 values: whole blocks
-            out[c: c + 1024] = pack4(unpack4(codes[:, c // 2: (c + 1024) // 2]).T.contiguous())
-        codes = out
+    w = untile(w)
+    block = w.row_bytes // (cols // 32)
+    codes = torch.empty(cols, rows if w.qtype == "Q8_0" else rows // 2, dtype=torch.uint8)
+    scales = torch.empty(cols // 32, rows, dtype=torch.float16)
+    mins = torch.empty(cols // 32, rows, dtype=torch.float16) if w.qtype == "Q4_1" else None
+    for c in range(0, cols, 1024):  # in slices of 1024 inputs (whole blocks): no whole-matrix temporaries
+        n = min(1024, cols - c)
+        part = QuantTensor(w.data[:, c // 32 * block: (c + n) // 32 * block].contiguous(), w.qtype, n)
+        c_part, s_part, m_part = split_blocks(part)
+        scales[c // 32: (c + n) // 32] = s_part.T
+        if mins is not None:
+            mins[c // 32: (c + n) // 32] = m_part.T
+        # the raw int8 bytes, or 4-bit values repacked along the outputs
+        codes[c: c + n] = c_part.view(torch.uint8).T if w.qtype == "Q8_0" else pack4(unpack4(c_part).T.contiguous())
     native.use_huge_pages(codes)  # kept rows are gathered: a TLB walk each on 4 KiB pages
     return InputMajor(codes, scales, mins, w.qtype)
 

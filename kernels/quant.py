@@ -101,14 +101,16 @@ def tile(w: QuantTensor, in_place: bool = False) -> QuantTensor:
     return QuantTensor(out, w.qtype, w.cols, tiled_rows=rows)
 
 
-def untile(w: QuantTensor, idx: torch.Tensor | None = None) -> QuantTensor:
-    """Row-major blocks again (rows idx, default all): for what gathers rows or rearranges them."""
+def untile(w: QuantTensor, idx: torch.Tensor | None = None, in_place: bool = False) -> QuantTensor:
+    """Row-major blocks again (rows idx, default all): for what gathers rows or rearranges them. `in_place`
+    re-lays w's own bytes where it can (all rows, a multiple of 4): w must not be used afterwards."""
     if not w.tiled_rows:
         return w if idx is None else w.rows(idx)
     if idx is not None:
         idx = idx.to(torch.int64).contiguous()
     K = w.tiled_rows if idx is None else idx.numel()
-    out = torch.empty(K, w.row_bytes, dtype=torch.uint8)
+    in_place = in_place and idx is None and K % 4 == 0 and w.data.is_contiguous()
+    out = w.data.view(K, w.row_bytes) if in_place else torch.empty(K, w.row_bytes, dtype=torch.uint8)
     status = _lib().quant_untile(w.data.data_ptr(), NATIVE_TYPES[w.qtype], w.tiled_rows, w.cols,
                                  None if idx is None else idx.data_ptr(), K, out.data_ptr())
     _check(status, idx, w.tiled_rows)

@@ -74,11 +74,30 @@ int quant_tile(const uint8_t *W, int type, int64_t rows, int64_t cols, uint8_t *
     return 0;
 }
 
-/* out [K, row_bytes] = rows idx (or 0..K-1) of a tiled matrix, as GGUF stores them. */
+static void untile_task(void *p, int64_t t0, int64_t t1) { /* whole tiles back to their rows, in place */
+    const tile_call_t *c = p;
+    const int tb = tile_block_bytes(c->type), bytes = tb / 4;
+    uint8_t tile[c->nb * tb]; /* the tile, copied first: its rows take its bytes */
+    for (int64_t t = t0; t < t1; t++) {
+        memcpy(tile, c->out + t * c->nb * tb, (size_t)(c->nb * tb));
+        for (int r = 0; r < 4; r++)
+            for (int64_t b = 0; b < c->nb; b++)
+                move_block(c->type, tile + b * tb, r, c->out + ((4 * t + r) * c->nb + b) * bytes, 0);
+    }
+}
+
+/* out [K, row_bytes] = rows idx (or 0..K-1) of a tiled matrix, as GGUF stores them; out may be T itself
+ * (no idx, rows a multiple of 4: no second copy when a plan takes the matrix over). */
 int quant_untile(const uint8_t *T, int type, int64_t rows, int64_t cols, const int64_t *idx, int64_t K,
                  uint8_t *out) {
     int tb = tile_block_bytes(type), bytes = tb / 4;
     if (!tb || cols % 32) return -2;
+    if (out == T) {
+        if (idx || K != rows || rows % 4) return -2;
+        tile_call_t c = {.W = T, .out = out, .type = type, .rows = rows, .nb = cols / 32};
+        pool_run(untile_task, &c, rows / 4, 16);
+        return 0;
+    }
     if (idx && check_ids(idx, K, rows)) return -1;
     int64_t nb = cols / 32;
     for (int64_t k = 0; k < K; k++) {

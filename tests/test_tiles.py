@@ -30,6 +30,9 @@ def test_tiles_are_lossless(qtype, rows):
     assert np.array_equal(w.dequantize(idx).numpy(), want[idx.numpy()])
     assert np.array_equal(quant.untile(w, idx).data.numpy(), raw[idx.numpy()])
     assert np.array_equal(quant.dequantize_rows(w, start=rows // 2).numpy(), want[rows // 2:])
+    back = quant.untile(w, in_place=True)  # a plan taking the matrix over: its own bytes re-laid
+    assert np.array_equal(back.data.numpy(), raw) and not back.tiled_rows
+    assert (back.data.data_ptr() == w.data.data_ptr()) == (rows % 4 == 0)  # a partial tile: a copy
 
 
 @needs_tiles
