@@ -261,3 +261,50 @@ def test_no_gpu_means_one_side(tiny_checkpoint):
         assert ffn.hot.num == 0 and ffn.cold.num == loaded.config.intermediate_size
         got.append(loaded.model.forward_sequence(IDS[:6]))
     assert torch.equal(got[0], got[1])
+
+
+def _reachable_storages(root) -> list[torch.Tensor]:
+    """Every tensor storage reachable from `root` through modules, hotcold objects, containers, as one flat
+    tensor each (views of one storage counted once)."""
+    seen, stack, storages = set(), [root], {}
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            flat = torch.tensor([], dtype=obj.dtype, device=obj.device).set_(storage)
+            storages.setdefault(storage.data_ptr(), flat)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif isinstance(obj, torch.nn.Module) or type(obj).__module__.startswith("hotcold"):
+            stack.extend(vars(obj).values())
+    return list(storages.values())
+
+
+@pytest.mark.parametrize("mode", ["oracle", "predictor"])
+def test_every_neuron_is_held_once(mode, tiny_checkpoint):
+    """Walk every tensor reachable from a model running a plan (GPU side standing in on the CPU, a random
+    split) and count each FFN neuron's gate, up and down rows among them: exactly once each — the dense FFN
+    is not kept beside the two sides' copies."""
+    path = tiny_checkpoint("llama")
+    dense = load_model(path, dtype="float32").model
+    loaded = load_model(path, dtype="float32")
+    cfg = loaded.config
+    weights, _ = fixed_set_predictor(cfg.hidden_size, cfg.intermediate_size, seed=1)
+    apply_hybrid(loaded.model, make_plan(loaded, "random", seed=6, predictor=weights if mode == "predictor" else None),
+                 HybridConfig(mode=mode, backend="cpu"), loaded.fingerprint, gpu_device="cpu", workers=1)
+    counts: dict[bytes, int] = {}
+    for flat in _reachable_storages(loaded.model):
+        if flat.dtype == torch.float32 and flat.numel() % cfg.hidden_size == 0:
+            for row in flat.view(-1, cfg.hidden_size):
+                counts[row.numpy().tobytes()] = counts.get(row.numpy().tobytes(), 0) + 1
+    for layer in dense.layers:
+        f = layer.ffn
+        rows = torch.cat([f.gate_up[:, 0], f.gate_up[:, 1], f.down_t])
+        found = [counts.get(r.numpy().tobytes(), 0) for r in rows]
+        assert found == [1] * len(found), f"rows held {sorted(set(found))} times"
+    assert 0 < loaded.model.layers[0].ffn.hot.num < cfg.intermediate_size  # both sides hold rows
