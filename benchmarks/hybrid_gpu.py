@@ -14,7 +14,8 @@
    With --qtypes q4_0 the FFN is quantized at load (Q4_0 gate/up, Q8_0 down rows: what the quantized hybrid
    holds) and the budget's FFN share is counted in those bytes, so it holds more neurons: hybrid = quantized
    hot rows on the GPU (engine/quant_hybrid.py), split and all-GPU = the same rows through the same kernels
-   for every neuron of the GPU layers; attention, embeddings and head are bfloat16 on the GPU in every setup.
+   for every neuron of the GPU layers; attention, embeddings and head go to the GPU as the hybrid's do
+   (quantized rows; bfloat16 in the float run).
 Prints a table and writes benchmarks/results/hybrid_gpu.json (hybrid_gpu_smoke.json in --tiny mode).
 """
 
@@ -49,8 +50,10 @@ from hotcold.kernels import qrows, quant  # noqa: E402
 from hotcold.kernels.quant import QuantTensor  # noqa: E402
 
 
-def nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+def nbytes(*tensors: torch.Tensor | qrows.QRows | None) -> int:
+    """Bytes of distinct tensors (a tied head counted once; quantized rows at their own size)."""
+    unique = {id(t): t for t in tensors if t is not None}.values()
+    return sum(t.nbytes if isinstance(t, qrows.QRows) else t.numel() * t.element_size() for t in unique)
 
 
 def layer_bytes(block) -> tuple[int, int]:
@@ -107,9 +110,14 @@ class DeviceBlock(nn.Module):
 def to_device(block, device: torch.device, backend: str) -> None:
     """A whole block to the GPU: a quantized one's attention as bfloat16, its FFN as QuantGPUFFN."""
     a, f = block.attn, block.ffn
-    if isinstance(f, QuantFFN):
-        to = lambda t: None if t is None else (t.dequantize() if isinstance(t, QuantTensor) else t).to(  # noqa: E731
-            device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if isinstance(f, QuantFFN):  # as the hybrid's dense parts go (engine.hybrid.move_dense_parts)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+        def to(t):
+            if isinstance(t, QuantTensor):
+                return qrows.from_quant(t).to(device) if qrows.supported(t) else t.dequantize().to(device, dtype)
+            return None if t is None else t.to(device, dtype)
+
         a.wqkv, a.wo, a.bqkv, a.bo = to(a.wqkv), to(a.wo), to(a.bqkv), to(a.bo)
         for norm in (block.attn_norm, block.ffn_norm):
             norm.weight = to(norm.weight)
@@ -193,8 +201,7 @@ def main() -> None:
     for qtype in args.qtypes.split(","):
         quantize = None if qtype == "none" else qtype.upper()
         load = functools.partial(load_model, folder, dtype=None if quantize else dtype, quantize=quantize)
-        results.append(run_setups(load, load_plan(plan_dir), gpu, backend, budget, fixed, kv, ffn_total, args,
-                                  quantize))
+        results.append(run_setups(load, load_plan(plan_dir), gpu, backend, budget, kv, ffn_total, args, quantize))
         for r in results[-1]["rows"]:
             r["qtype"] = qtype
         out = report(results, shape_name, gpu, dtype, budget, args)  # after each: a timeout keeps what ran
@@ -223,7 +230,7 @@ def report(results: list[dict], shape_name: str, gpu: torch.device, dtype: torch
     return out
 
 
-def run_setups(load, plan, gpu: torch.device, backend: str, budget: int, fixed: int, kv: int, ffn_total: int, args,
+def run_setups(load, plan, gpu: torch.device, backend: str, budget: int, kv: int, ffn_total: int, args,
                quantize: str | None) -> dict:
     """The three setups under one budget; quantized: the hot neurons re-placed for the quantized rows' bytes."""
     rows = []
@@ -245,6 +252,7 @@ def run_setups(load, plan, gpu: torch.device, backend: str, budget: int, fixed: 
         loaded = load()
         model = loaded.model
         move_dense_parts_only_head(model, gpu)
+        fixed = nbytes(model.embed, model.lm_head, model.final_norm.weight)  # as held on the GPU
         blocks = list(model.layers)
         k = cfg.num_layers
         for i, block in enumerate(blocks):

@@ -33,7 +33,7 @@ from hotcold.engine.layers import DenseFFN, NeuronRows, QuantFFN
 from hotcold.engine.model import Transformer
 from hotcold.engine.plan import LayerPlan, Plan
 from hotcold.engine.sparsity import plan_predictor, predictor_input
-from hotcold.kernels import native
+from hotcold.kernels import native, qrows
 from hotcold.kernels.quant import QuantTensor
 
 log = logging.getLogger(__name__)
@@ -222,8 +222,10 @@ def _masked(h: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def move_dense_parts(model: Transformer, device: torch.device, dtype: torch.dtype | None = None) -> None:
-    """Attention, embeddings, norms and the head go to the GPU first (PowerInfer's order). Quantized matrices
-    (GGUF blocks, which only the CPU kernels read) become `dtype` floats on the way, as do the norms."""
+    """Attention, embeddings, norms and the head go to the GPU first (PowerInfer's order). A quantized
+    model's matrices (GGUF blocks, which only the CPU kernels read) go as quantized rows (kernels.qrows:
+    Q4_0/Q4_1/Q8_0, their bytes moved, products in the Triton kernels) or, other types, as `dtype` floats;
+    its norms and activations then run in `dtype` (default bfloat16)."""
     quantized = isinstance(model.embed, QuantTensor)
     if model.device == device and not quantized:
         return
@@ -233,7 +235,7 @@ def move_dense_parts(model: Transformer, device: torch.device, dtype: torch.dtyp
         if t is None:
             return None
         if isinstance(t, QuantTensor):
-            return t.dequantize().to(device, dtype)
+            return qrows.from_quant(t).to(device) if qrows.supported(t) else t.dequantize().to(device, dtype)
         return t.to(device, dtype) if quantized else t.to(device)
 
     model.embed = move(model.embed)
@@ -307,7 +309,7 @@ def _apply_quant_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, gpu: 
     there, cold ones on the CPU (engine/quant_hybrid.py); the rest of the model stays on the CPU path."""
     from hotcold.engine.quant_hybrid import QuantHybridFFN
 
-    if gpu.type != "cpu":  # a real GPU: the dense parts run there, dequantized (no quantized dense GPU kernels yet)
+    if gpu.type != "cpu":  # a real GPU: the dense parts run there, as quantized rows
         move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None
     for layer, layer_plan in zip(model.layers, plan.layers):

@@ -1,7 +1,8 @@
 """The parts a transformer block is made of, beside attention: the norm, the one `linear` every projection
-goes through (float, quantized, or input-sparse weights), and the FFNs (`DenseFFN`, `QuantFFN`, `MoEFFN`),
-all with `activations(x) -> h` and `project_down(h) -> y` where they are dense, so sparse versions can
-replace them (engine/hybrid.py, engine/quant_sparse.py, engine/input_sparsity.py).
+goes through (float weights; quantized ones, as GGUF blocks on the CPU or as quantized rows on a GPU; or
+input-sparse ones), and the FFNs (`DenseFFN`, `QuantFFN`, `MoEFFN`), all with `activations(x) -> h` and
+`project_down(h) -> y` where they are dense, so sparse versions can replace them (engine/hybrid.py,
+engine/quant_sparse.py, engine/input_sparsity.py).
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hotcold import kernels
 from hotcold.engine.activations import activate, gate_up_bias, kernel_activation
 from hotcold.engine.config import GATED
 from hotcold.engine.input_sparsity import SparseInput
 from hotcold.kernels import cpu_sparse, native, quant
+from hotcold.kernels.qrows import QRows
 from hotcold.kernels.quant import QuantTensor
 from hotcold.kernels.reference import FUNCTIONS
 
-Weight = torch.Tensor | QuantTensor | SparseInput
+Weight = torch.Tensor | QuantTensor | QRows | SparseInput
 
 
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
@@ -27,6 +30,10 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, norm: Norm
     drops its small inputs first (engine.input_sparsity)."""
     if isinstance(w, SparseInput):
         return w.product(x if norm is None else norm(x), b)
+    if isinstance(w, QRows):  # quantized rows on a GPU side (engine.hybrid.move_dense_parts)
+        xn = (x if norm is None else norm(x)).reshape(-1, x.shape[-1])
+        y = kernels.quantized_linear(xn.float().contiguous(), w).view(*x.shape[:-1], w.shape[0])
+        return (y if b is None else y + b.float()).to(x.dtype)
     if isinstance(w, QuantTensor):
         fold = norm is not None and norm.kind == "rms"
         if norm is not None and not fold:

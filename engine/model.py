@@ -22,6 +22,7 @@ from hotcold.engine.layers import Norm, QuantFFN, linear
 from hotcold.kernels import block as block_kernel
 from hotcold.kernels import quant
 from hotcold.kernels.input_sparse import InputMajor
+from hotcold.kernels.qrows import QRows
 from hotcold.kernels.quant import QuantTensor
 
 
@@ -214,7 +215,10 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype: the weights' float dtype, fp32 over quantized weights."""
+        """The activations' dtype: the weights' float dtype, fp32 over quantized weights on the CPU, the norms'
+        over quantized rows on a GPU (engine.hybrid.move_dense_parts)."""
+        if isinstance(self.embed, QRows):
+            return self.final_norm.weight.dtype
         return torch.float32 if isinstance(self.embed, QuantTensor) else self.embed.dtype
 
     @property
@@ -247,8 +251,12 @@ class Transformer(nn.Module):
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """Run the flattened tokens of one step; return float32 logits at `logits_indices` (default: all)."""
         positions = batch.token_positions().to(self.device)
-        x = self.embed.dequantize(input_ids) if isinstance(self.embed, QuantTensor) else F.embedding(
-            input_ids, self.embed)
+        if isinstance(self.embed, QuantTensor):
+            x = self.embed.dequantize(input_ids)
+        elif isinstance(self.embed, QRows):  # the rows looked up, dequantized where they are
+            x = self.embed[input_ids].to(self.dtype)
+        else:
+            x = F.embedding(input_ids, self.embed)
         if self.pos_embed is not None:
             x = x + F.embedding(positions + 2, self.pos_embed)  # OPT's learned positions start at offset 2
         if self.config.embed_scale != 1.0:

@@ -165,18 +165,18 @@ def dense_parts(model: nn.Module, dtype_bytes: int, predictor_params: int, conte
     parts = {"embeddings": 0, "attention": 0, "norms": 0, "lm_head": 0, "other": 0}
     seen: set[int] = set()
 
-    def add(part: str, t: Tensor | QuantTensor | None) -> None:
-        if not isinstance(t, (Tensor, QuantTensor)) or id(t) in seen:
+    def add(part: str, t: Weight | None) -> None:
+        if not isinstance(t, Weight) or id(t) in seen:
             return
         seen.add(id(t))
-        parts[part] += numel(t) * dtype_bytes
+        parts[part] += gpu_bytes(t, dtype_bytes)
 
     add("embeddings", getattr(model, "embed", None))
     add("embeddings", getattr(model, "pos_embed", None))
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None and id(lm_head) in seen:
         seen.discard(id(lm_head))  # tied: the GPU needs the matrix once, count it under lm_head
-        parts["embeddings"] -= numel(lm_head) * dtype_bytes
+        parts["embeddings"] -= gpu_bytes(lm_head, dtype_bytes)
     add("lm_head", lm_head)
     for block in model.layers:
         for t in _tensors(block.attn):
@@ -193,15 +193,24 @@ def dense_parts(model: nn.Module, dtype_bytes: int, predictor_params: int, conte
     return parts
 
 
-def numel(t: Tensor | QuantTensor) -> int:
-    return math.prod(t.shape)
+Weight = Tensor | QuantTensor | qrows.QRows
 
 
-def _tensors(module: nn.Module | None) -> list[Tensor | QuantTensor]:
-    """A module's weights; quantized ones (CPU blocks) count as the floats they become on a GPU."""
+def gpu_bytes(t: Weight, dtype_bytes: int) -> int:
+    """What a weight costs on a GPU side: float tensors in `dtype_bytes` per element; a quantized matrix as
+    the quantized rows it becomes there (engine.hybrid.move_dense_parts), or as floats where its type has no
+    such rows."""
+    if isinstance(t, qrows.QRows):
+        return t.nbytes
+    if qrows.supported(t):
+        return t.shape[0] * qrows.row_bytes(t.qtype, t.shape[1])
+    return math.prod(t.shape) * dtype_bytes
+
+
+def _tensors(module: nn.Module | None) -> list[Weight]:
     if module is None:
         return []
-    return [v for v in vars(module).values() if isinstance(v, (Tensor, QuantTensor))] + \
+    return [v for v in vars(module).values() if isinstance(v, Weight)] + \
         list(module.parameters()) + list(module.buffers())
 
 

@@ -21,7 +21,7 @@ from .reference import ACTIVATIONS, ActivationSpec, activation_spec
 
 __all__ = [
     "ACTIVATIONS", "ActivationSpec", "CpuConfig", "QRows", "activation_spec", "compact", "dense_ffn", "gathered_down",
-    "gathered_ffn", "gathered_gate_up", "resolve_backend", "triton_available",
+    "gathered_ffn", "gathered_gate_up", "quantized_linear", "resolve_backend", "triton_available",
 ]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -124,6 +124,15 @@ def gathered_ffn(
                                        gate_bias=gate_bias, out_dtype=out_dtype)
     h = impl.gathered_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias=gate_bias, **kw)
     return impl.gathered_down(h, w_down_t, idx, out_dtype, **kw)
+
+
+IDENTITY = ActivationSpec(False, "identity", "identity")
+
+
+def quantized_linear(x: torch.Tensor, w: QRows, *, backend: str = "auto") -> torch.Tensor:
+    """fp32 [T, rows] = x . w^T for a dense matrix held as quantized rows: the gate/up kernel over every row
+    with no activation (on a GPU it reads the quantized bytes and dequantizes in registers)."""
+    return gathered_gate_up(x, w, w.all_ids(), IDENTITY, backend=backend)
 
 
 def gathered_down(

@@ -9,9 +9,10 @@ row per neuron (losslessly: `from_quant` moves bytes, nothing is re-rounded):
 Dequantized as GGML does: Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q (fp32).
 
 The kernels (kernels/triton_ffn.py) read the codes and scales and dequantize in registers, so the rows cost
-their quantized bytes in GPU memory and bandwidth. The other backends take the rows through `__getitem__`
-(dequantized fp32 rows), which is what kernels/reference.py indexes: the quantized rows behave there as fp32
-weights with those values.
+their quantized bytes in GPU memory and bandwidth. A dense matrix held this way (attention's projections,
+the head on a GPU) is the gathered product over all its rows (kernels.quantized_linear). The other backends
+take the rows through `__getitem__` (dequantized fp32 rows), which is what kernels/reference.py indexes: the
+quantized rows behave there as fp32 weights with those values.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ class QRows(Stored):
 
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
         return self.select(idx.long()).dequantize()
+
+    def all_ids(self) -> torch.Tensor:
+        """0..rows-1 on the rows' device (made once): a dense product is the gathered one over every row."""
+        ids = self.__dict__.get("_all_ids")
+        if ids is None or ids.device != self.codes.device:
+            ids = self.__dict__["_all_ids"] = torch.arange(self.shape[0], device=self.codes.device)
+        return ids
 
 
 def row_bytes(qtype: str, cols: int) -> int:

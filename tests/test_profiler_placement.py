@@ -11,6 +11,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.placement import dense_parts, neuron_bytes, parse_memory, place_neurons
+from hotcold.kernels import qrows
 
 
 def _value(freqs, hot_ids) -> float:
@@ -161,11 +162,11 @@ def test_replan_at_start_takes_the_most_frequent_neurons_that_fit(tiny_checkpoin
 
 def test_quantized_model_counts_the_bytes_its_gpu_side_holds(tiny_checkpoint):
     """--gpu-memory on a model kept in GGUF blocks: a neuron costs the quantized rows the quantized hybrid
-    really puts on its GPU side (measured on those tensors), and the dense parts count the same weights as
-    the float model's (they become floats on the GPU)."""
+    really puts on its GPU side, and the dense parts the quantized rows they become there (both measured on
+    those tensors, after the move), less than the float model's."""
     from test_hybrid import make_plan
 
-    from hotcold.engine.hybrid import HybridConfig, apply_hybrid
+    from hotcold.engine.hybrid import HybridConfig, apply_hybrid, move_dense_parts
     from hotcold.engine.loader import load_model
     from hotcold.engine.placement import model_neuron_bytes
 
@@ -173,8 +174,12 @@ def test_quantized_model_counts_the_bytes_its_gpu_side_holds(tiny_checkpoint):
     floats = load_model(str(path), dtype="float32", activation="reglu")
     for qtype in ("q4_0", "q4_1", "q8_0"):
         loaded = load_model(str(path), quantize=qtype, activation="reglu")
-        assert dense_parts(loaded.model, 2, 0, 64, 2) == dense_parts(floats.model, 2, 0, 64, 2)
+        planned = dense_parts(loaded.model, 2, 0, 64, 2)
         per = model_neuron_bytes(loaded.model, 2)
+        move_dense_parts(loaded.model, torch.device("cpu"), torch.bfloat16)  # what goes to a GPU side
+        assert isinstance(loaded.model.layers[0].attn.wqkv, qrows.QRows)
+        assert dense_parts(loaded.model, 2, 0, 64, 2) == planned  # now counted on the rows themselves
+        assert planned["attention"] < dense_parts(floats.model, 2, 0, 64, 2)["attention"]
         apply_hybrid(loaded.model, make_plan(loaded, "all"), HybridConfig(mode="oracle", backend="reference"),
                      loaded.fingerprint, gpu_device="cpu")
         ffn = loaded.model.layers[0].ffn

@@ -64,8 +64,17 @@ def test_cpu_dispatch_takes_quantized_rows(qtype):
     close(kernels.gathered_ffn(x, up, down_t, idx, "swiglu", gate, token_mask=mask), y64)
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dense_product_over_quantized_rows(qtype):
+    """A dense matrix held as quantized rows (attention, the head on a GPU side): x . W^T over every row."""
+    (_, up, _), ref = layer(qtype)
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(5))
+    close(kernels.quantized_linear(x, up), x.double() @ ref[1].T)
+    assert up.all_ids() is up.all_ids()  # made once
+
+
 def test_quantized_rows_under_the_interpreter():
-    run_interpreter_cases(__file__, min_passed=9)
+    run_interpreter_cases(__file__, min_passed=12)
 
 
 if INTERPRETED:
@@ -83,6 +92,12 @@ if INTERPRETED:
         close(h, h64)
         close(tri.gathered_down(h, down_t, idx, block_k=8, block_h=32), y64)
 
+    @pytest.mark.parametrize("qtype", TYPES)
+    def test_interp_dense_product(qtype):
+        (_, up, _), ref = layer(qtype, seed=9)
+        x = torch.randn(6, 96, generator=torch.Generator().manual_seed(6))  # the tl.dot path
+        close(kernels.quantized_linear(x, up, backend="triton"), x.double() @ ref[1].T)
+
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 
@@ -99,3 +114,4 @@ def test_cuda_quantized_rows(qtype, B):
     h64, y64 = f64_ffn(x, ref, idx, None)
     y = kernels.gathered_ffn(x.cuda(), up, down_t, idx.cuda(), "swiglu", gate)
     close(y, y64, 1e-4)
+    close(kernels.quantized_linear(x.cuda(), up), x.double() @ ref[1].T, 1e-4)  # a dense product over them

@@ -18,6 +18,7 @@ from hotcold.engine.hybrid import HybridConfig, apply_hybrid, move_dense_parts
 from hotcold.engine.loader import load_model
 from hotcold.engine.quant_hybrid import QuantHybridFFN
 from hotcold.kernels import quant
+from hotcold.kernels.qrows import QRows
 
 
 def _split_model(tiny_checkpoint, backend: str, mode: str, qtype: str = "q8_0"):
@@ -104,23 +105,26 @@ def test_cuda_quantized_hybrid_predictor(tiny_checkpoint):
     apply_hybrid(loaded.model, make_plan(loaded, "random", seed=1, predictor=weights), HybridConfig(),
                  loaded.fingerprint, gpu_device="cuda", workers=1)
     assert loaded.model.layers[0].ffn.hot_up.device.type == "cuda"
-    assert loaded.model.device.type == "cuda" and loaded.model.layers[0].attn.wqkv.dtype == torch.bfloat16
+    assert loaded.model.device.type == "cuda" and loaded.model.dtype == torch.bfloat16
+    assert isinstance(loaded.model.layers[0].attn.wqkv, QRows)
     got = loaded.model.forward_sequence(torch.tensor(PROMPT)).float().cpu()
     with torch.no_grad():
         want = _keep_only(quantized_reference(path), keep.float(), "reglu")(torch.tensor([PROMPT])).logits[0]
     _close(got, want)
 
 
-def test_dense_parts_as_floats_where_the_gpu_side_runs(tiny_checkpoint):
-    """On a GPU the dense parts go there as floats (hybrid.move_dense_parts dequantizes them) and the FFN's
-    input comes from them: here that layout on the CPU (float32), against transformers with the same neurons."""
+def test_dense_parts_where_the_gpu_side_runs(tiny_checkpoint):
+    """On a GPU the dense parts go there as quantized rows (hybrid.move_dense_parts: attention, embeddings,
+    head; products through the kernels) and the FFN's input comes from them: here that layout on the CPU
+    (float32 norms and activations), against transformers with the same neurons."""
     path = tiny_checkpoint("llama")
     loaded = load_model(path, quantize="q8_0", activation="reglu")
     cfg = loaded.config
     weights, keep = fixed_set_predictor(cfg.hidden_size, cfg.intermediate_size, seed=3)
     move_dense_parts(loaded.model, torch.device("cpu"), torch.float32)
-    assert not isinstance(loaded.model.layers[0].attn.wqkv, quant.QuantTensor)
-    assert loaded.model.dtype == torch.float32 and loaded.model._native_blocks() is None
+    m = loaded.model
+    assert all(isinstance(w, QRows) for w in (m.layers[0].attn.wqkv, m.layers[0].attn.wo, m.embed, m.lm_head))
+    assert m.dtype == torch.float32 and m._native_blocks() is None
     apply_hybrid(loaded.model, make_plan(loaded, "random", seed=1, predictor=weights),
                  HybridConfig(backend="reference"), loaded.fingerprint, gpu_device="cpu", workers=1)
     got = loaded.model.forward_sequence(torch.tensor(PROMPT))
