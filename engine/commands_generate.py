@@ -34,7 +34,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "projection's inputs (default with --plan: what the plan was made for)")
     add_sparse_prefill_argument(parser)
     parser.add_argument("--placement", default="hybrid", choices=["hybrid", "gpu", "cpu"],
-                        help="hot neurons on the GPU and cold on the CPU (hybrid), or all on one side")
+                        help="hot neurons on the GPU and cold on the CPU (hybrid), or all on one side (no GPU: all "
+                             "on the CPU)")
     add_gpu_memory_argument(parser)
 
 

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "was made for)")
     add_sparse_prefill_argument(parser)
     parser.add_argument("--placement", default="hybrid", choices=["hybrid", "gpu", "cpu"],
-                        help="with --plan: hot neurons on the GPU and cold on the CPU, or all on one side")
+                        help="with --plan: hot neurons on the GPU and cold on the CPU, or all on one side (no "
+                             "GPU: all on the CPU)")
     add_gpu_memory_argument(parser)
     parser.add_argument("--activation", default=None,
                         choices=["swiglu", "reglu", "drelu", "geglu", "relu", "relu2", "gelu"],
