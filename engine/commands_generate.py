@@ -99,8 +99,9 @@ def load_from_args(args: argparse.Namespace):
         plan.check_model(loaded.fingerprint, str(args.plan))
         if mode == "input":
             return _apply_input_plan(loaded, plan, args)
-        if getattr(args, "gpu_memory", None) is not None:
-            _replan(plan, loaded, args)
+        place, budget = _gpu_budget(plan, args)
+        if place:
+            _replan(plan, loaded, args, budget)
         config = HybridConfig(mode=mode, placement=args.placement)
         gpu = args.device if torch.device(args.device).type != "cpu" else None
         apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu)
@@ -131,21 +132,41 @@ def _apply_input_thresholds(loaded, thresholds: list[dict[str, float]], args: ar
     native.release_heap()  # the row-major copies the input-major ones replaced, and the conversion's temporaries
 
 
-def _replan(plan, loaded, args: argparse.Namespace) -> None:
-    """--gpu-memory: the plan's hot neurons re-placed for that budget, and what was chosen, on stderr."""
-    from hotcold.engine.placement import fmt_bytes, parse_memory, replan
+def _gpu_budget(plan, args: argparse.Namespace) -> tuple[bool, int | None]:
+    """(whether to re-place the plan's hot neurons, for how many bytes of GPU memory: None for no limit):
+    --gpu-memory, else on a GPU the budget the plan was made for, its KV cache re-sized for this run's
+    --max-num-seqs x --max-model-len."""
+    import torch
 
-    budget = parse_memory(args.gpu_memory)
+    from hotcold.engine.placement import parse_memory
+
+    if getattr(args, "gpu_memory", None) is not None:
+        return True, parse_memory(args.gpu_memory)
+    made_for = plan.placement.get("gpu_memory_bytes")
+    if torch.device(args.device).type != "cpu" and made_for:
+        return True, int(made_for)
+    return False, None
+
+
+def _replan(plan, loaded, args: argparse.Namespace, budget: int | None) -> None:
+    """The plan's hot neurons re-placed for `budget` bytes of GPU memory (None: no limit), after the dense
+    parts and the KV cache this run asks for; what was chosen on stderr, or one line naming the flags to
+    change when the dense parts and that cache alone do not fit."""
+    from hotcold.engine.layers import QuantFFN
+    from hotcold.engine.placement import fmt_bytes, replan
+
     context = getattr(args, "max_model_len", None) or loaded.config.max_position_embeddings
     batch = getattr(args, "max_num_seqs", None) or 1
-    from hotcold.engine.layers import QuantFFN
-
-    # the dense parts' bytes on the GPU: a quantized model's become bfloat16 there (engine.hybrid)
+    # the dense parts' float bytes on the GPU: a quantized model's norms and activations run in bfloat16 there
     quantized = isinstance(loaded.model.layers[0].ffn, QuantFFN)
     dtype_bytes = 2 if quantized else loaded.model.dtype.itemsize
-    placed = replan(plan, loaded.model, budget, dtype_bytes, context, batch)
+    try:
+        placed = replan(plan, loaded.model, budget, dtype_bytes, context, batch)
+    except HotcoldError as exc:
+        raise HotcoldError(f"{exc} (this run's KV cache: --max-num-seqs {batch} x --max-model-len {context} "
+                           "tokens; lower one of them, or give --gpu-memory)") from None
     p = placed.placement
-    print(f"hotcold: --gpu-memory {fmt_bytes(budget)}: {sum(p.hot_counts)} hot neurons ({fmt_bytes(p.hot_bytes)}, "
+    print(f"hotcold: GPU budget {fmt_bytes(budget)}: {sum(p.hot_counts)} hot neurons ({fmt_bytes(p.hot_bytes)}, "
           f"{100 * p.served / max(p.total, 1e-9):.0f}% of expected activations) after {fmt_bytes(placed.reserved)} "
           f"for the dense parts and the KV cache of {batch} x {context} tokens", file=sys.stderr)
 
