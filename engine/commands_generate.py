@@ -103,8 +103,7 @@ def load_from_args(args: argparse.Namespace):
         if place:
             _replan(plan, loaded, args, budget)
         config = HybridConfig(mode=mode, placement=args.placement)
-        gpu = args.device if torch.device(args.device).type != "cpu" else None
-        apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu)
+        apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=args.device)  # --device decides
         if mode != "off" and loaded.model.device.type == "cpu" and any(
                 lp.inputs is not None and lp.inputs.thresholds for lp in plan.layers):
             from hotcold.engine.input_sparsity import dense_ffn_sites

@@ -251,14 +251,15 @@ def move_dense_parts(model: Transformer, device: torch.device, dtype: torch.dtyp
 
 def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint: str,
                  gpu_device: str | torch.device | None = None, workers: int = 1) -> FFNCounters:
-    """Replace every layer's FFN by a HybridFFN; returns the counters the engine reports per step."""
+    """Replace every layer's FFN by a HybridFFN; returns the counters the engine reports per step. The GPU
+    side runs on `gpu_device` (default: the CPU; a CUDA device is never chosen silently)."""
     cfg.validate()
     plan.check_model(fingerprint)
     if model.config.num_experts:
         raise HotcoldError("hybrid execution of mixture-of-experts models is not supported")
     if len(plan.layers) != len(model.layers):
         raise HotcoldError(f"the plan has {len(plan.layers)} layers, the model {len(model.layers)}")
-    gpu = torch.device(gpu_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = torch.device(gpu_device or "cpu")
     counters = FFNCounters()
     model.ffn_counters = counters
     if cfg.mode == "off":
