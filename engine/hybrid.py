@@ -260,6 +260,8 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
     if len(plan.layers) != len(model.layers):
         raise HotcoldError(f"the plan has {len(plan.layers)} layers, the model {len(model.layers)}")
     gpu = torch.device(gpu_device or "cpu")
+    if gpu.type == "cuda" and gpu.index is None:  # "cuda" -> "cuda:N": comparable with tensors' devices
+        gpu = torch.device("cuda", torch.cuda.current_device())
     counters = FFNCounters()
     model.ffn_counters = counters
     if cfg.mode == "off":
