@@ -400,12 +400,13 @@ def test_triton_native_cuda(B, dtype, activation):
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_ffn_gpu_benchmark_smoke_mode(tmp_path):
+@pytest.mark.parametrize("qtype", [None, "q4_0"])  # the GPU check runs both (benchmarks/gpu_check.sh)
+def test_ffn_gpu_benchmark_smoke_mode(tmp_path, qtype):
     pytest.importorskip("triton", reason="Triton is not installed: its kernels cannot run at all here")
     out = tmp_path / "ffn_gpu_smoke.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(BENCH / "ffn_gpu.py"), "--device", "cpu", "--tiny", "--out", str(out)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, str(BENCH / "ffn_gpu.py"), "--device", "cpu", "--tiny", "--out", str(out),
+                          *(["--qtype", qtype] if qtype else [])], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert len(result["rows"]) == 6 and result["max_rel_err_vs_dense"] < 3e-2
