@@ -9,11 +9,12 @@ Per layer, each neuron's rows live on one side only:
   on a worker thread, at the same time.
 
 The rest of the model (attention, norms, embeddings, the head) runs where the dense parts are: on a CUDA
-device they go there first, dequantized to bfloat16 (engine.hybrid.move_dense_parts), and the FFN's normed
-input goes to the CPU side; otherwise they stay on the CPU engine's native path and the input goes to the
-GPU side. Either way one input crosses and one partial output comes back per layer. The predictor runs on the
-GPU side (float, the plan's weights). Every token sums only its own active neurons, so a token's result
-does not depend on its batch.
+device they go there first, as quantized rows too (engine.hybrid.move_dense_parts), and the FFN's normed
+input and active mask go to the CPU side once (engine/handoff.py); otherwise they stay on the CPU engine's
+native path and the input goes to the GPU side. The hot side's active ids are compacted on its device
+(kernels.compact), so the host never waits for it within a layer. The predictor runs on the GPU side
+(float, the plan's weights). Every token sums only its own active neurons, so a token's result does not
+depend on its batch.
 """
 
 from __future__ import annotations
