@@ -110,7 +110,7 @@ class DeviceBlock(nn.Module):
 
 
 def to_device(block, device: torch.device, backend: str) -> None:
-    """A whole block to the GPU: a quantized one's attention as bfloat16, its FFN as QuantGPUFFN."""
+    """A whole block to the GPU: a quantized one's attention as quantized rows, its FFN as QuantGPUFFN."""
     a, f = block.attn, block.ffn
     if isinstance(f, QuantFFN):  # as the hybrid's dense parts go (engine.hybrid.move_dense_parts)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
