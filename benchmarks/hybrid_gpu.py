@@ -42,14 +42,13 @@ from hotcold import kernels  # noqa: E402
 from hotcold.engine.activations import kernel_activation  # noqa: E402
 from hotcold.engine.cache import KVCache  # noqa: E402
 from hotcold.engine.default_model import cache_dir  # noqa: E402
-from hotcold.engine.hybrid import HybridConfig, apply_hybrid, move_dense_parts  # noqa: E402
+from hotcold.engine.hybrid import HybridConfig, apply_hybrid, move_dense_parts, to_gpu_side  # noqa: E402
 from hotcold.engine.layers import QuantFFN  # noqa: E402
 from hotcold.engine.loader import load_model  # noqa: E402
 from hotcold.engine.model import StepBatch, attn_dtype  # noqa: E402
 from hotcold.engine.placement import replan  # noqa: E402
 from hotcold.engine.plan import load_plan  # noqa: E402
 from hotcold.kernels import qrows, quant  # noqa: E402
-from hotcold.kernels.quant import QuantTensor  # noqa: E402
 
 
 def nbytes(*tensors: torch.Tensor | qrows.QRows | None) -> int:
@@ -113,13 +112,8 @@ def to_device(block, device: torch.device, backend: str) -> None:
     """A whole block to the GPU: a quantized one's attention as quantized rows, its FFN as QuantGPUFFN."""
     a, f = block.attn, block.ffn
     if isinstance(f, QuantFFN):  # as the hybrid's dense parts go (engine.hybrid.move_dense_parts)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-        def to(t):
-            if isinstance(t, QuantTensor):
-                return qrows.from_quant(t).to(device) if qrows.supported(t) else t.dequantize().to(device, dtype)
-            return None if t is None else t.to(device, dtype)
-
+        to = functools.partial(to_gpu_side, device=device,
+                               dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         a.wqkv, a.wo, a.bqkv, a.bo = to(a.wqkv), to(a.wo), to(a.bqkv), to(a.bo)
         for norm in (block.attn_norm, block.ffn_norm):
             norm.weight = to(norm.weight)

@@ -24,6 +24,11 @@ class FFNCounters:
         """One layer's step: token-neuron pairs active (`computed`), of them served hot, out of `total`."""
         self._pending.append((layer, computed, hot, total))
 
+    def add_mask(self, layer: int, mask: torch.Tensor, is_hot: torch.Tensor) -> None:
+        """One layer's step from its active mask [T, I] and which neurons are hot [I], both on one device:
+        counted there, read later."""
+        self.add(layer, mask.sum(), (mask & is_hot).sum(), mask.numel())
+
     def reset(self) -> None:
         self._pending.clear()
         self._computed = self._total = self._hot = 0

@@ -22,7 +22,6 @@ class Handoff:
             with torch.cuda.device(device):  # streams and events belong to the device they serve
                 self._stream = torch.cuda.Stream(device)
                 self._landed, self._returned = torch.cuda.Event(), torch.cuda.Event()
-        self._returning = False
 
     def to_host(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
         """Host copies of `tensors` (each [T, ...]) and the event after which they hold their values (None:
@@ -46,11 +45,9 @@ class Handoff:
         """y (on the host) on the GPU side's device: through a pinned buffer, asynchronously."""
         if not self.cuda or y.shape[0] > self.max_tokens:
             return y.to(self.device)
-        if self._returning:  # the last asynchronous copy out of the buffer must be done before it is rewritten
-            self._returned.synchronize()
+        self._returned.synchronize()  # the last asynchronous copy out of the buffer (none yet: no wait)
         out = self._buffer("y", y).copy_(y).to(self.device, non_blocking=True)
         self._returned.record(torch.cuda.current_stream(self.device))
-        self._returning = True
         return out
 
     def _buffer(self, key: int | str, t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ device, and only the CPU worker waits for the handed-off mask. Each token only e
 neurons (per-token masks), so a request's result does not depend on what else is in its batch. On the CPU
 side a union too dense for the gather, or a prefill chunk too long, runs the dense product over its rows
 (still masked per token; benchmarks/ffn_cpu.py measures the crossover); the GPU side takes long chunks
-densely. With no CUDA device the "GPU side" runs on the CPU, choosing its ids as the CPU side does.
+densely. With no CUDA device every neuron runs on the CPU side (a kernel backend named in the config
+keeps the split, the "GPU side" then running those kernels on the CPU: the tests' stand-in).
 """
 
 from __future__ import annotations
@@ -112,9 +113,8 @@ class HybridFFN(nn.Module):
         is_hot = torch.zeros(num, dtype=torch.bool)
         is_hot[hot] = True
         cold = (~is_hot).nonzero().flatten()
-        self.gpu_device, self.cpu_device = gpu, torch.device("cpu")
         self.hot = _Side(dense, hot, gpu)
-        self.cold = _Side(dense, cold, self.cpu_device)
+        self.cold = _Side(dense, cold, torch.device("cpu"))
         self.is_hot, self.is_cold_host = is_hot.to(gpu), ~is_hot  # each on the device that reads it
         self.down_bias = None if dense.down_bias is None else dense.down_bias.to(gpu)
         self.norms = dense.down_t.float().norm(dim=1).to(gpu)  # ||down_t[i]||: oracle magnitudes
@@ -145,9 +145,7 @@ class HybridFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         mask, h_known = self.active_mask(x, residual)
-        T = x.shape[0]
-        hot = 0 if not self.hot.num else mask.sum() if not self.cold.num else (mask & self.is_hot).sum()
-        self.counters.add(self.index, mask.sum(), hot, T * self.intermediate_size)  # read once per step
+        self.counters.add_mask(self.index, mask, self.is_hot)
         future = y_cold = None
         if self.cold.num:  # the input and the mask cross to the host once; the worker waits for them, not us
             sent, landed = self.handoff.to_host(x, mask, *(() if h_known is None else (h_known,)))
@@ -199,13 +197,12 @@ class HybridFFN(nn.Module):
         per token; a dense product over its rows where the gather stops paying (ffn_cpu.py's crossover)."""
         local = ids if side.all_rows else side.local[ids]
         token_mask = None if x.shape[0] == 1 else mask[:, ids]  # one token: all of ids
-        backend = "cpu"
         T = x.shape[0]
         dense_side = T > self.cfg.max_sparse_tokens or (T > 1 and ids.numel() > self.cfg.dense_above * side.num)
         if h_known is None and not dense_side:  # the sparse path proper: gather, activate, project down
             up, gate, up_bias, gate_bias = side.views
             return kernels.gathered_ffn(x, up, side.down_t, local, self.activation, gate, up_bias, token_mask,
-                                        gate_bias=gate_bias, backend=backend)
+                                        gate_bias=gate_bias, backend="cpu")
         if h_known is not None:
             h = _masked(h_known[:, ids], token_mask)
         else:  # all rows of this side, then keep only the active (token, neuron) pairs
@@ -214,7 +211,7 @@ class HybridFFN(nn.Module):
             h_rows = torch.zeros(x.shape[0], side.num, dtype=h.dtype, device=side.device)
             h_rows[:, local] = h
             return (h_rows.to(side.down_t.dtype) @ side.down_t).float()
-        return kernels.gathered_down(h, side.down_t, local, torch.float32, backend=backend)
+        return kernels.gathered_down(h, side.down_t, local, torch.float32, backend="cpu")
 
 
 def _masked(h: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -229,15 +226,7 @@ def move_dense_parts(model: Transformer, device: torch.device, dtype: torch.dtyp
     quantized = isinstance(model.embed, QuantTensor)
     if model.device == device and not quantized:
         return
-    dtype = dtype or torch.bfloat16
-
-    def move(t):
-        if t is None:
-            return None
-        if isinstance(t, QuantTensor):
-            return qrows.from_quant(t).to(device) if qrows.supported(t) else t.dequantize().to(device, dtype)
-        return t.to(device, dtype) if quantized else t.to(device)
-
+    move = functools.partial(to_gpu_side, device=device, dtype=(dtype or torch.bfloat16) if quantized else None)
     model.embed = move(model.embed)
     model.lm_head = model.embed if model.config.tie_word_embeddings else move(model.lm_head)
     model.pos_embed = move(model.pos_embed)
@@ -247,6 +236,18 @@ def move_dense_parts(model: Transformer, device: torch.device, dtype: torch.dtyp
     for layer in model.layers:
         a = layer.attn
         a.wqkv, a.bqkv, a.wo, a.bo = move(a.wqkv), move(a.bqkv), move(a.wo), move(a.bo)
+
+
+def to_gpu_side(t: torch.Tensor | QuantTensor | None, device: torch.device, dtype: torch.dtype | None = None):
+    """A weight as a GPU side holds it: a matrix in GGUF blocks as quantized rows (kernels.qrows) where its
+    type has them, else as `dtype` floats (bfloat16 by default); a float tensor moved, cast to `dtype` if given."""
+    if t is None:
+        return None
+    if isinstance(t, QuantTensor) and qrows.supported(t):
+        return qrows.from_quant(t).to(device)
+    if isinstance(t, QuantTensor):
+        return t.dequantize().to(device, dtype or torch.bfloat16)
+    return t.to(device) if dtype is None else t.to(device, dtype)
 
 
 def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint: str,
@@ -266,8 +267,9 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
     model.ffn_counters = counters
     if cfg.mode == "off":
         return counters
+    gpu_side = gpu.type != "cpu" or cfg.backend != "auto"  # a kernel backend named in cfg stands in for one (tests)
     if any(isinstance(layer.ffn, QuantFFN) for layer in model.layers):
-        if gpu.type != "cpu" or cfg.backend != "auto":
+        if gpu_side:
             return _apply_quant_hybrid(model, plan, cfg, gpu, workers, counters)
         # no GPU side: every row on the CPU, over the checkpoint's blocks (engine/quant_sparse.py)
         from hotcold.engine.quant_sparse import QuantSparseFFN, expected_density
@@ -284,16 +286,10 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
         log.info("plan: %d of %d layers sparse (the others expect more than %.0f%% of their neurons active, "
                  "where the dense FFN is faster on this machine)", sparse, len(plan.layers), 100 * limit)
         return counters
-    if gpu.type == "cpu" and cfg.backend == "auto" and cfg.placement != "cpu":
+    if not gpu_side and cfg.placement != "cpu":
         # no GPU: the "GPU side" would be the same cores through the same kernels, and splitting the neurons
         # only adds a thread hop and two thread teams per layer (benchmarks/placement_cpu.py): one side holds
-        # them all. A kernel backend named in cfg keeps the split (a stand-in for a GPU side, in tests).
-        log.info("no GPU side (device cpu): every neuron on the CPU side, as --placement cpu")
-        cfg = dataclasses.replace(cfg, placement="cpu")
-    if gpu.type == "cpu" and cfg.backend == "auto" and cfg.placement != "cpu":
-        # no GPU: the "GPU side" would be the same cores through the same kernels, and splitting the neurons
-        # only adds a thread hop and two thread teams per layer (benchmarks/placement_cpu.py): one side holds
-        # them all. A kernel backend named in cfg keeps the split (a stand-in for a GPU side, in tests).
+        # them all
         log.info("no GPU side (device cpu): every neuron on the CPU side, as --placement cpu")
         cfg = dataclasses.replace(cfg, placement="cpu")
     move_dense_parts(model, gpu)
@@ -309,7 +305,7 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
 def _apply_quant_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, gpu: torch.device, workers: int,
                         counters: FFNCounters) -> FFNCounters:
     """Quantized FFNs with a GPU side (a CUDA device, or kernels named by cfg.backend): hot rows quantized
-    there, cold ones on the CPU (engine/quant_hybrid.py); the rest of the model stays on the CPU path."""
+    there, cold ones on the CPU (engine/quant_hybrid.py); on a real GPU the dense parts go there too."""
     from hotcold.engine.quant_hybrid import QuantHybridFFN
 
     if gpu.type != "cpu":  # a real GPU: the dense parts run there, as quantized rows

@@ -109,8 +109,7 @@ class QuantHybridFFN(nn.Module):
             residual = residual.to(self.gpu)
         mask = self.active_mask(xn, x_gpu, residual)
         T = x.shape[0]
-        hot = 0 if not self.num_hot else mask.sum() if not self.num_cold else (mask & self.is_hot).sum()
-        self.counters.add(self.index, mask.sum(), hot, T * self.intermediate_size)  # read once per step
+        self.counters.add_mask(self.index, mask, self.is_hot)
         future = y_cold = None
         if self.num_cold:  # the input and the mask cross to the host once; the worker waits for them, not us
             (x_host, mask_host), landed = self.handoff.to_host(xn, mask)

@@ -312,9 +312,6 @@ class GGUFReader:
         # gguf's reader holds every metadata field as numpy views, two per vocabulary entry and merge: 166 MB
         # for a 49152-token vocabulary, resident through the load. Their contents are in self.metadata now.
         self._reader.fields = {}
-        from hotcold.kernels.native import release_heap
-
-        release_heap()  # their pages, before the tensors' copies are laid over them
         self.arch = self.metadata.get("general.architecture")
         self.n_head = self.metadata.get(f"{self.arch}.attention.head_count")
         self.n_head_kv = self.metadata.get(f"{self.arch}.attention.head_count_kv") or self.n_head

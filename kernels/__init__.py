@@ -72,9 +72,11 @@ def compact(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _sliced(impl: ModuleType, count: torch.Tensor | None, idx: torch.Tensor, token_mask: torch.Tensor | None):
-    """A backend without `count` (the CPU one) gets the live ids alone (it runs on the host: no sync to save)."""
-    if count is None or impl is not cpu_sparse:
+    """`count` as each backend takes it: Triton reads it in its kernels; the host backends (reference, CPU)
+    get the live ids alone (they run on the host: no sync to save)."""
+    if count is None or impl not in (cpu_sparse, reference):
         return idx, token_mask, {} if count is None else {"count": count}
+    reference.check_count(count)
     n = reference.live(idx.numel(), count)
     return idx[:n], None if token_mask is None else token_mask[:, :n], {}
 

@@ -122,7 +122,7 @@ def check_gate_up(
     ):
         raise ValueError(f"token_mask must be bool [B,K]=({x.shape[0]}, {idx.numel()}); got "
                          f"{token_mask.dtype} {tuple(token_mask.shape)}")
-    _check_count(count)
+    check_count(count)
     _check_devices(x, w_up, idx, w_gate, up_bias, token_mask, gate_bias, count)
     return spec
 
@@ -134,17 +134,17 @@ def check_down(h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor, count
     if h.dim() != 2 or w_down_t.dim() != 2 or h.shape[1] != idx.numel():
         raise ValueError(f"h must be [B,K] with K=len(idx)={idx.numel()} and w_down_t [I,H]; got "
                          f"{tuple(h.shape)} and {tuple(w_down_t.shape)}")
-    _check_count(count)
+    check_count(count)
     _check_devices(h, w_down_t, idx, count)
 
 
-def _check_count(count: torch.Tensor | None) -> None:
+def check_count(count: torch.Tensor | None) -> None:
     if count is not None and (count.numel() != 1 or count.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"count must be one int32/int64 element; got {count.dtype} {tuple(count.shape)}")
 
 
 def live(k: int, count: torch.Tensor | None) -> int:
-    """How many of k ids are live (reads count on the host: the reference and CPU paths only)."""
+    """How many of k ids are live (reads count on the host: what the dispatcher gives the host backends)."""
     return k if count is None else max(0, min(k, int(count.reshape(-1)[0])))
 
 
@@ -169,13 +169,9 @@ def gathered_gate_up(
     token_mask: torch.Tensor | None = None,
     *,
     gate_bias: torch.Tensor | None = None,
-    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """h[b,k] = act(rows idx[k] of the gate/up projections at x[b]) as fp32 [B,K]; masked entries are 0, as
-    are the ids past `count`."""
-    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias, count)
-    if count is not None:
-        token_mask = _live_mask(x.shape[0], idx.numel(), count, token_mask, x.device)
+    """h[b,k] = act(rows idx[k] of the gate/up projections at x[b]) as fp32 [B,K]; masked entries are 0."""
+    spec = check_gate_up(x, w_up, idx, activation, w_gate, up_bias, token_mask, gate_bias)
     idx = idx.long()
     xw = x.to(w_up.dtype).float()
     u = xw @ w_up[idx].float().T
@@ -192,19 +188,10 @@ def gathered_gate_up(
     return h
 
 
-def _live_mask(B: int, K: int, count: torch.Tensor, token_mask: torch.Tensor | None, device: torch.device
-               ) -> torch.Tensor:
-    keep = (torch.arange(K, device=device) < live(K, count)).expand(B, K)
-    return keep if token_mask is None else keep & token_mask
-
-
 def gathered_down(
-    h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype = torch.float32,
-    count: torch.Tensor | None = None,
+    h: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """y[b] = sum_k h[b,k] * w_down_t[idx[k]] as [B,H] in out_dtype (fp32 accumulation), k < count."""
-    check_down(h, w_down_t, idx, count)
-    n = live(idx.numel(), count)
-    h, idx = h[:, :n], idx[:n]
+    """y[b] = sum_k h[b,k] * w_down_t[idx[k]] as [B,H] in out_dtype (fp32 accumulation)."""
+    check_down(h, w_down_t, idx)
     y = h.to(w_down_t.dtype).float() @ w_down_t[idx.long()].float()
     return y.to(out_dtype)
