@@ -21,6 +21,7 @@ Ids are not range-checked here (that needs a device sync): out-of-range ids read
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -79,20 +80,25 @@ def _mac_t(acc, a, bt, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
 def _rows(w_ptr, s_ptr, m_ptr, rows, offs_h, stride_w, stride_s, wmask, QTYPE: tl.constexpr):
     """Weights [len(rows), len(offs_h)] of the gathered rows: as stored (QTYPE 0), or dequantized in
     registers from kernels.qrows.QRows (GGML codes: 2 Q4_0, 3 Q4_1, 8 Q8_0) exactly as GGML does, fp32."""
+    # one return: compiled Triton needs every return of a function to have one type, even one that a
+    # constexpr branch leaves unreachable (the interpreter does not check)
     if QTYPE == 0:
-        return tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=wmask, other=0.0)
-    g = offs_h // 32
-    d = tl.load(s_ptr + rows[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
-    if QTYPE == 8:
-        q = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=wmask, other=0).to(tl.float32)
-        return q * d
-    pos = offs_h % 32  # 4-bit: weight j of a block is byte j % 16's low nibble (j < 16) or high one
-    c = tl.load(w_ptr + rows[:, None] * stride_w + (g * 16 + pos % 16)[None, :], mask=wmask, other=0)
-    q = ((c.to(tl.int32) >> ((pos // 16) * 4)[None, :]) & 0xF).to(tl.float32)
-    if QTYPE == 2:
-        return (q - 8.0) * d
-    m = tl.load(m_ptr + rows[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
-    return q * d + m
+        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=wmask, other=0.0)
+    else:
+        g = offs_h // 32
+        d = tl.load(s_ptr + rows[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+        if QTYPE == 8:
+            w = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=wmask, other=0).to(tl.float32) * d
+        else:
+            pos = offs_h % 32  # 4-bit: weight j of a block is byte j % 16's low nibble (j < 16) or high one
+            c = tl.load(w_ptr + rows[:, None] * stride_w + (g * 16 + pos % 16)[None, :], mask=wmask, other=0)
+            q = ((c.to(tl.int32) >> ((pos // 16) * 4)[None, :]) & 0xF).to(tl.float32)
+            if QTYPE == 2:
+                w = (q - 8.0) * d
+            else:
+                m = tl.load(m_ptr + rows[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+                w = q * d + m
+    return w
 
 
 @triton.jit
@@ -200,7 +206,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def _dot_f32(w: torch.Tensor | QRows) -> bool:
     """fp32 (IEEE) tl.dot for fp32 weights, and in the interpreter, whose 16-bit tl.dot multiplies the raw
     bfloat16 bit patterns (triton-lang/triton#11584, unsupported upstream)."""
-    return w.dtype == torch.float32 or w.device.type != "cuda"
+    return w.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _num_sms(device: torch.device) -> int:
