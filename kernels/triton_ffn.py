@@ -77,27 +77,41 @@ def _mac_t(acc, a, bt, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _rows(w_ptr, s_ptr, m_ptr, rows, offs_h, stride_w, stride_s, wmask, QTYPE: tl.constexpr):
-    """Weights [len(rows), len(offs_h)] of the gathered rows: as stored (QTYPE 0), or dequantized in
-    registers from kernels.qrows.QRows (GGML codes: 2 Q4_0, 3 Q4_1, 8 Q8_0) exactly as GGML does, fp32."""
+def _rows(w_ptr, s_ptr, m_ptr, rows, mk, h0, H, stride_w, stride_s, QTYPE: tl.constexpr, ROWS: tl.constexpr,
+          COLS: tl.constexpr):
+    """Weights [ROWS, COLS] of the gathered rows (live where mk) at columns h0..h0+COLS (h0 a multiple of
+    COLS): as stored (QTYPE 0), or dequantized in registers from kernels.qrows.QRows (GGML codes: 2 Q4_0,
+    3 Q4_1, 8 Q8_0) exactly as GGML does, fp32. Quantized rows are read as runs of code bytes and one scale
+    per block (vector loads), spread over the block's weights in registers."""
     # one return: compiled Triton needs every return of a function to have one type, even one that a
     # constexpr branch leaves unreachable (the interpreter does not check)
     if QTYPE == 0:
-        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=wmask, other=0.0)
+        offs_h = h0 + tl.arange(0, COLS)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=mk[:, None] & (offs_h < H)[None, :],
+                    other=0.0)
     else:
-        g = offs_h // 32
-        d = tl.load(s_ptr + rows[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+        G: tl.constexpr = COLS // 32  # blocks of 32 weights (quantized rows hold whole blocks: H % 32 == 0)
+        g = h0 // 32 + tl.arange(0, G)
+        gmask = mk[:, None] & (g < H // 32)[None, :]
+        d = tl.load(s_ptr + rows[:, None] * stride_s + g[None, :], mask=gmask, other=0.0).to(tl.float32)
         if QTYPE == 8:
-            w = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=wmask, other=0).to(tl.float32) * d
-        else:
-            pos = offs_h % 32  # 4-bit: weight j of a block is byte j % 16's low nibble (j < 16) or high one
-            c = tl.load(w_ptr + rows[:, None] * stride_w + (g * 16 + pos % 16)[None, :], mask=wmask, other=0)
-            q = ((c.to(tl.int32) >> ((pos // 16) * 4)[None, :]) & 0xF).to(tl.float32)
+            offs_h = h0 + tl.arange(0, COLS)
+            q = tl.load(w_ptr + rows[:, None] * stride_w + offs_h[None, :], mask=mk[:, None] & (offs_h < H)[None, :],
+                        other=0).to(tl.float32)
+            w = tl.reshape(tl.reshape(q, (ROWS, G, 32)) * d[:, :, None], (ROWS, COLS))
+        else:  # 4-bit: byte j of a block holds weight j (low nibble) and weight j + 16 (high nibble)
+            offs_c = h0 // 2 + tl.arange(0, COLS // 2)
+            c = tl.load(w_ptr + rows[:, None] * stride_w + offs_c[None, :],
+                        mask=mk[:, None] & (offs_c < H // 2)[None, :], other=0).to(tl.int32)
+            lo = tl.reshape((c & 0xF).to(tl.float32), (ROWS, G, 16))
+            hi = tl.reshape((c >> 4).to(tl.float32), (ROWS, G, 16))
+            q = tl.permute(tl.join(lo, hi), (0, 1, 3, 2))  # [ROWS, G, 2, 16]: each block's weights in order
             if QTYPE == 2:
-                w = (q - 8.0) * d
+                w = (q - 8.0) * d[:, :, None, None]
             else:
-                m = tl.load(m_ptr + rows[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
-                w = q * d + m
+                m = tl.load(m_ptr + rows[:, None] * stride_s + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+                w = q * d[:, :, None, None] + m[:, :, None, None]
+            w = tl.reshape(w, (ROWS, COLS))
     return w
 
 
@@ -124,14 +138,12 @@ def _gate_up_kernel(
     acc_g = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
     for h0 in range(0, h_end, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
-        mh = offs_h < H
-        wmask = mk[:, None] & mh[None, :]
-        wu = _rows(wu_ptr, su_ptr, mu_ptr, rows, offs_h, stride_wu, stride_s, wmask, QTYPE)
+        wu = _rows(wu_ptr, su_ptr, mu_ptr, rows, mk, h0, H, stride_wu, stride_s, QTYPE, BLOCK_K, BLOCK_H)
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_h[None, :],
-                     mask=mb[:, None] & mh[None, :], other=0.0).to(wu.dtype)
+                     mask=mb[:, None] & (offs_h < H)[None, :], other=0.0).to(wu.dtype)
         acc_u = _mac_t(acc_u, xt, wu, USE_DOT, DOT_F32)
         if GATED:
-            wg = _rows(wg_ptr, sg_ptr, mg_ptr, rows, offs_h, stride_wg, stride_s, wmask, QTYPE)
+            wg = _rows(wg_ptr, sg_ptr, mg_ptr, rows, mk, h0, H, stride_wg, stride_s, QTYPE, BLOCK_K, BLOCK_H)
             acc_g = _mac_t(acc_g, xt, wg, USE_DOT, DOT_F32)
     if HAS_BIAS:
         acc_u += tl.load(bias_ptr + rows * stride_bu, mask=mk, other=0.0).to(tl.float32)[None, :]
@@ -156,7 +168,8 @@ def _down_kernel(
     USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_COUNT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, QTYPE: tl.constexpr,
 ):
-    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h0 = tl.program_id(0) * BLOCK_H
+    offs_h = h0 + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
     mh = offs_h < H
@@ -167,25 +180,26 @@ def _down_kernel(
         k_live = tl.minimum(tl.load(count_ptr).to(tl.int32), K)
         for kb in range(split, tl.cdiv(k_live, BLOCK_K), tl.num_programs(1)):
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            acc = _down_step(acc, h_ptr, w_ptr, s_ptr, m_ptr, idx_ptr, offs_k, offs_k < k_live, offs_h, offs_b,
-                             mh, mb, stride_hb, stride_w, stride_s, USE_DOT, DOT_F32, QTYPE)
+            acc = _down_step(acc, h_ptr, w_ptr, s_ptr, m_ptr, idx_ptr, offs_k, offs_k < k_live, h0, H, offs_b, mb,
+                             stride_hb, stride_w, stride_s, USE_DOT, DOT_F32, QTYPE, BLOCK_K, BLOCK_H)
     else:
         k_start = split * k_per_split
         k_end = tl.minimum(K, k_start + k_per_split)
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            acc = _down_step(acc, h_ptr, w_ptr, s_ptr, m_ptr, idx_ptr, offs_k, offs_k < k_end, offs_h, offs_b,
-                             mh, mb, stride_hb, stride_w, stride_s, USE_DOT, DOT_F32, QTYPE)
+            acc = _down_step(acc, h_ptr, w_ptr, s_ptr, m_ptr, idx_ptr, offs_k, offs_k < k_end, h0, H, offs_b, mb,
+                             stride_hb, stride_w, stride_s, USE_DOT, DOT_F32, QTYPE, BLOCK_K, BLOCK_H)
     tl.store(part_ptr + split * stride_ps + offs_b[:, None] * stride_pb + offs_h[None, :], acc,
              mask=mb[:, None] & mh[None, :])
 
 
 @triton.jit
-def _down_step(acc, h_ptr, w_ptr, s_ptr, m_ptr, idx_ptr, offs_k, mk, offs_h, offs_b, mh, mb, stride_hb, stride_w,
-               stride_s, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, QTYPE: tl.constexpr):
-    """acc += h[offs_b, offs_k] @ rows idx[offs_k] of down_t (columns offs_h)."""
+def _down_step(acc, h_ptr, w_ptr, s_ptr, m_ptr, idx_ptr, offs_k, mk, h0, H, offs_b, mb, stride_hb, stride_w,
+               stride_s, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, QTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_H: tl.constexpr):
+    """acc += h[offs_b, offs_k] @ rows idx[offs_k] of down_t (columns h0..h0+BLOCK_H)."""
     rows = tl.load(idx_ptr + offs_k, mask=mk, other=0).to(tl.int64)
-    w = _rows(w_ptr, s_ptr, m_ptr, rows, offs_h, stride_w, stride_s, mk[:, None] & mh[None, :], QTYPE)
+    w = _rows(w_ptr, s_ptr, m_ptr, rows, mk, h0, H, stride_w, stride_s, QTYPE, BLOCK_K, BLOCK_H)
     ht = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
                  mask=mb[:, None] & mk[None, :], other=0.0).to(w.dtype)
     return _mac(acc, ht, w, USE_DOT, DOT_F32)
@@ -231,6 +245,13 @@ def _parts(w: torch.Tensor | QRows) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return w.codes, w.scales, w.mins if w.mins is not None else w.scales, w.codes.stride(0), w.scales.stride(0)
 
 
+def _whole_blocks(w: torch.Tensor | QRows, block_h: int) -> int:
+    """block_h, checked: a step over quantized rows reads whole blocks of 32 weights."""
+    if isinstance(w, QRows) and block_h % 32:
+        raise ValueError(f"block_h over quantized rows must be a multiple of 32; got {block_h}")
+    return block_h
+
+
 def _qtype(w: torch.Tensor | QRows) -> int:
     return {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}[w.qtype] if isinstance(w, QRows) else 0
 
@@ -263,7 +284,7 @@ def gathered_gate_up(
     if block_k is None:  # GEMV: enough programs to cover the SMs twice, 4 to 16 neurons each
         block_k = 16 if use_dot else max(4, min(16, triton.next_power_of_2(K // (2 * _num_sms(x.device)) or 1)))
     # GEMV: ~4096 products per program per step (8 KB of bf16 rows in flight), within register budget
-    block_h = block_h or (64 if use_dot else min(1024, max(32, _GEMV_TILE // (block_b * block_k))))
+    block_h = _whole_blocks(w_up, block_h or (64 if use_dot else min(1024, max(32, _GEMV_TILE // (block_b * block_k)))))
     mask = token_mask.contiguous().view(torch.uint8) if token_mask is not None else h
     # biases are read through their stride: the executor passes the interleaved views gate_up_bias[:, 1] and
     # [:, 0] (stride 2), and copying them per call would cost a launch per layer per step
@@ -312,7 +333,7 @@ def gathered_down(
     h, idx, w_down_t = h.contiguous(), idx.contiguous(), _rows_contiguous(w_down_t)
     block_b, use_dot = _block_b(B)
     block_k = block_k or (32 if use_dot else 16)
-    block_h = block_h or (64 if use_dot else max(32, _GEMV_TILE // (block_b * block_k)))
+    block_h = _whole_blocks(w_down_t, block_h or (64 if use_dot else max(32, _GEMV_TILE // (block_b * block_k))))
     h_blocks, b_blocks, k_blocks = triton.cdiv(H, block_h), triton.cdiv(B, block_b), triton.cdiv(K, block_k)
     if splits is None:  # about 4 programs per SM
         splits = max(1, (4 * _num_sms(h.device)) // (h_blocks * b_blocks))

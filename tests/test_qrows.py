@@ -74,7 +74,7 @@ def test_dense_product_over_quantized_rows(qtype):
 
 
 def test_quantized_rows_under_the_interpreter():
-    run_interpreter_cases(__file__, min_passed=12)
+    run_interpreter_cases(__file__, min_passed=21)
 
 
 if INTERPRETED:
@@ -82,15 +82,17 @@ if INTERPRETED:
 
     @pytest.mark.parametrize("qtype", TYPES)
     @pytest.mark.parametrize("B", [1, 3, 6])  # GEMV, GEMV with a mask, tl.dot
-    def test_interp_quantized_gate_up_and_down(qtype, B):
+    @pytest.mark.parametrize("blocks", [(8, 32), (None, None)])  # one quantized block a step; the defaults
+    def test_interp_quantized_gate_up_and_down(qtype, B, blocks):
         (gate, up, down_t), ref = layer(qtype, seed=B)
         x = torch.randn(B, 96, generator=torch.Generator().manual_seed(B))
         idx = torch.tensor([39, 0, 5, 17, 22, 3, 8])
         mask = None if B == 1 else torch.rand(B, 7, generator=torch.Generator().manual_seed(3)) > 0.3
         h64, y64 = f64_ffn(x, ref, idx, mask)
-        h = tri.gathered_gate_up(x, up, idx, "swiglu", gate, None, mask, block_k=8, block_h=32)
+        block_k, block_h = blocks
+        h = tri.gathered_gate_up(x, up, idx, "swiglu", gate, None, mask, block_k=block_k, block_h=block_h)
         close(h, h64)
-        close(tri.gathered_down(h, down_t, idx, block_k=8, block_h=32), y64)
+        close(tri.gathered_down(h, down_t, idx, block_k=block_k, block_h=block_h), y64)
 
     @pytest.mark.parametrize("qtype", TYPES)
     def test_interp_dense_product(qtype):
