@@ -5,6 +5,9 @@ density sweep; `--qtype q4_0|q4_1|q8_0` runs the sparse rows quantized (dequanti
 dense baseline stays bf16). Times are triton.testing.do_bench medians (it clears the L2 before every run, so the
 weights come from HBM). The floor is the active weight bytes at the measured HBM bandwidth (a
 device-to-device copy); %HBM = that bandwidth's share achieved on the active bytes.
+On CUDA, "graph" columns time the same FFN (sparse and dense alike) replayed from one CUDA graph over enough
+distinct copies of the layer that their bytes exceed the L2 four times: the kernels' own time, without the
+host's launch gaps that eager do_bench includes (what a decode step run as a graph would see).
 
     python benchmarks/ffn_gpu.py                      # on a CUDA machine -> results/ffn_gpu.json
     python benchmarks/ffn_gpu.py --tune               # also sweep the kernels' block sizes
@@ -15,6 +18,7 @@ device-to-device copy); %HBM = that bandwidth's share achieved on the active byt
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from hotcold.kernels import cpu_sparse
 from hotcold.kernels.qrows import QRows
 
 SHAPES = {"7b": (4096, 11008), "default": (576, 1536), "tiny": (64, 192)}  # (hidden, intermediate)
@@ -88,9 +93,37 @@ class Layer:
         return x, idx, mask
 
 
-def run_sparse(tri, L: Layer, x, idx, mask, gate_up_kw=None, down_kw=None):
-    h = tri.gathered_gate_up(x, L.up, idx, "swiglu", L.gate, None, mask, **(gate_up_kw or {}))
-    return tri.gathered_down(h, L.down_t, idx, L.dtype, **(down_kw or {}))
+def graph_ms(calls: list, reps: int = 10) -> float:
+    """ms per call of `calls` (one per distinct layer copy) replayed as one captured CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: compiles, allocator pools
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps / len(calls)
+
+
+def copies_for(active_bytes: int) -> int:
+    """Distinct layer copies whose active bytes exceed the L2 four times (so a replay reads HBM)."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    return max(2, min(32, -(-4 * l2 // max(1, active_bytes))))
+
+
+def clone_rows(w):
+    return QRows(*(None if t is None else t.clone() for t in (w.codes, w.scales, w.mins)), w.qtype) \
+        if isinstance(w, QRows) else w.clone()
 
 
 def tune(tri, L: Layer, bench, batch: int, density: float) -> dict:
@@ -119,6 +152,35 @@ def tune(tri, L: Layer, bench, batch: int, density: float) -> dict:
     return out
 
 
+def copies(n: int, weights: list) -> list[list]:
+    """n sets of `weights`: the originals and n-1 clones (distinct memory, same values)."""
+    return [weights] + [[clone_rows(w) for w in weights] for _ in range(n - 1)]
+
+
+def dense_layer(x, weights):
+    gate, up, down_t = weights
+    return cpu_sparse.dense_ffn(x, up, "swiglu", gate, None, down_t)
+
+
+def sparse_layer(tri, dtype, x, idx, mask, weights):
+    gate, up, down_t = weights
+    h = tri.gathered_gate_up(x, up, idx, "swiglu", gate, None, mask)
+    return tri.gathered_down(h, down_t, idx, dtype)
+
+
+def graph_or_error(layer, weights: list, active_bytes: int, device: str) -> float | str | None:
+    """graph_ms of layer(weights) over enough copies of the weights (None off CUDA; the error's text if the
+    capture fails, so that the sweep goes on with its eager numbers)."""
+    if device != "cuda":
+        return None
+    try:
+        ms = graph_ms([functools.partial(layer, ws) for ws in copies(copies_for(active_bytes), weights)])
+        torch.cuda.empty_cache()
+        return ms
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON and printed
+        return f"{type(e).__name__}: {e}"[:300]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -138,7 +200,6 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
     elif not torch.cuda.is_available():
         p.error("no CUDA device: run with --device cpu --tiny for the interpreter smoke mode")
-    from hotcold.kernels import cpu_sparse
     from hotcold.kernels import triton_ffn as tri
 
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
@@ -155,29 +216,40 @@ def main() -> int:
     for shape in shapes:
         hidden, inter = SHAPES[shape]
         L = Layer(hidden, inter, dtype, args.device, qtype=args.qtype)
-        gate, up, down_t = L.dense
+        rows = [L.gate, L.up, L.down_t]
         for batch in (int(b) for b in args.batches.split(",")):
             x, _, _ = L.inputs(batch, 1.0)
-            dense_ms = bench(lambda x=x, g=gate, u=up, d=down_t: cpu_sparse.dense_ffn(x, u, "swiglu", g, None, d))
+            dense_ms = bench(functools.partial(dense_layer, x, L.dense))
+            dense_graph = graph_or_error(functools.partial(dense_layer, x), L.dense,
+                                         sum(w.nbytes for w in L.dense), args.device)
             for d in densities:
                 x, idx, mask = L.inputs(batch, d)
-                ms = bench(lambda x=x, idx=idx, mask=mask, L=L: run_sparse(tri, L, x, idx, mask))
+                ms = bench(functools.partial(sparse_layer, tri, L.dtype, x, idx, mask, rows))
+                sparse_graph = graph_or_error(functools.partial(sparse_layer, tri, L.dtype, x, idx, mask),
+                                              rows, idx.numel() * L.neuron_bytes, args.device)
                 # correctness next to the timing: the union of all neurons with no mask is the dense FFN
                 err = None
                 if d == 1.0 or args.device == "cpu":
                     full = torch.arange(inter, device=args.device)
                     g32, u32, d32 = L.exact()
                     want = cpu_sparse.dense_ffn(x.float(), u32, "swiglu", g32, None, d32)
-                    got = run_sparse(tri, L, x, full, None).float()
+                    got = sparse_layer(tri, L.dtype, x, full, None, rows).float()
                     err = ((got - want).abs().max() / want.abs().max()).item()
                 gbytes = idx.numel() * L.neuron_bytes / 1e9
                 row = dict(shape=shape, hidden=hidden, intermediate=inter, batch=batch, density=d, k=idx.numel(),
                            dense_ms=dense_ms, sparse_ms=ms, floor_ms=gbytes / hbm * 1e3, gbs=gbytes / ms * 1e3,
-                           pct_hbm=100 * gbytes / ms * 1e3 / hbm, speedup=dense_ms / ms, rel_err_vs_dense=err)
+                           pct_hbm=100 * gbytes / ms * 1e3 / hbm, speedup=dense_ms / ms, rel_err_vs_dense=err,
+                           dense_graph_ms=dense_graph, sparse_graph_ms=sparse_graph)
+                if isinstance(sparse_graph, float) and isinstance(dense_graph, float):
+                    row.update(graph_pct_hbm=100 * gbytes / sparse_graph * 1e3 / hbm,
+                               graph_speedup=dense_graph / sparse_graph)
                 result["rows"].append(row)
                 print(f"{shape:>8} {batch:5d} {d:7.2f} {dense_ms:9.4f} {ms:9.4f} {row['floor_ms']:8.4f} "
                       f"{row['gbs']:6.0f} {row['pct_hbm']:5.0f} {row['speedup']:7.2f} "
-                      f"{'' if err is None else f'{err:8.1e}'}", flush=True)
+                      f"{'' if err is None else f'{err:8.1e}'}"
+                      + (f"  graph: dense {dense_graph:.4f} sparse {sparse_graph:.4f} ms, {row['graph_pct_hbm']:.0f}%"
+                         f" HBM, {row['graph_speedup']:.2f}x dense" if "graph_speedup" in row else
+                         "" if sparse_graph is None else f"  graph: {sparse_graph} / {dense_graph}"), flush=True)
             if args.tune:
                 t = tune(tri, L, bench, batch, 0.1)
                 t.update(shape=shape)
