@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: serve serve-sparse test lint install clean
+.PHONY: serve serve-sparse test lint install clean gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The wheels benchmarks/gpu_check.sh needs on the lent GPU machine (Python 3.12, no network; it lacks only
+# gguf, whose own needs are there): carry .whl with the device call.
+gpu-wheels: $(STAMP)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		gguf==$$($(PY) -c "import importlib.metadata as m; print(m.version('gguf'))")
 
 clean:
 	rm -rf $(VENV) .pytest_cache

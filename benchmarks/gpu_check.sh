@@ -2,7 +2,9 @@
 # One-call GPU check (issue 14, item 7), made for a single device call of at most 8 minutes on the lent H200
 # machine (torch 2.11, triton 3.6, pytest, transformers; no network; no gguf, fastapi or uvicorn).
 #
-#   benchmarks/gpu_check.sh                    # on the GPU machine, from the repository root; results in $OUT
+#   make gpu-wheels                            # here, first: .whl/ (gguf, which the test modules import)
+#   benchmarks/gpu_check.sh                    # on the GPU machine, from the repository root, .whl carried;
+#                                              #   results in $OUT
 #   GPU_CHECK_DRY=1 benchmarks/gpu_check.sh    # anywhere: print the commands, run nothing
 #
 # In order: (0) make hotcold importable without its dependencies (pip install --no-deps -e ., else a
