@@ -10,7 +10,7 @@
 # In order: (0) make hotcold importable without its dependencies (pip install --no-deps -e ., else a
 # PYTHONPATH shim), with wheels from .whl/ when that folder was carried; (1) pytest -m gpu on the test files
 # that hold gpu-marked tests (the server tests need fastapi and cannot import there); (2) a quick
-# ffn_gpu.py sweep at the 7B shape in bf16, (2b) and with Q4_0 hot rows; (3) hybrid_gpu.py (7B-shaped synthetic ReGLU model: hybrid vs
+# ffn_gpu.py sweep at the 7B shape in bf16, (2b) and with Q4_0 hot rows; (3) hybrid_gpu.py (7B-shaped 8-layer synthetic ReGLU model: hybrid vs
 # layer split vs all-GPU under one budget, bf16 and then Q4_0 FFN rows; its JSON is rewritten after each).
 # Each step has its own timeout inside one overall budget, so one hang cannot eat the call; a failed step
 # does not stop the next. Exit status: 0 only if every step passed.
@@ -102,12 +102,18 @@ triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_nam
         rm -rf /tmp/hotcold_path && mkdir -p /tmp/hotcold_path/hotcold
         ln -s "$ROOT"/hotcold/*.py /tmp/hotcold_path/hotcold/
         for d in engine kernels profiler server; do ln -s "$ROOT/$d" "/tmp/hotcold_path/hotcold/$d"; done
-        export PYTHONPATH=/tmp/hotcold_path${PYTHONPATH:+:$PYTHONPATH}
+        # PYTHONSAFEPATH: the working directory (the repository root, whose hotcold/ holds only cli.py) must
+        # not come first on sys.path and hide the linked package
+        export PYTHONPATH=/tmp/hotcold_path${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1
         note "install: PYTHONPATH shim /tmp/hotcold_path (pip -e skipped or failed: see env.txt)"
     fi
     if ! "$PY" -c "import hotcold.kernels, hotcold.engine.hybrid" >>"$OUT/env.txt" 2>&1; then
         note "install: FAILED, hotcold cannot be imported (see env.txt)"
         exit 2
+    fi
+    if ! "$PY" -c "import gguf" 2>/dev/null; then  # three test modules with gpu tests import it
+        note "install: gguf is missing, so some gpu tests cannot be collected: run 'make gpu-wheels' here and carry .whl"
+        FAILED=1
     fi
 fi
 
@@ -116,8 +122,10 @@ if want pytest; then
     files=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
     plugin=()
     [ "$DRY" = 1 ] || { "$PY" -c "import pytest_timeout" 2>/dev/null && plugin=(--timeout 120); }
+    # xdist: the Triton kernels' specializations compile in 4 processes at once
+    [ "$DRY" = 1 ] || { "$PY" -c "import xdist" 2>/dev/null && plugin+=(-n 4); }
     # shellcheck disable=SC2086
-    step "pytest -m gpu" 170 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -rsfE -p no:cacheprovider \
+    step "pytest -m gpu" 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -rsfE -p no:cacheprovider \
         --continue-on-collection-errors "${plugin[@]}" $files
     if [ "$DRY" != 1 ]; then
         tail -n 1 "$OUT/pytest.log" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
@@ -132,20 +140,21 @@ fi
 
 # ---- 2. a quick FFN sweep: 7B shape, bf16, batch 1/4/16, dense and 10%/5% density (cuBLAS dense beside)
 if want ffn; then
-    step "ffn_gpu.py" 90 "$OUT/ffn_gpu.log" "$PY" benchmarks/ffn_gpu.py --device cuda --shapes 7b --dtype bfloat16 \
+    step "ffn_gpu.py" 75 "$OUT/ffn_gpu.log" "$PY" benchmarks/ffn_gpu.py --device cuda --shapes 7b --dtype bfloat16 \
         --batches 1,4,16 --densities 1,0.1,0.05 --out "$OUT/ffn_gpu.json"
 fi
 
 # ---- 2b. the same with quantized hot rows (Q4_0, dequantized in the kernels), 10% density, batch 1 and 16
 if want ffnq; then
-    step "ffn_gpu.py --qtype q4_0" 60 /tmp/ffn_gpu_q4_0.log "$PY" benchmarks/ffn_gpu.py --device cuda --shapes 7b \
+    step "ffn_gpu.py --qtype q4_0" 50 /tmp/ffn_gpu_q4_0.log "$PY" benchmarks/ffn_gpu.py --device cuda --shapes 7b \
         --dtype bfloat16 --qtype q4_0 --batches 1,16 --densities 1,0.1 --out "$OUT/ffn_gpu_q4_0.json"
     [ "$DRY" = 1 ] || cat /tmp/ffn_gpu_q4_0.log >>"$OUT/ffn_gpu.log"  # one log: $OUT holds 8 files at most
 fi
 
-# ---- 3. hybrid vs layer split vs all-GPU under one budget (the rest of the budget)
+# ---- 3. hybrid vs layer split vs all-GPU under one budget (the rest of the budget): the 7B shape with 8
+# layers (32 would take the budget to write, profile and copy: 13.5 GB of synthetic weights)
 if want hybrid; then
-    step "hybrid_gpu.py" "$BUDGET" "$OUT/hybrid_gpu.log" "$PY" benchmarks/hybrid_gpu.py --device cuda \
+    step "hybrid_gpu.py" "$BUDGET" "$OUT/hybrid_gpu.log" "$PY" benchmarks/hybrid_gpu.py --device cuda --layers 8 \
         --new-tokens 32 --profile-tokens 2000 --qtypes none,q4_0 --out "$OUT/hybrid_gpu.json"
     [ "$DRY" = 1 ] || grep -E "setup|tok/s|hybrid|split|GPU" "$OUT/hybrid_gpu.log" | tail -n 10 | sed 's/^/    /' \
         | tee -a "$OUT/summary.txt"

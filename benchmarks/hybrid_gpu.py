@@ -93,17 +93,20 @@ class QuantGPUFFN(nn.Module):
 
 
 class DeviceBlock(nn.Module):
-    """A block that lives on another device: inputs go there, the output comes back (layer split)."""
+    """A block that lives on another device: inputs go there, the output comes back (layer split). It runs
+    in its own weights' dtype (float32 for quantized ones, whose CPU products take float32)."""
 
     def __init__(self, block: nn.Module, device: torch.device):
         super().__init__()
         self.block, self.device = block, device
+        w = block.attn.wqkv
+        self.dtype = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
 
     def forward(self, x, rope, batch, cache, layer, token_slots, positions):
         home = x.device
         move = lambda t: None if t is None else t.to(self.device)  # noqa: E731
         rope = None if rope is None else tuple(move(t).float() for t in rope)
-        out = self.block(x.to(self.device, torch.float32), rope, batch, cache, layer, move(token_slots),
+        out = self.block(x.to(self.device, self.dtype), rope, batch, cache, layer, move(token_slots),
                          move(positions))
         return out.to(home, x.dtype)
 
@@ -148,10 +151,12 @@ def decode_speed(model, prompt: list[int], new_tokens: int, cpu_layers: set[int]
     return new_tokens / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny shape: a smoke run in seconds")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="the 7B shape with this many layers (the GPU check's time budget: 8)")
     ap.add_argument("--hot-fraction", type=float, default=0.30, help="FFN share the GPU budget holds")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--profile-tokens", type=int, default=4000)
@@ -163,9 +168,11 @@ def main() -> None:
     gpu = torch.device(args.device)
     if gpu.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu --tiny")
-    shape_name = "tiny" if args.tiny else "llama2-7b"
+    shape_name, shape = ("tiny", SHAPES["tiny"]) if args.tiny else ("llama2-7b", SHAPES["llama2-7b"])
+    if args.layers:
+        shape_name, shape = f"{shape_name}-{args.layers}l", dataclasses.replace(shape, layers=args.layers)
     dtype = torch.float32 if gpu.type == "cpu" else torch.bfloat16
-    folder = make_synthetic_checkpoint(cache_dir() / "synthetic" / shape_name, SHAPES[shape_name], dtype=dtype)
+    folder = make_synthetic_checkpoint(cache_dir() / "synthetic" / shape_name, shape, dtype=dtype)
 
     # the GPU budget: dense parts + KV cache + predictor allowance (10% of FFN) + hot_fraction of the FFN
     probe = load_model(folder, dtype=dtype)
@@ -198,12 +205,14 @@ def main() -> None:
         quantize = None if qtype == "none" else qtype.upper()
         base = load_model(folder, dtype=None if quantize else dtype, quantize=quantize)  # loaded (quantized) once
         load = functools.partial(fresh_copy, base)
-        results.append(run_setups(load, load_plan(plan_dir), gpu, backend, budget, kv, ffn_total, args, quantize))
-        for r in results[-1]["rows"]:
-            r["qtype"] = qtype
-        out = report(results, shape_name, gpu, dtype, budget, args)  # after each: a timeout keeps what ran
-
-    print(f"wrote {out}")
+        results.append({"qtype": qtype, "rows": [], "hot_share": None})
+        # the JSON is rewritten after each setup: a timeout keeps what ran
+        written = functools.partial(report, results, shape_name, gpu, dtype, budget, args)
+        run_setups(load, load_plan(plan_dir), gpu, backend, budget, kv, ffn_total, args, quantize, results[-1],
+                   written)
+        del base, load
+    print(f"wrote {report(results, shape_name, gpu, dtype, budget, args, table=True)}")
+    return 1 if any("error" in r for res in results for r in res["rows"]) else 0
 
 
 def fresh_copy(base):
@@ -212,53 +221,70 @@ def fresh_copy(base):
     return dataclasses.replace(base, model=copy.deepcopy(base.model))
 
 
-def report(results: list[dict], shape_name: str, gpu: torch.device, dtype: torch.dtype, budget: int, args) -> Path:
-    print(f"\n{shape_name} synthetic ReGLU model, device {gpu}, batch 1, {args.new_tokens} tokens, budget holds "
-          f"the dense parts + KV cache + {100 * args.hot_fraction:.0f}% of the {dtype} FFN's bytes")
-    print(f"{'FFN rows':9s} {'setup':48s} {'GPU GiB':>8s} {'hot %':>6s} {'tok/s':>8s} {'vs split':>9s}")
-    for res in results:
-        split = res["rows"][1]["tok_s"]
+def report(results: list[dict], shape_name: str, gpu: torch.device, dtype: torch.dtype, budget: int, args,
+           table: bool = False) -> Path:
+    """Writes the JSON of what ran so far; with table, prints the table."""
+    if table:
+        print(f"\n{shape_name} synthetic ReGLU model, device {gpu}, batch 1, {args.new_tokens} tokens, budget "
+              f"holds the dense parts + KV cache + {100 * args.hot_fraction:.0f}% of the {dtype} FFN's bytes")
+        print(f"{'FFN rows':9s} {'setup':48s} {'GPU GiB':>8s} {'hot %':>6s} {'tok/s':>8s} {'vs split':>9s}")
+    for res in results if table else ():
+        split = next((r["tok_s"] for r in res["rows"] if r["setup"].startswith("layer split") and r["tok_s"]), None)
         for r in res["rows"]:
-            hot = f"{100 * res['hot_share']:.0f}" if r is res["rows"][0] else ""
-            print(f"{r['qtype']:9s} {r['setup']:48s} {r['gpu_bytes'] / 2**30:8.2f} {hot:>6s} {r['tok_s']:8.1f} "
-                  f"{r['tok_s'] / split:8.2f}x")
+            hot = f"{100 * res['hot_share']:.0f}" if r is res["rows"][0] and res["hot_share"] else ""
+            if r["tok_s"] is None:
+                print(f"{res['qtype']:9s} {r['setup']:48s} FAILED: {r['error']}")
+                continue
+            ratio = f"{r['tok_s'] / split:8.2f}x" if split else ""
+            print(f"{res['qtype']:9s} {r['setup']:48s} {r['gpu_bytes'] / 2**30:8.2f} {hot:>6s} {r['tok_s']:8.1f} "
+                  f"{ratio}")
     out = Path(args.out or Path("benchmarks/results") / ("hybrid_gpu_smoke.json" if args.tiny else "hybrid_gpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else "cpu"
     first = results[0]
     out.write_text(json.dumps({"shape": shape_name, "device": device_name, "dtype": str(dtype), "budget": budget,
-                               "hot_share": first["hot_share"], "rows": [r for res in results for r in res["rows"]],
-                               "hot_share_by_qtype": {res["rows"][0]["qtype"]: res["hot_share"] for res in results},
+                               "hot_share": first["hot_share"],
+                               "rows": [{**r, "qtype": res["qtype"]} for res in results for r in res["rows"]],
+                               "hot_share_by_qtype": {res["qtype"]: res["hot_share"] for res in results},
                                "time": time.strftime("%F %T")}, indent=2))
     return out
 
 
 def run_setups(load, plan, gpu: torch.device, backend: str, budget: int, kv: int, ffn_total: int, args,
-               quantize: str | None) -> dict:
-    """The three setups under one budget; quantized: the hot neurons re-placed for the quantized rows' bytes."""
-    rows = []
-    # (a) hybrid
-    loaded = load()
-    cfg = loaded.config
-    if quantize:  # the plan's bf16 placement re-done for quantized neurons: more of them fit
-        replan(plan, loaded.model, budget - int(0.1 * ffn_total), 2, 512, 1)
-    hot_share = sum(lp.hot_count for lp in plan.layers) / sum(lp.num_neurons for lp in plan.layers)
-    config = HybridConfig(mode="predictor", placement="hybrid", backend="auto" if not quantize else backend)
-    apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu, workers=args.workers)
-    rows.append({"setup": "hybrid (hot on GPU, cold on CPU, predictor)", "gpu_bytes": budget,
-                 "tok_s": decode_speed(loaded.model, prompt_ids(), args.new_tokens),
-                 "ffn_sparsity": loaded.model.ffn_counters.sparsity})
-    del loaded
+               quantize: str | None, result: dict, written) -> None:
+    """The three setups under one budget, into result["rows"] (written() after each; a setup that fails is
+    recorded with its error and the next one runs); quantized: the hot neurons re-placed for the quantized
+    rows' bytes."""
+    def measured(setup: str, gpu_bytes, run) -> None:
+        row = {"setup": setup, "gpu_bytes": gpu_bytes, "tok_s": None}
+        try:
+            row.update(run())
+        except Exception as e:  # noqa: BLE001 - the one GPU run goes on with the next setup
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+            print(f"{setup}: FAILED {row['error']}", flush=True)
+        result["rows"].append(row)
+        written()
 
-    # (b) layer split under the same budget, (c) every layer on the GPU
-    for setup in ("split", "all"):
+    def hybrid() -> dict:
         loaded = load()
-        model = loaded.model
+        if quantize:  # the plan's bf16 placement re-done for quantized neurons: more of them fit
+            replan(plan, loaded.model, budget - int(0.1 * ffn_total), 2, 512, 1)
+        result["hot_share"] = sum(lp.hot_count for lp in plan.layers) / sum(lp.num_neurons for lp in plan.layers)
+        config = HybridConfig(mode="predictor", placement="hybrid", backend="auto" if not quantize else backend)
+        apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu, workers=args.workers)
+        return {"tok_s": decode_speed(loaded.model, prompt_ids(), args.new_tokens),
+                "ffn_sparsity": loaded.model.ffn_counters.sparsity}
+
+    measured("hybrid (hot on GPU, cold on CPU, predictor)", budget, hybrid)
+
+    def layers_on_gpu(setup: str) -> dict:
+        """(b) layer split under the same budget, (c) every layer on the GPU."""
+        loaded = load()
+        model, cfg = loaded.model, loaded.config
         move_dense_parts_only_head(model, gpu)
         fixed = nbytes(model.embed, model.lm_head, model.final_norm.weight)  # as held on the GPU
-        blocks = list(model.layers)
         k = cfg.num_layers
-        for i, block in enumerate(blocks):
+        for i, block in enumerate(list(model.layers)):
             if i < k:
                 to_device(block, gpu, backend)
             if i == 0:  # a layer's bytes as the GPU holds it (quantized FFN rows: QuantGPUFFN's); at least one
@@ -266,13 +292,13 @@ def run_setups(load, plan, gpu: torch.device, backend: str, budget: int, kv: int
                 per_layer = attn_b + ffn_b + kv // cfg.num_layers
                 k = cfg.num_layers if setup == "all" else max(1, min(cfg.num_layers, (budget - fixed) // per_layer))
             if i >= k:
-                model.layers[i] = DeviceBlock(block, torch.device("cpu")) if gpu.type != "cpu" else block
-        cpu_layers = set(range(k, cfg.num_layers)) if gpu.type != "cpu" else set()
+                model.layers[i] = DeviceBlock(block, torch.device("cpu"))
         name = f"layer split ({k}/{cfg.num_layers} layers on GPU)" if setup == "split" else "all on GPU (dense)"
-        rows.append({"setup": name, "gpu_bytes": fixed + k * per_layer,
-                     "tok_s": decode_speed(model, prompt_ids(), args.new_tokens, cpu_layers)})
-        del loaded, model
-    return {"rows": rows, "hot_share": hot_share}
+        return {"setup": name, "gpu_bytes": fixed + k * per_layer,
+                "tok_s": decode_speed(model, prompt_ids(), args.new_tokens, set(range(k, cfg.num_layers)))}
+
+    measured("layer split", None, functools.partial(layers_on_gpu, "split"))
+    measured("all on GPU (dense)", None, functools.partial(layers_on_gpu, "all"))
 
 
 def prompt_ids() -> list[int]:
@@ -288,4 +314,4 @@ def move_dense_parts_only_head(model, device: torch.device) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -68,6 +68,14 @@ class StepBatch:
         width = max(1, max(len(t) for t in self.tables))
         return torch.tensor([t + [0] * (width - len(t)) for t in self.tables], dtype=torch.long)
 
+    def tables_on(self, device: torch.device) -> torch.Tensor:
+        """tables_tensor on `device`, copied once per step: a copy from pageable memory waits for the device's
+        queue, so one per layer would stall the host at every layer of a GPU step."""
+        copies = self.__dict__.setdefault("_tables_on", {})
+        if device not in copies:
+            copies[device] = self.tables_tensor.to(device)
+        return copies[device]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
@@ -92,7 +100,7 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
         if cache is not None:
             cache.write(layer, cache_rows, k, v)
-            tables = batch.tables_tensor.to(x.device)
+            tables = batch.tables_on(x.device)
         out = torch.empty(T, cfg.num_heads, cfg.head_dim, dtype=q.dtype, device=q.device)
         offset = 0
         for i, (start, n) in enumerate(zip(batch.starts, batch.lengths)):
@@ -227,7 +235,10 @@ class Transformer(nn.Module):
 
     def _native_blocks(self) -> list[block_kernel.BlockWeights] | None:
         """Every block's weights for the one-call native block, or None unless all blocks qualify (cached
-        until a block's FFN is replaced, as the hybrid executor does)."""
+        until a block's FFN is replaced, as the hybrid executor does). Not for a model off the CPU, nor for layers
+        that are not Blocks (a benchmark's wrapper): those run through their own forward."""
+        if self.device.type != "cpu" or not all(isinstance(layer, Block) for layer in self.layers):
+            return None
         key = tuple((id(layer.ffn), id(layer.attn.wqkv), id(layer.attn.wo), id(getattr(layer.ffn, "gate_up", None)),
                      id(getattr(layer.ffn, "down", None))) for layer in self.layers)
         if getattr(self, "_native_key", None) != key:
