@@ -131,6 +131,9 @@ def _apply_input_thresholds(loaded, thresholds: list[dict[str, float]], args: ar
     native.release_heap()  # the row-major copies the input-major ones replaced, and the conversion's temporaries
 
 
+_CHAT_TEMPLATE_TOKENS = 512  # room for a chat template's system prompt and role markers
+
+
 def _gpu_budget(plan, args: argparse.Namespace) -> tuple[bool, int | None]:
     """(whether to re-place the plan's hot neurons, for how many bytes of GPU memory: None for no limit):
     --gpu-memory, else on a GPU the budget the plan was made for, its KV cache re-sized for this run's
@@ -154,16 +157,19 @@ def _replan(plan, loaded, args: argparse.Namespace, budget: int | None) -> None:
     from hotcold.engine.layers import QuantFFN
     from hotcold.engine.placement import fmt_bytes, replan
 
-    context = getattr(args, "max_model_len", None) or loaded.config.max_position_embeddings
+    longest = loaded.config.max_position_embeddings
+    context = min(getattr(args, "max_model_len", None) or longest, longest)
     batch = getattr(args, "max_num_seqs", None) or 1
+    serving = hasattr(args, "max_num_seqs")  # serve's flags; generate sizes its cache from its prompt
+    lower = "--max-num-seqs or --max-model-len" if serving else "--max-tokens or the prompt"
     # the dense parts' float bytes on the GPU: a quantized model's norms and activations run in bfloat16 there
     quantized = isinstance(loaded.model.layers[0].ffn, QuantFFN)
     dtype_bytes = 2 if quantized else loaded.model.dtype.itemsize
     try:
         placed = replan(plan, loaded.model, budget, dtype_bytes, context, batch)
     except HotcoldError as exc:
-        raise HotcoldError(f"{exc} (this run's KV cache: --max-num-seqs {batch} x --max-model-len {context} "
-                           "tokens; lower one of them, or give --gpu-memory)") from None
+        raise HotcoldError(f"{exc} (this run's KV cache: {batch} x {context} tokens; lower {lower}, or give "
+                           "--gpu-memory)") from None
     p = placed.placement
     print(f"hotcold: GPU budget {fmt_bytes(budget)}: {sum(p.hot_counts)} hot neurons ({fmt_bytes(p.hot_bytes)}, "
           f"{100 * p.served / max(p.total, 1e-9):.0f}% of expected activations) after {fmt_bytes(placed.reserved)} "
@@ -189,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise HotcoldError("the prompt is empty")
+    # the KV cache a plan's GPU budget must leave room for: at most a token per byte of the prompt (byte-level
+    # and byte-fallback tokenizers), the chat template's own tokens, and the answer
+    args.max_model_len = len(args.prompt.encode()) + (_CHAT_TEMPLATE_TOKENS if args.chat else 8) + args.max_tokens
     loaded = load_from_args(args)
     tok = loaded.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)

@@ -160,7 +160,7 @@ def _lexsort_desc(key: Tensor, layer: Tensor, rank: Tensor):
 def dense_parts(model: nn.Module, dtype_bytes: int, predictor_params: int, context: int, batch: int,
                 kv_bytes: int | None = None) -> dict[str, int]:
     """GPU bytes of everything that is not an FFN neuron: embeddings, attention, norms, lm_head (counted
-    once when tied), predictors and the KV cache for `batch` sequences of `context` tokens."""
+    once when tied), predictors (float32) and the KV cache for `batch` sequences of `context` tokens."""
     cfg = model.config
     parts = {"embeddings": 0, "attention": 0, "norms": 0, "lm_head": 0, "other": 0}
     seen: set[int] = set()
@@ -188,7 +188,7 @@ def dense_parts(model: nn.Module, dtype_bytes: int, predictor_params: int, conte
         add("norms", t)
     kv = kv_bytes if kv_bytes is not None else dtype_bytes
     parts["kv_cache"] = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * batch * kv
-    parts["predictors"] = predictor_params * dtype_bytes
+    parts["predictors"] = predictor_params * 4  # float32 wherever they run (engine.sparsity.LowRankPredictor)
     parts.pop("other")
     return parts
 

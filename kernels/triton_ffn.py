@@ -281,8 +281,10 @@ def gathered_gate_up(
     x, idx, w_up = x.contiguous(), idx.contiguous(), _rows_contiguous(w_up)
     w_gate = _rows_contiguous(w_gate) if spec.gated else w_up
     block_b, use_dot = _block_b(B)
-    if block_k is None:  # GEMV: enough programs to cover the SMs twice, 4 to 16 neurons each
-        block_k = 16 if use_dot else max(4, min(16, triton.next_power_of_2(K // (2 * _num_sms(x.device)) or 1)))
+    if block_k is None:  # GEMV: enough programs to cover the SMs twice, 4 to 16 neurons each; with a count,
+        # the live ids are an unknown prefix of K: the fewest per program, so a short prefix still fills the SMs
+        live = K if count is None else 0
+        block_k = 16 if use_dot else max(4, min(16, triton.next_power_of_2(live // (2 * _num_sms(x.device)) or 1)))
     # GEMV: ~4096 products per program per step (8 KB of bf16 rows in flight), within register budget
     block_h = _whole_blocks(w_up, block_h or (64 if use_dot else min(1024, max(32, _GEMV_TILE // (block_b * block_k)))))
     mask = token_mask.contiguous().view(torch.uint8) if token_mask is not None else h

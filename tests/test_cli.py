@@ -103,8 +103,9 @@ def test_loader_errors_are_hotcold_errors(tmp_path):
 
 
 def test_gpu_memory_places_the_plan_or_says_which_flag_to_lower(tiny_checkpoint, tmp_path):
-    """--gpu-memory at generate/serve time: the plan's hot neurons re-placed after the dense parts and this run's
-    KV cache (the line on stderr), or, when those alone do not fit, one line naming the KV cache's flags."""
+    """--gpu-memory at generate time: the plan's hot neurons re-placed after the dense parts and this run's KV
+    cache (sized from the prompt's bytes, a few tokens of room and --max-tokens; the line on stderr), or, when
+    those alone do not fit, one line naming the flag to lower."""
     from test_hybrid import make_plan
 
     from hotcold.engine.placement import dense_parts
@@ -113,11 +114,11 @@ def test_gpu_memory_places_the_plan_or_says_which_flag_to_lower(tiny_checkpoint,
     path = tiny_checkpoint("relu_llama")
     loaded = load_model(path, dtype="float32")
     save_plan(make_plan(loaded, "random"), tmp_path / "plan")
-    context = loaded.config.max_position_embeddings
+    context = len(b"Hello") + 8 + 3  # prompt bytes, room for special tokens, --max-tokens
     need = sum(dense_parts(loaded.model, 4, 0, context, 1).values())
     common = ("generate", "--model", str(path), "--dtype", "float32", "--plan", str(tmp_path / "plan"),
               "--sparsity", "oracle", "--prompt", "Hello", "--max-tokens", "3")
     fits = hotcold(*common, "--gpu-memory", str(need + 4 * 1024))
     assert fits.returncode == 0, fits.stderr
     assert "hot neurons" in fits.stderr and f"KV cache of 1 x {context} tokens" in fits.stderr
-    _assert_one_line_error(hotcold(*common, "--gpu-memory", str(need - 1)), "--max-model-len")
+    _assert_one_line_error(hotcold(*common, "--gpu-memory", str(need - 1)), "--max-tokens")

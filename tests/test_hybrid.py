@@ -74,6 +74,17 @@ def test_oracle_batched_decode_equals_dense_engine(kind, activation, tiny_checkp
     assert [s.output_ids for s in engine.generate(prompts, params)] == expected
 
 
+class KeepOnly(torch.nn.Module):
+    """A dense FFN with every neuron outside `keep` zeroed (plain torch: the reference for a fixed mask)."""
+
+    def __init__(self, ffn, keep: torch.Tensor):
+        super().__init__()
+        self.inner, self.keep = ffn, keep
+
+    def forward(self, x):
+        return self.inner.project_down(self.inner.activations(x) * self.keep.to(x.device))
+
+
 @pytest.mark.parametrize("kind", ["llama", "llama_untied_bias"])  # the second has gate, up and down biases
 def test_predictor_mask_is_what_gets_computed(kind, tiny_checkpoint):
     """A predictor whose logits are fixed by its bias selects a known neuron set; the executor must equal
@@ -86,18 +97,9 @@ def test_predictor_mask_is_what_gets_computed(kind, tiny_checkpoint):
     weights = {"w1": torch.zeros(4, cfg.hidden_size), "b1": torch.zeros(4),
                "w2": torch.zeros(cfg.intermediate_size, 4), "b2": torch.where(keep, 5.0, -5.0)}
     plan = make_plan(loaded, "random", predictor=weights)
-
-    class KeepOnly(torch.nn.Module):
-        def __init__(self, ffn):
-            super().__init__()
-            self.inner = ffn
-
-        def forward(self, x):
-            return self.inner.project_down(self.inner.activations(x) * keep)
-
     ref_model = load_model(path, dtype="float32").model
     for layer in ref_model.layers:
-        layer.ffn = KeepOnly(layer.ffn)
+        layer.ffn = KeepOnly(layer.ffn, keep)
     expected = ref_model.forward_sequence(IDS[:8])
 
     apply_hybrid(loaded.model, plan, HybridConfig(mode="predictor", max_sparse_tokens=64, backend="cpu"),
@@ -188,6 +190,33 @@ def test_hybrid_on_cuda_is_exact(kind, activation, tiny_checkpoint):
     for ids in (IDS, IDS[:1], IDS[:5]):
         got = loaded.model.forward_sequence(ids).cpu()
         assert (got - dense[: len(ids)]).abs().max().item() <= 1e-4 * dense.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_hybrid_on_cuda_predictor_mode_bf16(tiny_checkpoint):
+    """The route `--device cuda --plan` takes: bf16, predictor mode, a gated model with gate, up and down
+    biases; hot rows through the Triton kernels (ids compacted on the GPU, the count read there), cold rows on
+    a CPU worker. It must be the float32 model with only the predicted neurons, up to bf16 rounding, and far
+    from the dense model (the mask matters)."""
+    path = tiny_checkpoint("llama_untied_bias")
+    loaded = load_model(path, dtype="bfloat16")
+    cfg = loaded.config
+    weights, keep = fixed_set_predictor(cfg.hidden_size, cfg.intermediate_size, seed=4)
+    ref = load_model(path, dtype="float32").model
+    dense = ref.forward_sequence(IDS[:8])
+    for layer in ref.layers:
+        layer.ffn = KeepOnly(layer.ffn, keep)
+    want = ref.forward_sequence(IDS[:8])
+    apply_hybrid(loaded.model, make_plan(loaded, "random", seed=5, predictor=weights),
+                 HybridConfig(mode="predictor", max_sparse_tokens=64), loaded.fingerprint, gpu_device="cuda",
+                 workers=1)
+    ffn = loaded.model.layers[0].ffn
+    assert ffn.hot.num > 0 and ffn.cold.num > 0 and ffn.hot.gate_up.device.type == "cuda"
+    masked = (want - dense).abs().max().item()
+    for n in (8, 1):  # tl.dot and GEMV paths
+        err = (loaded.model.forward_sequence(IDS[:n]).float().cpu() - want[:n]).abs().max().item()
+        assert err <= 0.08 * want[:n].abs().max().item() and err < 0.25 * masked, (err, masked)
 
 
 @pytest.mark.parametrize("strategy,value", [("threshold", 0.3), ("threshold", 0.9), ("topk", 7), ("topk", 0),

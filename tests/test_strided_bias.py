@@ -17,21 +17,25 @@ from hotcold.kernels import cpu_sparse, reference
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # interpreter exp()
 
 
-def make(I: int, H: int, B: int, K: int, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Interleaved gate/up rows [I,2,H] and biases [I,2], passed as their strided views (as engine/hybrid.py
-    does); gate and up biases differ in sign and size, so reading one for the other changes the result."""
+def make(I: int, H: int, B: int, K: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> dict:
+    """Interleaved gate/up rows [I,2,H] and biases [I,2] on `device`, passed as their strided views (as
+    engine/hybrid.py does; views taken where the tensors live: moving a view makes a contiguous copy); gate
+    and up biases differ in sign and size, so reading one for the other changes the result."""
     g = torch.Generator().manual_seed(seed)
-    gate_up = torch.randn(I, 2, H, generator=g).to(dtype)
-    bias = torch.stack([torch.rand(I, generator=g) + 1.0, -2.0 * torch.rand(I, generator=g) - 0.5], 1).to(dtype)
+    gate_up = torch.randn(I, 2, H, generator=g).to(dtype).to(device)
+    bias = torch.stack([torch.rand(I, generator=g) + 1.0, -2.0 * torch.rand(I, generator=g) - 0.5], 1)
+    bias = bias.to(dtype).to(device)
     assert bias[:, 0].stride() == (2,) and bias[:, 1].stride() == (2,)
-    return dict(x=torch.randn(B, H, generator=g).to(dtype), w_up=gate_up[:, 1], w_gate=gate_up[:, 0],
-                idx=torch.randperm(I, generator=g)[:K], up_bias=bias[:, 1], gate_bias=bias[:, 0],
-                token_mask=torch.rand(B, K, generator=g) > 0.3 if B > 1 else None,
-                w_down_t=torch.randn(I, H, generator=g).to(dtype))
+    on = lambda t: t.to(device)  # noqa: E731
+    return dict(x=on(torch.randn(B, H, generator=g).to(dtype)), w_up=gate_up[:, 1], w_gate=gate_up[:, 0],
+                idx=on(torch.randperm(I, generator=g)[:K]), up_bias=bias[:, 1], gate_bias=bias[:, 0],
+                token_mask=on(torch.rand(B, K, generator=g) > 0.3) if B > 1 else None,
+                w_down_t=on(torch.randn(I, H, generator=g).to(dtype)))
 
 
 def f64_h(a: dict) -> torch.Tensor:
     """swiglu in float64 from contiguous copies: silu(x Wg^T + bg) * (x Wu^T + bu), masked per token."""
+    a = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
     x = a["x"].double()
     r = a["idx"].long()
     g = x @ a["w_gate"].double()[r].T + a["gate_bias"].double().contiguous()[r]
@@ -41,7 +45,8 @@ def f64_h(a: dict) -> torch.Tensor:
 
 
 def f64_y(a: dict, h: torch.Tensor) -> torch.Tensor:
-    return h.to(a["w_down_t"].dtype).double() @ a["w_down_t"].double()[a["idx"].long()]
+    w = a["w_down_t"].cpu()
+    return h.to(w.dtype).double() @ w.double()[a["idx"].long().cpu()]
 
 
 def close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
@@ -145,11 +150,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("B", [1, 4, 16])
 def test_cuda_kernels_take_strided_biases(B):
-    a = make(1100, 512, B, 333, torch.float32, seed=B)
-    cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
-    h64 = f64_h(a)
+    cuda = make(1100, 512, B, 333, torch.float32, seed=B, device="cuda")
+    assert cuda["up_bias"].stride() == (2,) and cuda["w_up"].stride() == (1024, 1)  # the views, on the GPU
+    h64 = f64_h(cuda)
     close(gate_up(kernels.gathered_gate_up, cuda), h64, 1e-4)
-    close(ffn(cuda), f64_y(a, h64), 1e-4)
+    close(ffn(cuda), f64_y(cuda, h64), 1e-4)
 
 
 @pytest.mark.gpu
