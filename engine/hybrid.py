@@ -223,7 +223,9 @@ def move_dense_parts(model: Transformer, device: torch.device, dtype: torch.dtyp
     model's matrices (GGUF blocks, which only the CPU kernels read) go as quantized rows (kernels.qrows:
     Q4_0/Q4_1/Q8_0, their bytes moved, products in the Triton kernels) or, other types, as `dtype` floats;
     its norms and activations then run in `dtype` (default bfloat16)."""
-    quantized = isinstance(model.embed, QuantTensor)
+    # quantized: any matrix in GGUF blocks (a GGUF may keep its embedding, or only that, in F16/F32)
+    matrices = [model.embed, model.lm_head] + [w for layer in model.layers for w in (layer.attn.wqkv, layer.attn.wo)]
+    quantized = any(isinstance(w, QuantTensor) for w in matrices)
     if model.device == device and not quantized:
         return
     move = functools.partial(to_gpu_side, device=device, dtype=(dtype or torch.bfloat16) if quantized else None)
@@ -292,11 +294,11 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
         # them all
         log.info("no GPU side (device cpu): every neuron on the CPU side, as --placement cpu")
         cfg = dataclasses.replace(cfg, placement="cpu")
+    if not all(isinstance(layer.ffn, DenseFFN) for layer in model.layers):  # before anything moves
+        raise HotcoldError("the model already runs a plan (or has no dense FFN to split): load it again")
     move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None
     for layer, layer_plan in zip(model.layers, plan.layers):
-        if not isinstance(layer.ffn, DenseFFN):
-            raise HotcoldError("the model already runs a plan (or has no dense FFN to split): load it again")
         layer.ffn = HybridFFN(layer.ffn, layer_plan, cfg, gpu, pool, counters)
     native.release_heap()  # the dense FFNs' memory and the conversion's temporaries
     return counters
@@ -308,12 +310,12 @@ def _apply_quant_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, gpu: 
     there, cold ones on the CPU (engine/quant_hybrid.py); on a real GPU the dense parts go there too."""
     from hotcold.engine.quant_hybrid import QuantHybridFFN
 
+    if not all(isinstance(layer.ffn, QuantFFN) for layer in model.layers):  # before anything moves
+        raise HotcoldError("the model already runs a plan (or has no quantized FFN to split): load it again")
     if gpu.type != "cpu":  # a real GPU: the dense parts run there, as quantized rows
         move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None
     for layer, layer_plan in zip(model.layers, plan.layers):
-        if not isinstance(layer.ffn, QuantFFN):
-            raise HotcoldError("the model already runs a plan (or has no quantized FFN to split): load it again")
         layer.ffn = QuantHybridFFN(layer.ffn, layer_plan, cfg.mode, cfg.strategy, cfg.placement, gpu, cfg.backend,
                                    pool, counters, cfg.max_sparse_tokens)
     native.release_heap()  # the replaced FFNs and down's transposition

@@ -133,6 +133,17 @@ def test_dense_parts_where_the_gpu_side_runs(tiny_checkpoint):
     _close(got, want)
 
 
+def test_dense_parts_of_a_quantized_model_with_a_float_embedding(tiny_checkpoint):
+    """GGUFs often keep token_embd in F16/F32 beside quantized matrices: the dense parts still go as a quantized
+    model's do (quantized rows; norms, embeddings and activations in the GPU side's dtype), not left float32."""
+    m = load_model(tiny_checkpoint("llama"), quantize="q8_0").model
+    m.embed = m.embed.dequantize()  # a float embedding beside quantized matrices
+    move_dense_parts(m, torch.device("cpu"), torch.bfloat16)
+    assert isinstance(m.layers[0].attn.wqkv, QRows)
+    assert m.embed.dtype == m.final_norm.weight.dtype == m.layers[0].attn_norm.weight.dtype == torch.bfloat16
+    assert m.dtype == torch.bfloat16
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_command_line_route(tiny_checkpoint, tmp_path):
