@@ -7,7 +7,9 @@ Triton kernels, cold ones on CPU workers at the same time — and add the two pa
 
 The host never waits for the GPU side within a layer: the hot side's ids and the counters stay on its
 device, and only the CPU worker waits for the handed-off mask. Each token only ever sums its own active
-neurons (per-token masks), so a request's result does not depend on what else is in its batch. On the CPU
+neurons (per-token masks), so which neurons a request gets does not depend on what else is in its batch (the
+GPU kernels' summation order does: GEMV or tl.dot, block and split sizes follow the batch's size and union,
+so there a result can differ in its last bits; bitwise batch invariance is the CPU engine's). On the CPU
 side a union too dense for the gather, or a prefill chunk too long, runs the dense product over its rows
 (still masked per token; benchmarks/ffn_cpu.py measures the crossover); the GPU side takes long chunks
 densely. With no CUDA device every neuron runs on the CPU side (a kernel backend named in the config

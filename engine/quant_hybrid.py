@@ -13,8 +13,8 @@ device they go there first, as quantized rows too (engine.hybrid.move_dense_part
 input and active mask go to the CPU side once (engine/handoff.py); otherwise they stay on the CPU engine's
 native path and the input goes to the GPU side. The hot side's active ids are compacted on its device
 (kernels.compact), so the host never waits for it within a layer. The predictor runs on the GPU side
-(float, the plan's weights). Every token sums only its own active neurons, so a token's result does not
-depend on its batch.
+(float, the plan's weights). Every token sums only its own active neurons, so which neurons a token gets
+does not depend on its batch (the GPU kernels' summation order does; see engine.hybrid).
 """
 
 from __future__ import annotations
