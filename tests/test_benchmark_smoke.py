@@ -48,3 +48,15 @@ def test_decode_cpu_synthetic_smoke(tmp_path):
     share, oracle = bound["ffn_share_of_decode"], bound["oracle_sparsity"]
     assert math.isfinite(share) and share < 1 and oracle > 0.8  # --cett 0 on a 90%-sparse model
     assert bound["max_speedup_at_oracle_sparsity"] == pytest.approx(1 / (1 - share * oracle))
+
+
+def test_triton_sass_report(tmp_path):
+    """benchmarks/triton_sass.py: the kernels compiled for sm_90 here, their resources read from the cubins."""
+    out = tmp_path / "sass.json"
+    result = subprocess.run([sys.executable, "benchmarks/triton_sass.py", "--weights", "Q4_0", "--batches", "1",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["gate_up", "down"]
+    # read from the cubin: registers, and the 4-bit codes as vector loads (a byte per weight would be 64)
+    assert all(0 < r["regs"] <= 255 and r["local"] == 0 for r in rows) and rows[0]["ldg32"] < 16
