@@ -156,7 +156,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny shape: a smoke run in seconds")
     ap.add_argument("--layers", type=int, default=None,
-                    help="the 7B shape with this many layers (the GPU check's time budget: 8)")
+                    help="the shape (7B, or --tiny's) with this many layers (the GPU check's time budget: 8)")
     ap.add_argument("--hot-fraction", type=float, default=0.30, help="FFN share the GPU budget holds")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--profile-tokens", type=int, default=4000)

@@ -1,6 +1,6 @@
 """What the Triton FFN kernels compile to on the H200 (sm_90), read with no GPU: registers, spills, shared
 memory, global loads by width and instruction count per launch configuration, from the cubins that
-tests/test_triton_compile.py's launcher builds and the cuobjdump that ships with triton.
+tests/triton_aot.py's launcher builds and the cuobjdump that ships with triton.
 
 The device machine's time is short (METHOD.md: read what costs no device time first): loads 16 bytes wide,
 no local memory, tensor-core instructions where tl.dot is meant, are all visible here.
@@ -24,13 +24,23 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_triton_compile import H200_SMS, CompileForH200, _weights  # noqa: E402
+from triton_aot import H200_SMS, CompileForH200, random_rows  # noqa: E402
 
 from hotcold.kernels import triton_ffn  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-OPS = {"mma": r"\bHMMA\b|\bHGMMA\b", "ldg128": r"LDG\.E\.128", "ldg64": r"LDG\.E\.64", "ldg32":
-       r"LDG\.E(\.U8|\.U16|\.S8)?\s", "sts": r"\bSTS\b", "lds": r"\bLDS\b", "shfl": r"\bSHFL\b"}
+OPS = {"mma": r"\bHMMA\b|\bHGMMA\b", "ldgsts": r"\bLDGSTS\b", "sts": r"\bSTS\b", "lds": r"\bLDS\b",
+       "shfl": r"\bSHFL\b"}
+LOAD = re.compile(r"\bLDG(?![A-Z])(?:\.[A-Z0-9_]+)*")  # a global load with all its modifiers (not LDGSTS)
+
+
+def load_widths(sass: str) -> dict[str, int]:
+    """Global loads by width: 128, 64, and 32 bits or fewer (every LDG counted once)."""
+    out = {"ldg128": 0, "ldg64": 0, "ldg32": 0}
+    for m in LOAD.finditer(sass):
+        parts = m.group(0).split(".")
+        out["ldg128" if "128" in parts else "ldg64" if "64" in parts else "ldg32"] += 1
+    return out
 
 
 def resources(cubin: bytes) -> dict:
@@ -42,6 +52,7 @@ def resources(cubin: bytes) -> dict:
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     out = dict(zip(("regs", "stack", "shared", "local"), map(int, m.groups()))) if m else {}
     out.update({k: len(re.findall(p, sass)) for k, p in OPS.items()})
+    out.update(load_widths(sass))
     out["instructions"] = len(re.findall(r"/\*[0-9a-f]{4}\*/", sass))
     return out
 
@@ -54,7 +65,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "triton_sass.json"))
     args = ap.parse_args()
-    os.environ.pop("TRITON_INTERPRET", None)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("this compiles the kernels for a GPU: run it without TRITON_INTERPRET=1")
     compiled: list = []
     triton_ffn._gate_up_kernel = CompileForH200(triton_ffn._gate_up_kernel, compiled)
     triton_ffn._down_kernel = CompileForH200(triton_ffn._down_kernel, compiled)
@@ -62,12 +74,12 @@ def main() -> int:
     print(f"triton {triton.__version__}, target CUDA sm_90 (H200), {args.neurons} active neurons of "
           f"hidden {args.hidden}, the engine's path (ids with a device-side count)")
     print(f"{'kernel':8s} {'weights':7s} {'B':>3s} {'regs':>5s} {'local':>5s} {'shared':>7s} {'mma':>4s} "
-          f"{'LDG128':>6s} {'LDG64':>5s} {'LDG32-':>6s} {'STS':>4s} {'SHFL':>4s} {'instr':>6s}")
+          f"{'LDG128':>6s} {'LDG64':>5s} {'LDG32-':>6s} {'LDGSTS':>6s} {'STS':>4s} {'SHFL':>4s} {'instr':>6s}")
     rows = []
     for weights in args.weights.split(","):
         for B in (int(b) for b in args.batches.split(",")):
             x = torch.randn(B, args.hidden, dtype=torch.bfloat16)
-            w = _weights(weights, 64, args.hidden)
+            w = random_rows(weights, 64, args.hidden)
             idx = torch.zeros(args.neurons, dtype=torch.long)
             count = torch.tensor([args.neurons], dtype=torch.int32)
             h = triton_ffn.gathered_gate_up(x, w, idx, "reglu", w, count=count)
@@ -76,7 +88,7 @@ def main() -> int:
                 r = dict(kernel=name, weights=weights, batch=B, **resources(k.asm["cubin"]))
                 rows.append(r)
                 print(f"{name:8s} {weights:7s} {B:3d} {r['regs']:5d} {r['local']:5d} {r['shared']:7d} {r['mma']:4d} "
-                      f"{r['ldg128']:6d} {r['ldg64']:5d} {r['ldg32']:6d} {r['sts']:4d} {r['shfl']:4d} "
+                      f"{r['ldg128']:6d} {r['ldg64']:5d} {r['ldg32']:6d} {r['ldgsts']:6d} {r['sts']:4d} {r['shfl']:4d} "
                       f"{r['instructions']:6d}")
             compiled.clear()
     out = Path(args.out)

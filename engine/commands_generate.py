@@ -5,8 +5,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 
 from hotcold.engine.errors import HotcoldError
+
+
+@dataclass(frozen=True)
+class KVReserve:
+    """The KV cache a command will allocate, which a plan's GPU budget must leave room for: `sequences` x
+    `tokens` (None: the model's whole context), and the flags that change it (named when it does not fit)."""
+
+    sequences: int
+    tokens: int | None
+    flags: str
+
+    def context(self, longest: int) -> int:
+        return longest if self.tokens is None else min(self.tokens, longest)
+
+
+WHOLE_CONTEXT = KVReserve(1, None, "")
 
 
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +70,9 @@ def add_gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
                              "from the plan's measured frequencies, without re-profiling")
 
 
-def load_from_args(args: argparse.Namespace):
-    """Load the model; with --plan, switch its FFNs to the hybrid executor."""
+def load_from_args(args: argparse.Namespace, kv: KVReserve = WHOLE_CONTEXT):
+    """Load the model; with --plan, switch its FFNs to the hybrid executor (its GPU budget leaving room for
+    `kv`, the KV cache the command will allocate)."""
     import torch
 
     from hotcold.engine.loader import load_model
@@ -101,7 +119,7 @@ def load_from_args(args: argparse.Namespace):
             return _apply_input_plan(loaded, plan, args)
         place, budget = _gpu_budget(plan, args)
         if place:
-            _replan(plan, loaded, args, budget)
+            _replan(plan, loaded, budget, kv)
         config = HybridConfig(mode=mode, placement=args.placement)
         apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=args.device)  # --device decides
         if mode != "off" and loaded.model.device.type == "cpu" and any(
@@ -136,8 +154,7 @@ _CHAT_TEMPLATE_TOKENS = 512  # room for a chat template's system prompt and role
 
 def _gpu_budget(plan, args: argparse.Namespace) -> tuple[bool, int | None]:
     """(whether to re-place the plan's hot neurons, for how many bytes of GPU memory: None for no limit):
-    --gpu-memory, else on a GPU the budget the plan was made for, its KV cache re-sized for this run's
-    --max-num-seqs x --max-model-len."""
+    --gpu-memory, else on a GPU the budget the plan was made for, re-placed around this run's KV cache."""
     import torch
 
     from hotcold.engine.placement import parse_memory
@@ -150,30 +167,25 @@ def _gpu_budget(plan, args: argparse.Namespace) -> tuple[bool, int | None]:
     return False, None
 
 
-def _replan(plan, loaded, args: argparse.Namespace, budget: int | None) -> None:
+def _replan(plan, loaded, budget: int | None, kv: KVReserve) -> None:
     """The plan's hot neurons re-placed for `budget` bytes of GPU memory (None: no limit), after the dense
-    parts and the KV cache this run asks for; what was chosen on stderr, or one line naming the flags to
-    change when the dense parts and that cache alone do not fit."""
-    from hotcold.engine.layers import QuantFFN
+    parts and the KV cache `kv`; what was chosen on stderr, or one line naming the flags to change when the
+    dense parts and that cache alone do not fit."""
     from hotcold.engine.placement import fmt_bytes, replan
 
-    longest = loaded.config.max_position_embeddings
-    context = min(getattr(args, "max_model_len", None) or longest, longest)
-    batch = getattr(args, "max_num_seqs", None) or 1
-    serving = hasattr(args, "max_num_seqs")  # serve's flags; generate sizes its cache from its prompt
-    lower = "--max-num-seqs or --max-model-len" if serving else "--max-tokens or the prompt"
+    context = kv.context(loaded.config.max_position_embeddings)
     # the dense parts' float bytes on the GPU: a quantized model's norms and activations run in bfloat16 there
-    quantized = isinstance(loaded.model.layers[0].ffn, QuantFFN)
-    dtype_bytes = 2 if quantized else loaded.model.dtype.itemsize
+    dtype_bytes = 2 if loaded.model.quantized else loaded.model.dtype.itemsize
     try:
-        placed = replan(plan, loaded.model, budget, dtype_bytes, context, batch)
+        placed = replan(plan, loaded.model, budget, dtype_bytes, context, kv.sequences)
     except HotcoldError as exc:
-        raise HotcoldError(f"{exc} (this run's KV cache: {batch} x {context} tokens; lower {lower}, or give "
+        lower = f"lower {kv.flags}, or give" if kv.flags else "give a larger"
+        raise HotcoldError(f"{exc} (this run's KV cache: {kv.sequences} x {context} tokens; {lower} "
                            "--gpu-memory)") from None
     p = placed.placement
     print(f"hotcold: GPU budget {fmt_bytes(budget)}: {sum(p.hot_counts)} hot neurons ({fmt_bytes(p.hot_bytes)}, "
           f"{100 * p.served / max(p.total, 1e-9):.0f}% of expected activations) after {fmt_bytes(placed.reserved)} "
-          f"for the dense parts and the KV cache of {batch} x {context} tokens", file=sys.stderr)
+          f"for the dense parts and the KV cache of {kv.sequences} x {context} tokens", file=sys.stderr)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,8 +209,8 @@ def run(args: argparse.Namespace) -> int:
         raise HotcoldError("the prompt is empty")
     # the KV cache a plan's GPU budget must leave room for: at most a token per byte of the prompt (byte-level
     # and byte-fallback tokenizers), the chat template's own tokens, and the answer
-    args.max_model_len = len(args.prompt.encode()) + (_CHAT_TEMPLATE_TOKENS if args.chat else 8) + args.max_tokens
-    loaded = load_from_args(args)
+    tokens = len(args.prompt.encode()) + (_CHAT_TEMPLATE_TOKENS if args.chat else 8) + args.max_tokens
+    loaded = load_from_args(args, KVReserve(1, tokens, "--max-tokens or the prompt"))
     tok = loaded.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hotcold.engine.commands_generate import add_model_arguments, load_from_args
+from hotcold.engine.commands_generate import KVReserve, add_model_arguments, load_from_args
 from hotcold.engine.errors import HotcoldError
 
 
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         text = args.text.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise HotcoldError(f"{args.text}: not UTF-8 text") from None
-    loaded = load_from_args(args)
+    loaded = load_from_args(args, KVReserve(0, 0, ""))  # scored without a KV cache
     ids = loaded.tokenizer.encode(text)[: args.max_tokens]
     ppl = perplexity(loaded.model, ids, args.context)
     mode = f", sparsity {args.sparsity or 'predictor'} with plan {args.plan}" if args.plan else ""

@@ -21,8 +21,7 @@ class Handoff:
         if self.cuda:
             with torch.cuda.device(device):  # streams and events belong to the device they serve
                 self._stream = torch.cuda.Stream(device)
-                # blocking: a waiting thread sleeps instead of spinning on a core the cold side computes on
-                self._landed, self._returned = torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)
+                self._landed, self._returned = torch.cuda.Event(), torch.cuda.Event()
 
     def to_host(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
         """Host copies of `tensors` (each [T, ...]) and the event after which they hold their values (None:

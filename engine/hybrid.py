@@ -225,9 +225,7 @@ def move_dense_parts(model: Transformer, device: torch.device, dtype: torch.dtyp
     model's matrices (GGUF blocks, which only the CPU kernels read) go as quantized rows (kernels.qrows:
     Q4_0/Q4_1/Q8_0, their bytes moved, products in the Triton kernels) or, other types, as `dtype` floats;
     its norms and activations then run in `dtype` (default bfloat16)."""
-    # quantized: any matrix in GGUF blocks (a GGUF may keep its embedding, or only that, in F16/F32)
-    matrices = [model.embed, model.lm_head] + [w for layer in model.layers for w in (layer.attn.wqkv, layer.attn.wo)]
-    quantized = any(isinstance(w, QuantTensor) for w in matrices)
+    quantized = model.quantized
     if model.device == device and not quantized:
         return
     move = functools.partial(to_gpu_side, device=device, dtype=(dtype or torch.bfloat16) if quantized else None)
@@ -267,12 +265,16 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
     gpu = torch.device(gpu_device or "cpu")
     if gpu.type == "cuda" and gpu.index is None:  # "cuda" -> "cuda:N": comparable with tensors' devices
         gpu = torch.device("cuda", torch.cuda.current_device())
+    ffns = [layer.ffn for layer in model.layers]
+    one_kind = all(isinstance(f, DenseFFN) for f in ffns) or all(isinstance(f, QuantFFN) for f in ffns)
+    if cfg.mode != "off" and not one_kind:  # before anything changes
+        raise HotcoldError("the model already runs a plan (or has no dense FFN to split): load it again")
     counters = FFNCounters()
     model.ffn_counters = counters
     if cfg.mode == "off":
         return counters
     gpu_side = gpu.type != "cpu" or cfg.backend != "auto"  # a kernel backend named in cfg stands in for one (tests)
-    if any(isinstance(layer.ffn, QuantFFN) for layer in model.layers):
+    if isinstance(ffns[0], QuantFFN):
         if gpu_side:
             return _apply_quant_hybrid(model, plan, cfg, gpu, workers, counters)
         # no GPU side: every row on the CPU, over the checkpoint's blocks (engine/quant_sparse.py)
@@ -296,8 +298,6 @@ def apply_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, fingerprint:
         # them all
         log.info("no GPU side (device cpu): every neuron on the CPU side, as --placement cpu")
         cfg = dataclasses.replace(cfg, placement="cpu")
-    if not all(isinstance(layer.ffn, DenseFFN) for layer in model.layers):  # before anything moves
-        raise HotcoldError("the model already runs a plan (or has no dense FFN to split): load it again")
     move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None
     for layer, layer_plan in zip(model.layers, plan.layers):
@@ -312,8 +312,6 @@ def _apply_quant_hybrid(model: Transformer, plan: Plan, cfg: HybridConfig, gpu: 
     there, cold ones on the CPU (engine/quant_hybrid.py); on a real GPU the dense parts go there too."""
     from hotcold.engine.quant_hybrid import QuantHybridFFN
 
-    if not all(isinstance(layer.ffn, QuantFFN) for layer in model.layers):  # before anything moves
-        raise HotcoldError("the model already runs a plan (or has no quantized FFN to split): load it again")
     if gpu.type != "cpu":  # a real GPU: the dense parts run there, as quantized rows
         move_dense_parts(model, gpu)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotcold-cold") if workers > 0 else None

@@ -230,6 +230,16 @@ class Transformer(nn.Module):
         return torch.float32 if isinstance(self.embed, QuantTensor) else self.embed.dtype
 
     @property
+    def quantized(self) -> bool:
+        """Whether any matrix is held quantized (GGUF blocks, or their rows on a GPU side); a GGUF may keep its
+        embedding or attention in F16/F32 beside them. Such a model's norms and activations run in float32
+        on the CPU and bfloat16 on a GPU side, whatever its float tensors' dtype."""
+        held = (QuantTensor, QRows)
+        blocks = [layer for layer in self.layers if isinstance(layer, Block)]
+        matrices = [self.embed, self.lm_head] + [w for b in blocks for w in (b.attn.wqkv, b.attn.wo)]
+        return any(isinstance(w, held) for w in matrices) or any(isinstance(b.ffn, QuantFFN) for b in blocks)
+
+    @property
     def device(self) -> torch.device:
         return self.embed.device
 
@@ -243,10 +253,9 @@ class Transformer(nn.Module):
                      id(getattr(layer.ffn, "down", None))) for layer in self.layers)
         if getattr(self, "_native_key", None) != key:
             blocks = [native_block(layer) for layer in self.layers]
-            cpu = self.device.type == "cpu" and attn_dtype(self.device, self.dtype) == torch.float32
             cfg = self.config
-            cpu = cpu and cfg.embed_scale == cfg.residual_scale == cfg.logit_divisor == 1.0
-            self._native_key, self._native = key, blocks if cpu and all(b is not None for b in blocks) else None
+            plain = cfg.embed_scale == cfg.residual_scale == cfg.logit_divisor == 1.0
+            self._native_key, self._native = key, blocks if plain and all(b is not None for b in blocks) else None
         return self._native
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -246,9 +246,10 @@ def _parts(w: torch.Tensor | QRows) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def _whole_blocks(w: torch.Tensor | QRows, block_h: int) -> int:
-    """block_h, checked: a step over quantized rows reads whole blocks of 32 weights."""
-    if isinstance(w, QRows) and block_h % 32:
-        raise ValueError(f"block_h over quantized rows must be a multiple of 32; got {block_h}")
+    """block_h, checked: a power of two (a Triton block), and over quantized rows whole blocks of 32 weights."""
+    least = 32 if isinstance(w, QRows) else 1
+    if block_h < least or block_h & (block_h - 1):
+        raise ValueError(f"block_h must be a power of two, at least {least} over these rows; got {block_h}")
     return block_h
 
 

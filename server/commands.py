@@ -154,13 +154,15 @@ def auto_plan(model: str, activation: str | None) -> Path:
 
 def build_backend(args: argparse.Namespace) -> Any:
     """Runs on the engine thread: load the model (and its plan), then make the engine."""
-    from hotcold.engine.commands_generate import load_from_args
+    from hotcold.engine.commands_generate import KVReserve, load_from_args
     from hotcold.engine.llm import LLMEngine
     from hotcold.server.async_engine import Backend
 
     if args.plan == "auto":
         args.plan = str(auto_plan(args.model, args.activation))
-    loaded = load_from_args(args)  # with --plan: the hybrid executor (engine/hybrid.py)
+    kv = (KVReserve(1, args.kv_cache_tokens, "--kv-cache-tokens") if args.kv_cache_tokens else
+          KVReserve(args.max_num_seqs, args.max_model_len, "--max-num-seqs or --max-model-len"))
+    loaded = load_from_args(args, kv)  # with --plan: the hybrid executor (engine/hybrid.py)
     from hotcold.kernels import calibrate
 
     log.info("kernels: %s", calibrate.current().summary())

@@ -122,3 +122,11 @@ def test_gpu_memory_places_the_plan_or_says_which_flag_to_lower(tiny_checkpoint,
     assert fits.returncode == 0, fits.stderr
     assert "hot neurons" in fits.stderr and f"KV cache of 1 x {context} tokens" in fits.stderr
     _assert_one_line_error(hotcold(*common, "--gpu-memory", str(need - 1)), "--max-tokens")
+    # perplexity scores without a KV cache: it reserves none, and has no flag of that kind to name
+    (tmp_path / "text.txt").write_text("Hello world. " * 8)
+    scored = ("perplexity", "--model", str(path), "--dtype", "float32", "--plan", str(tmp_path / "plan"),
+              "--sparsity", "oracle", "--text", str(tmp_path / "text.txt"))
+    bare = sum(dense_parts(loaded.model, 4, 0, 0, 0).values())
+    fits = hotcold(*scored, "--gpu-memory", str(bare + 4 * 1024))
+    assert fits.returncode == 0 and "KV cache of 0 x 0 tokens" in fits.stderr, fits.stderr
+    _assert_one_line_error(hotcold(*scored, "--gpu-memory", str(bare - 1)), "give a larger --gpu-memory")

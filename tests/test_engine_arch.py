@@ -58,6 +58,14 @@ def test_logits_and_greedy_match_transformers(kind, tiny_checkpoint):
     assert together == alone
 
 
+def test_block_tables_reach_a_device_once_per_step():
+    """Every layer's attention reads the step's tables on its device: one copy per step, not one per layer
+    (a pageable copy to a GPU waits for its queue)."""
+    batch = StepBatch([[3, 1], [2]], [0, 5], [4, 1])
+    on = batch.tables_on(torch.device("cpu"))
+    assert on is batch.tables_on(torch.device("cpu")) and torch.equal(on, torch.tensor([[3, 1], [2, 0]]))
+
+
 def test_chunked_prefill_matches_whole_prefill(tiny_checkpoint):
     """A prompt longer than the step's token budget is prefilled over several steps: same tokens."""
     loaded = load_model(tiny_checkpoint("mistral"), dtype="float32")

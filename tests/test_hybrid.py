@@ -92,10 +92,7 @@ def test_predictor_mask_is_what_gets_computed(kind, tiny_checkpoint):
     path = tiny_checkpoint(kind)
     loaded = load_model(path, dtype="float32")
     cfg = loaded.config
-    gen = torch.Generator().manual_seed(1)
-    keep = torch.rand(cfg.intermediate_size, generator=gen) < 0.3
-    weights = {"w1": torch.zeros(4, cfg.hidden_size), "b1": torch.zeros(4),
-               "w2": torch.zeros(cfg.intermediate_size, 4), "b2": torch.where(keep, 5.0, -5.0)}
+    weights, keep = fixed_set_predictor(cfg.hidden_size, cfg.intermediate_size, seed=1, share=0.3)
     plan = make_plan(loaded, "random", predictor=weights)
     ref_model = load_model(path, dtype="float32").model
     for layer in ref_model.layers:
@@ -160,6 +157,21 @@ def test_plan_for_another_model_is_refused(tiny_checkpoint):
         apply_hybrid(b.model, make_plan(a, "all"), HybridConfig(mode="oracle"), b.fingerprint)
     with pytest.raises(HotcoldError, match="no predictor"):
         apply_hybrid(a.model, make_plan(a, "all"), HybridConfig(mode="predictor"), a.fingerprint)
+
+
+@pytest.mark.parametrize("quantize", [None, "q8_0"])
+def test_a_second_plan_is_refused_before_anything_changes(quantize, tiny_checkpoint):
+    """apply_hybrid on a model that already runs a plan: one clear error, and the model keeps its FFNs, its
+    counters and where its dense parts are."""
+    loaded = load_model(tiny_checkpoint("llama"), dtype=None if quantize else "float32", quantize=quantize)
+    plan = make_plan(loaded, "random", seed=2)
+    config = HybridConfig(mode="oracle", backend="reference")
+    counters = apply_hybrid(loaded.model, plan, config, loaded.fingerprint)
+    ffns, embed = [layer.ffn for layer in loaded.model.layers], loaded.model.embed
+    with pytest.raises(HotcoldError, match="already runs a plan"):
+        apply_hybrid(loaded.model, plan, config, loaded.fingerprint)
+    assert [layer.ffn for layer in loaded.model.layers] == ffns and loaded.model.embed is embed
+    assert loaded.model.ffn_counters is counters
 
 
 def test_dense_fallback_gives_the_same_result(tiny_checkpoint):

@@ -138,10 +138,19 @@ def test_dense_parts_of_a_quantized_model_with_a_float_embedding(tiny_checkpoint
     model's do (quantized rows; norms, embeddings and activations in the GPU side's dtype), not left float32."""
     m = load_model(tiny_checkpoint("llama"), quantize="q8_0").model
     m.embed = m.embed.dequantize()  # a float embedding beside quantized matrices
+    assert m.quantized
     move_dense_parts(m, torch.device("cpu"), torch.bfloat16)
     assert isinstance(m.layers[0].attn.wqkv, QRows)
     assert m.embed.dtype == m.final_norm.weight.dtype == m.layers[0].attn_norm.weight.dtype == torch.bfloat16
     assert m.dtype == torch.bfloat16
+    # only the FFNs quantized (attention and embeddings float): still a quantized model, and moved as one
+    m = load_model(tiny_checkpoint("llama"), quantize="q8_0").model
+    m.embed = m.lm_head = m.embed.dequantize()
+    for layer in m.layers:
+        layer.attn.wqkv, layer.attn.wo = layer.attn.wqkv.dequantize(), layer.attn.wo.dequantize()
+    assert m.quantized and not load_model(tiny_checkpoint("llama"), dtype="float32").model.quantized
+    move_dense_parts(m, torch.device("cpu"), torch.bfloat16)
+    assert m.layers[0].attn.wqkv.dtype == m.final_norm.weight.dtype == m.dtype == torch.bfloat16
 
 
 @pytest.mark.gpu
