@@ -70,6 +70,26 @@ def add_gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
                              "from the plan's measured frequencies, without re-profiling")
 
 
+def check_device(device: str) -> None:
+    """--device: cpu, or a CUDA device this machine has (cuda, cuda:N); else one line saying what is here."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise HotcoldError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if d.type == "cpu":
+        return
+    if d.type != "cuda":
+        raise HotcoldError(f"--device {device}: hotcold runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
+        raise HotcoldError(f"--device {device}: this machine has no usable GPU (torch {torch.__version__}, "
+                           f"{built}); use --device cpu")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise HotcoldError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+
+
 def load_from_args(args: argparse.Namespace, kv: KVReserve = WHOLE_CONTEXT):
     """Load the model; with --plan, switch its FFNs to the hybrid executor (its GPU budget leaving room for
     `kv`, the KV cache the command will allocate)."""
@@ -78,6 +98,9 @@ def load_from_args(args: argparse.Namespace, kv: KVReserve = WHOLE_CONTEXT):
     from hotcold.engine.loader import load_model
     from hotcold.kernels import native
 
+    check_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise HotcoldError("--threads must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
         native.set_threads(args.threads)
@@ -207,14 +230,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise HotcoldError("the prompt is empty")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop).validate()
     # the KV cache a plan's GPU budget must leave room for: at most a token per byte of the prompt (byte-level
     # and byte-fallback tokenizers), the chat template's own tokens, and the answer
     tokens = len(args.prompt.encode()) + (_CHAT_TEMPLATE_TOKENS if args.chat else 8) + args.max_tokens
     loaded = load_from_args(args, KVReserve(1, tokens, "--max-tokens or the prompt"))
     tok = loaded.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
     engine = LLMEngine(loaded, max_num_seqs=1, max_model_len=min(loaded.config.max_position_embeddings,
                                                                   len(ids) + args.max_tokens))
     if not args.chat:

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from hotcold.engine.commands_generate import check_device
+
+    check_device(args.device)  # before the port is bound, as the other flags
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             raise HotcoldError(f"--{name.replace('_', '-')} must be at least 1")

@@ -94,6 +94,17 @@ def test_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path):
     _assert_one_line_error(hotcold("perplexity", "--model", str(good), "--text", str(tmp_path / "nope.txt")),
                            "no such file")
     _assert_one_line_error(hotcold("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"), "not found")
+    # flags a user mistypes: named in one line before anything loads (generate's prompt not echoed first)
+    for flags, needle in [(("--device", "tpu"), "expected cpu, cuda or cuda:N"), (("--threads", "0"), "at least 1"),
+                          (("--max-tokens", "0"), "max_tokens must be at least 1")]:
+        bad = hotcold("generate", "--model", str(good), "--prompt", "x", *flags)
+        _assert_one_line_error(bad, needle)
+        assert bad.stdout == ""
+    if not torch.cuda.is_available():
+        _assert_one_line_error(hotcold("generate", "--model", str(good), "--prompt", "x", "--device", "cuda"),
+                               "no usable GPU")
+        _assert_one_line_error(hotcold("serve", "--model", str(good), "--device", "cuda", "--port", "0"),
+                               "no usable GPU")
 
 
 def test_loader_errors_are_hotcold_errors(tmp_path):
