@@ -66,6 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def check_placement_args(args: argparse.Namespace) -> None:
+    """The flags every plan-writing command shares: where it goes and the KV cache its budget reserves."""
+    if args.out.exists() and not args.out.is_dir():
+        raise HotcoldError(f"--out {args.out} exists and is not a folder")
+    if args.context is not None and args.context < 1:
+        raise HotcoldError("--context must be at least 1 token")
+    if args.batch < 1:
+        raise HotcoldError("--batch must be at least 1")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -85,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
         raise HotcoldError("--recall-target must be in (0, 1]")
     if args.predictor_rank is not None and args.predictor_rank < 1:
         raise HotcoldError("--predictor-rank must be at least 1")
-    if args.out.exists() and not args.out.is_dir():
-        raise HotcoldError(f"--out {args.out} exists and is not a folder")
+    if args.predictor_steps < 1:
+        raise HotcoldError("--predictor-steps must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise HotcoldError("--threads must be at least 1")
+    check_placement_args(args)
     gpu_memory = placement.parse_memory(args.gpu_memory)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,13 +31,13 @@ def run(args: argparse.Namespace) -> int:
     from hotcold.engine import placement
     from hotcold.engine.loader import load_model
     from hotcold.engine.plan import save_plan
+    from hotcold.profiler.commands import check_placement_args
     from hotcold.profiler.corpus import build_corpus
     from hotcold.profiler.import_plan import build_import_plan, read_predictors
 
     if args.tokens < 16:
         raise HotcoldError("--tokens must be at least 16")
-    if args.out.exists() and not args.out.is_dir():
-        raise HotcoldError(f"--out {args.out} exists and is not a folder")
+    check_placement_args(args)
     gpu_memory = placement.parse_memory(args.gpu_memory)
     imported = read_predictors(args.src, args.sparse_threshold)
     loaded = load_model(args.model, dtype="float32", device="cpu")
