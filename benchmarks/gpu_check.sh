@@ -155,7 +155,7 @@ fi
 # layers (32 would take the budget to write, profile and copy: 13.5 GB of synthetic weights)
 if want hybrid; then
     step "hybrid_gpu.py" "$BUDGET" "$OUT/hybrid_gpu.log" "$PY" benchmarks/hybrid_gpu.py --device cuda --layers 8 \
-        --new-tokens 32 --profile-tokens 2000 --qtypes none,q4_0 --out "$OUT/hybrid_gpu.json"
+        --new-tokens 32 --profile-tokens 1200 --qtypes none,q4_0 --out "$OUT/hybrid_gpu.json"
     [ "$DRY" = 1 ] || grep -E "setup|tok/s|hybrid|split|GPU" "$OUT/hybrid_gpu.log" | tail -n 10 | sed 's/^/    /' \
         | tee -a "$OUT/summary.txt"
 fi

@@ -6,16 +6,18 @@
 
 1. Writes a synthetic ReLU-family checkpoint (benchmarks/synthetic_model.py: ~90% of FFN neurons inactive per
    token, power-law neuron frequencies) unless it is cached.
-2. Profiles it with `hotcold profile` under a GPU budget that holds the dense parts (attention, embeddings,
-   head, norms, predictors, KV cache) plus about 30% of the FFN neurons.
-3. Decodes greedily at batch 1 with (a) hybrid: attention + hot neurons on the GPU, cold neurons on CPU
-   workers, predictor mode; (b) layer split: the first k whole layers on the GPU, the rest on the CPU, k as
-   large as the same budget allows (output layer on the GPU, as llama.cpp's -ngl); (c) all on the GPU.
-   With --qtypes q4_0 the FFN is quantized at load (Q4_0 gate/up, Q8_0 down rows: what the quantized hybrid
-   holds) and the budget's FFN share is counted in those bytes, so it holds more neurons: hybrid = quantized
-   hot rows on the GPU (engine/quant_hybrid.py), split and all-GPU = the same rows through the same kernels
-   for every neuron of the GPU layers; attention, embeddings and head go to the GPU as the hybrid's do
-   (quantized rows; bfloat16 in the float run).
+2. Profiles it with `hotcold profile` (neuron frequencies, predictors) unless that is cached.
+3. For each FFN format (--qtypes: none = the model's dtype; q4_0 etc. quantized at load: Q4_0 gate/up and
+   Q8_0 down rows, what the quantized hybrid holds), one GPU budget: the dense parts as the GPU holds them
+   (quantized rows in a quantized run), the KV cache, the predictors, and --hot-fraction (30%) of that
+   format's FFN bytes. So in every format the budget holds only part of the model. Under it, greedy decode
+   at batch 1 with (a) hybrid: attention + the hot neurons this budget holds on the GPU (re-placed from the
+   plan's frequencies), cold neurons on CPU workers, predictor mode; (b) layer split: the first k whole
+   layers on the GPU, the rest on the CPU, k as large as the same budget allows (output layer on the GPU, as
+   llama.cpp's -ngl); (c) all on the GPU. Quantized: hybrid = quantized hot rows on the GPU
+   (engine/quant_hybrid.py), split and all-GPU = the same rows through the same kernels for every neuron of
+   the GPU layers; attention, embeddings and head go to the GPU as the hybrid's do (quantized rows;
+   bfloat16 in the float run).
 Prints a table and writes benchmarks/results/hybrid_gpu.json (hybrid_gpu_smoke.json in --tiny mode).
 """
 
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_model import SHAPES, make_synthetic_checkpoint  # noqa: E402
 
 from hotcold import kernels  # noqa: E402
+from hotcold.engine import placement  # noqa: E402
 from hotcold.engine.activations import kernel_activation  # noqa: E402
 from hotcold.engine.cache import KVCache  # noqa: E402
 from hotcold.engine.default_model import cache_dir  # noqa: E402
@@ -160,6 +163,7 @@ def main() -> int:
     ap.add_argument("--hot-fraction", type=float, default=0.30, help="FFN share the GPU budget holds")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--profile-tokens", type=int, default=4000)
+    ap.add_argument("--predictor-steps", type=int, default=1500, help="training steps per predictor (not --tiny)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--qtypes", default="none", help="FFN rows to run: none (the model's dtype), q4_0, q8_0, "
                     "q4_1, comma-separated (e.g. none,q4_0)")
@@ -174,28 +178,17 @@ def main() -> int:
     dtype = torch.float32 if gpu.type == "cpu" else torch.bfloat16
     folder = make_synthetic_checkpoint(cache_dir() / "synthetic" / shape_name, shape, dtype=dtype)
 
-    # the GPU budget: dense parts + KV cache + predictor allowance (10% of FFN) + hot_fraction of the FFN
-    probe = load_model(folder, dtype=dtype)
-    model = probe.model
-    ffn_total = sum(layer_bytes(b)[1] for b in model.layers)
-    fixed = nbytes(model.embed, model.lm_head, model.final_norm.weight)  # embeddings, head, final norm
-    dense = fixed + sum(layer_bytes(b)[0] for b in model.layers)
-    cfg = probe.config
-    context = 512
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * dtype.itemsize
-    budget = dense + kv + int(0.1 * ffn_total) + int(args.hot_fraction * ffn_total)
-    del probe, model
-
-    plan_dir = folder / f"plan_hot{int(100 * args.hot_fraction)}"
+    context = 512  # the KV cache every setup reserves: one sequence of this many tokens
+    plan_dir = folder / "plan"  # frequencies and predictors; each run re-places its hot neurons (gpu_budget)
     if not (plan_dir / "plan.json").exists():
         gpu_dtype = "float32" if dtype == torch.float32 else "bfloat16"
         cmd = [sys.executable, "-m", "hotcold.cli", "profile", "--model", str(folder), "--out", str(plan_dir),
                "--cett", "0", "--tokens", str(args.profile_tokens), "--eval-tokens", str(args.profile_tokens // 4),
-               "--gpu-memory", f"{budget // 2**20}MiB", "--gpu-dtype", gpu_dtype, "--context", str(context),
+               "--gpu-memory", "all", "--gpu-dtype", gpu_dtype, "--context", str(context),
                "--batch", "1", "--no-report", "--quiet"]
         if not args.tiny:  # one rank, twice the gates' (synthetic_model.py), trained longer (on the GPU)
             rank = 2 * json.loads((folder / "config.json").read_text())["synthetic"]["gate_rank"]
-            cmd += ["--predictor-rank", str(rank), "--predictor-steps", "1500"]
+            cmd += ["--predictor-rank", str(rank), "--predictor-steps", str(args.predictor_steps)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         print(f"profiled in {time.perf_counter() - t0:.0f} s")
@@ -205,14 +198,29 @@ def main() -> int:
         quantize = None if qtype == "none" else qtype.upper()
         base = load_model(folder, dtype=None if quantize else dtype, quantize=quantize)  # loaded (quantized) once
         load = functools.partial(fresh_copy, base)
-        results.append({"qtype": qtype, "rows": [], "hot_share": None})
+        plan = load_plan(plan_dir)
+        budget, kv = gpu_budget(base.model, plan, dtype.itemsize, args.hot_fraction, context)
+        results.append({"qtype": qtype, "rows": [], "hot_share": None, "budget": budget})
         # the JSON is rewritten after each setup: a timeout keeps what ran
-        written = functools.partial(report, results, shape_name, gpu, dtype, budget, args)
-        run_setups(load, load_plan(plan_dir), gpu, backend, budget, kv, ffn_total, args, quantize, results[-1],
+        written = functools.partial(report, results, shape_name, gpu, dtype, args)
+        run_setups(load, plan, gpu, backend, budget, kv, dtype.itemsize, context, args, quantize, results[-1],
                    written)
         del base, load
-    print(f"wrote {report(results, shape_name, gpu, dtype, budget, args, table=True)}")
+    print(f"wrote {report(results, shape_name, gpu, dtype, args, table=True)}")
     return 1 if any("error" in r for res in results for r in res["rows"]) else 0
+
+
+def gpu_budget(model, plan, dtype_bytes: int, hot_fraction: float, context: int) -> tuple[int, int]:
+    """(budget, its KV-cache bytes) for one FFN format: the dense parts as the GPU side holds them (quantized
+    rows for a quantized model), one `context`-token sequence's KV cache and the plan's predictors (float32),
+    plus hot_fraction of the FFN's bytes as held. Each format gets its own, so that in Q4_0 too the budget
+    holds only part of the model and the split has layers left on the CPU."""
+    predictors = sum(w.numel() for lp in plan.layers if lp.predictor is not None and lp.predictor.weights
+                     for w in lp.predictor.weights.values())
+    parts = placement.dense_parts(model, dtype_bytes, predictors, context, 1)
+    cfg = model.config
+    ffn = placement.model_neuron_bytes(model, dtype_bytes) * cfg.intermediate_size * cfg.num_layers
+    return sum(parts.values()) + int(hot_fraction * ffn), parts["kv_cache"]
 
 
 def fresh_copy(base):
@@ -221,13 +229,15 @@ def fresh_copy(base):
     return dataclasses.replace(base, model=copy.deepcopy(base.model))
 
 
-def report(results: list[dict], shape_name: str, gpu: torch.device, dtype: torch.dtype, budget: int, args,
+def report(results: list[dict], shape_name: str, gpu: torch.device, dtype: torch.dtype, args,
            table: bool = False) -> Path:
     """Writes the JSON of what ran so far; with table, prints the table."""
     if table:
         print(f"\n{shape_name} synthetic ReGLU model, device {gpu}, batch 1, {args.new_tokens} tokens, budget "
-              f"holds the dense parts + KV cache + {100 * args.hot_fraction:.0f}% of the {dtype} FFN's bytes")
+              f"holds the dense parts + KV cache + predictors + {100 * args.hot_fraction:.0f}% of the FFN's bytes, "
+              "each as the GPU holds them in that format")
         print(f"{'FFN rows':9s} {'setup':48s} {'GPU GiB':>8s} {'hot %':>6s} {'tok/s':>8s} {'vs split':>9s}")
+        # (the GPU GiB of the hybrid row is its budget; the split's what its whole layers take of the same)
     for res in results if table else ():
         split = next((r["tok_s"] for r in res["rows"] if r["setup"].startswith("layer split") and r["tok_s"]), None)
         for r in res["rows"]:
@@ -242,7 +252,8 @@ def report(results: list[dict], shape_name: str, gpu: torch.device, dtype: torch
     out.parent.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else "cpu"
     first = results[0]
-    out.write_text(json.dumps({"shape": shape_name, "device": device_name, "dtype": str(dtype), "budget": budget,
+    out.write_text(json.dumps({"shape": shape_name, "device": device_name, "dtype": str(dtype),
+                               "budget_by_qtype": {res["qtype"]: res["budget"] for res in results},
                                "hot_share": first["hot_share"],
                                "rows": [{**r, "qtype": res["qtype"]} for res in results for r in res["rows"]],
                                "hot_share_by_qtype": {res["qtype"]: res["hot_share"] for res in results},
@@ -250,8 +261,8 @@ def report(results: list[dict], shape_name: str, gpu: torch.device, dtype: torch
     return out
 
 
-def run_setups(load, plan, gpu: torch.device, backend: str, budget: int, kv: int, ffn_total: int, args,
-               quantize: str | None, result: dict, written) -> None:
+def run_setups(load, plan, gpu: torch.device, backend: str, budget: int, kv: int, dtype_bytes: int, context: int,
+               args, quantize: str | None, result: dict, written) -> None:
     """The three setups under one budget, into result["rows"] (written() after each; a setup that fails is
     recorded with its error and the next one runs); quantized: the hot neurons re-placed for the quantized
     rows' bytes."""
@@ -267,8 +278,7 @@ def run_setups(load, plan, gpu: torch.device, backend: str, budget: int, kv: int
 
     def hybrid() -> dict:
         loaded = load()
-        if quantize:  # the plan's bf16 placement re-done for quantized neurons: more of them fit
-            replan(plan, loaded.model, budget - int(0.1 * ffn_total), 2, 512, 1)
+        replan(plan, loaded.model, budget, dtype_bytes, context, 1)  # the hot neurons this budget holds
         result["hot_share"] = sum(lp.hot_count for lp in plan.layers) / sum(lp.num_neurons for lp in plan.layers)
         config = HybridConfig(mode="predictor", placement="hybrid", backend="auto" if not quantize else backend)
         apply_hybrid(loaded.model, plan, config, loaded.fingerprint, gpu_device=gpu, workers=args.workers)

@@ -26,9 +26,14 @@ def test_hybrid_gpu_benchmark_smoke(tmp_path):
     assert [(r["qtype"], r["setup"].split()[0]) for r in data["rows"]] == [
         (q, s) for q in ("none", "q4_0") for s in ("hybrid", "layer", "all")]
     assert all(r["tok_s"] > 0 for r in data["rows"])
-    assert 0 < data["hot_share"] < 1  # the budget kept only part of the FFN on the "GPU"
-    # quantized rows cost fewer bytes: the same budget holds more hot neurons
-    assert data["hot_share_by_qtype"]["q4_0"] > data["hot_share_by_qtype"]["none"]
+    # each format's budget holds part of its own model: about 30% of the neurons hot (the default), and the
+    # split leaves layers on the CPU; a quantized model's budget is smaller (its rows cost fewer bytes)
+    assert all(0.25 < share < 0.4 for share in data["hot_share_by_qtype"].values()), data["hot_share_by_qtype"]
+    for r in data["rows"]:
+        if r["setup"].startswith("layer split"):
+            on_gpu, layers = map(int, r["setup"].split("(")[1].split()[0].split("/"))
+            assert 0 < on_gpu < layers, r["setup"]
+    assert data["budget_by_qtype"]["q4_0"] < data["budget_by_qtype"]["none"]
 
 
 def test_decode_cpu_synthetic_smoke(tmp_path):
