@@ -285,17 +285,18 @@ class Transformer(nn.Module):
         blocks = self._native_blocks() if cache is not None and NATIVE_BLOCKS else None
         cfg = self.config
         if blocks is not None:
-            tables, token_seqs = batch.tables_tensor, batch.token_seqs()
+            token_seqs = batch.token_seqs()
             _check_tables(batch, cache)
             sparse = None  # input sparsity: decode tokens (one per sequence in this step), all with `prefill`
             if not getattr(self, "input_sparse_prefill", True):
                 sparse = torch.tensor([n == 1 for n in batch.lengths], dtype=torch.uint8)[token_seqs]
+            step = block_kernel.StepInputs(rope, batch.tables_tensor, token_seqs, positions, cfg.head_dim, sparse)
         elif cache is not None:
             rows = rows_of(batch.tables, batch.starts, batch.lengths, cache.block_size).to(self.device)
         for i, layer in enumerate(self.layers):
             if blocks is not None:
-                x = block_kernel.block(x, blocks[i], rope, cache.k[i], cache.v[i], tables, token_seqs, positions,
-                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window, sparse)
+                x = block_kernel.block(x, blocks[i], step, cache.k[i], cache.v[i], cfg.num_heads, cfg.num_kv_heads,
+                                       cfg.head_dim, cfg.sliding_window, in_place=i > 0)
                 if blocks[i].gate_up is None:  # attention only: the FFN is the layer's own (a sparse one)
                     x = x + layer.ffn_after_attention(x)
             else:

@@ -59,40 +59,52 @@ class BlockWeights:
         self._mats = [None if m is None else ctypes.byref(_qmat(m, t)) for m, t in zip(mats, self.input_thresholds)]
 
 
-def block(x: torch.Tensor, w: BlockWeights, rope: tuple[torch.Tensor, torch.Tensor] | None,
-          k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, token_seq: torch.Tensor,
-          positions: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None,
-          sparse_tokens: torch.Tensor | None = None) -> torch.Tensor:
+class StepInputs:
+    """What every block of one step reads, made once per step rather than once per layer (each is a torch op
+    or two, and on a small model 30 layers of them cost a tenth of the step): RoPE's cos/sin [T, head_dim],
+    the block tables [S, max_blocks] int64, each token's row in them and position, which tokens drop small
+    inputs (uint8 [T], or None: every token), and one scratch buffer the blocks take in turn."""
+
+    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None, tables: torch.Tensor,
+                 token_seq: torch.Tensor, positions: torch.Tensor, head_dim: int,
+                 sparse_tokens: torch.Tensor | None = None):
+        T = token_seq.shape[0]
+        self.cos, self.sin = (None, None) if rope is None else (rope[0].reshape(T, head_dim).float().contiguous(),
+                                                                rope[1].reshape(T, head_dim).float().contiguous())
+        self.tables, self.token_seq = tables.to(torch.int64).contiguous(), token_seq.to(torch.int64).contiguous()
+        self.positions = positions.to(torch.int64).contiguous()
+        self.sparse_tokens = None if sparse_tokens is None else sparse_tokens.to(torch.uint8).contiguous()
+        self._scratch = torch.empty(0, dtype=torch.float32)
+
+    def scratch(self, n: int) -> torch.Tensor:
+        if self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=torch.float32)
+        return self._scratch
+
+
+def block(x: torch.Tensor, w: BlockWeights, step: StepInputs, k_cache: torch.Tensor, v_cache: torch.Tensor,
+          n_heads: int, n_kv_heads: int, head_dim: int, window: int | None, in_place: bool = False) -> torch.Tensor:
     """x [T, H] fp32 after one pre-norm transformer block, in one native call: RMS norm, qkv, rotate-half
-    RoPE (cos/sin [T, head_dim]), keys/values stored into the paged fp32 caches
-    [blocks, block_size, kv_heads, head_dim] at each token's position in its sequence's block table
-    (tables [S, max_blocks] int64, token_seq [T]: each token's row in tables), attention of each token over
-    its own sequence up to its position (within `window`), o, residual, then the FFN and its residual (not
-    when w.gate_up is None). Input-major matrices drop small inputs for the tokens with sparse_tokens[t] != 0
-    (uint8 [T]; None: every token). Why one call: the Python and torch dispatch between ~12 small ops per block
-    cost as much as the weights' reads on a small model."""
+    RoPE, keys/values stored into the paged fp32 caches [blocks, block_size, kv_heads, head_dim] at each
+    token's position in its sequence's block table, attention of each token over its own sequence up to its
+    position (within `window`), o, residual, then the FFN and its residual (not when w.gate_up is None).
+    Input-major matrices drop small inputs for step.sparse_tokens. in_place: x is the caller's to overwrite
+    (the previous block's output), else it is copied. Why one call: the Python and torch dispatch between ~12
+    small ops per block cost as much as the weights' reads on a small model."""
     lib = _lib()
-    x = x.float().contiguous().clone()
+    x = x if in_place and x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous().clone()
     T, H = x.shape
     qkv_dim, I = w.wqkv.shape[0], 0 if w.gate_up is None else w.gate_up.shape[0] // w.parts
-    if sparse_tokens is not None:
-        sparse_tokens = sparse_tokens.to(torch.uint8).contiguous()
     widest = max(H, I, qkv_dim, n_heads * head_dim)
     n = T * (qkv_dim + n_heads * head_dim + H + I * (w.parts + 1) + 2 * widest) + (T * widest // 32 * 40) // 4 + 64
-    scratch = torch.empty(n, dtype=torch.float32)
-    cos, sin = (None, None) if rope is None else (rope[0].reshape(T, head_dim).float().contiguous(),
-                                                  rope[1].reshape(T, head_dim).float().contiguous())
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    tables, token_seq = tables.to(torch.int64).contiguous(), token_seq.to(torch.int64).contiguous()
-    positions = positions.to(torch.int64).contiguous()
-    block_size = k_cache.shape[1]
     m = w._mats
     status = lib.quant_block(
         x.data_ptr(), T, H, ptr(w.attn_norm), ptr(w.ffn_norm), w.eps, m[0], ptr(w.bqkv), m[1], ptr(w.bo), m[2], m[3],
         w.parts, ptr(w.gate_up_bias),
-        ptr(w.down_bias), w.gate_fn, w.up_fn, ptr(cos), ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(),
-        tables.data_ptr(), token_seq.data_ptr(), positions.data_ptr(), tables.shape[1],
-        block_size.bit_length() - 1, n_heads, n_kv_heads, head_dim, window or 0, scratch.data_ptr(),
-        w.threshold, ptr(sparse_tokens))
+        ptr(w.down_bias), w.gate_fn, w.up_fn, ptr(step.cos), ptr(step.sin), k_cache.data_ptr(), v_cache.data_ptr(),
+        step.tables.data_ptr(), step.token_seq.data_ptr(), step.positions.data_ptr(), step.tables.shape[1],
+        k_cache.shape[1].bit_length() - 1, n_heads, n_kv_heads, head_dim, window or 0, step.scratch(n).data_ptr(),
+        w.threshold, ptr(step.sparse_tokens))
     _check(status, None, 0)
     return x
