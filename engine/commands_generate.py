@@ -70,10 +70,14 @@ def add_gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
                              "from the plan's measured frequencies, without re-profiling")
 
 
-def check_device(device: str) -> None:
-    """--device: cpu, or a CUDA device this machine has (cuda, cuda:N); else one line saying what is here."""
+def check_model_args(args: argparse.Namespace) -> None:
+    """The flags of every command that loads a model, checked before anything loads (serve: before it binds
+    its port): --threads at least 1; --device cpu, or a CUDA device this machine has (cuda, cuda:N)."""
     import torch
 
+    if args.threads is not None and args.threads < 1:
+        raise HotcoldError("--threads must be at least 1")
+    device = args.device
     try:
         d = torch.device(device)
     except RuntimeError:
@@ -98,9 +102,7 @@ def load_from_args(args: argparse.Namespace, kv: KVReserve = WHOLE_CONTEXT):
     from hotcold.engine.loader import load_model
     from hotcold.kernels import native
 
-    check_device(args.device)
-    if args.threads is not None and args.threads < 1:
-        raise HotcoldError("--threads must be at least 1")
+    check_model_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
         native.set_threads(args.threads)

@@ -75,9 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from hotcold.engine.commands_generate import check_device
+    from hotcold.engine.commands_generate import check_model_args
 
-    check_device(args.device)  # before the port is bound, as the other flags
+    check_model_args(args)  # before the port is bound, as the other flags
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             raise HotcoldError(f"--{name.replace('_', '-')} must be at least 1")
@@ -93,8 +93,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise HotcoldError("--max-model-len must be at least 2")
     if not 0 <= args.port <= 65535:
         raise HotcoldError(f"--port {args.port} is not a port number")
-    if args.threads is not None and args.threads < 1:
-        raise HotcoldError("--threads must be at least 1")
     if args.grace_period < 0:
         raise HotcoldError("--grace-period must be 0 or more")
     if args.read_timeout <= 0:

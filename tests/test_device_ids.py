@@ -91,11 +91,7 @@ if INTERPRETED:
             check(tri.gathered_down(h, w_down_t, a["idx"], splits=splits, count=count, **blocks), y_want, 1e-5)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
-
-
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("B", [1, 16])
 def test_cuda_count_with_compacted_ids(B):
     """The executor's way on CUDA: a mask on the device, compact() there, the kernels read the count."""

@@ -188,7 +188,6 @@ def test_dense_fallback_gives_the_same_result(tiny_checkpoint):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 @pytest.mark.parametrize("kind,activation", RELU_FAMILY)
 def test_hybrid_on_cuda_is_exact(kind, activation, tiny_checkpoint):
     """Hot neurons in the Triton kernels on the GPU, cold ones on a CPU worker (pinned staging buffers),
@@ -205,7 +204,6 @@ def test_hybrid_on_cuda_is_exact(kind, activation, tiny_checkpoint):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 def test_hybrid_on_cuda_predictor_mode_bf16(tiny_checkpoint):
     """The route `--device cuda --plan` takes: bf16, predictor mode, a gated model with gate, up and down
     biases; hot rows through the Triton kernels (ids compacted on the GPU, the count read there), cold rows on

@@ -179,7 +179,6 @@ if INTERPRETED:  # only defined in that child, so the parent lists no skipped st
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 def test_float_input_major_on_cuda():
     w, x, t, want = _float_case(torch.bfloat16, "cuda")
     got = input_sparse.float_linear(x, w, t).double().cpu()

@@ -370,11 +370,7 @@ if INTERPRETED:
 
 # ---------------------------------------------------------------- Triton, native CUDA
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
-
-
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("B", [1, 4, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("activation", ["swiglu", "relu", "geglu"])

@@ -101,11 +101,7 @@ if INTERPRETED:
         close(kernels.quantized_linear(x, up, backend="triton"), x.double() @ ref[1].T)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
-
-
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("B", [1, 16])
 def test_cuda_quantized_rows(qtype, B):

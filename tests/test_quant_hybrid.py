@@ -91,11 +91,7 @@ if INTERPRETED:
             _close(got, want)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
-
-
 @pytest.mark.gpu
-@needs_cuda
 def test_cuda_quantized_hybrid_predictor(tiny_checkpoint):
     """Hot rows quantized on CUDA (Triton), cold ones on a CPU worker: transformers with the same neurons."""
     path = tiny_checkpoint("llama")
@@ -154,7 +150,6 @@ def test_dense_parts_of_a_quantized_model_with_a_float_embedding(tiny_checkpoint
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_cuda_command_line_route(tiny_checkpoint, tmp_path):
     """`--device cuda --plan P` on a quantized model: it loads on the CPU, hot rows go to CUDA quantized, the
     dense parts as bfloat16, cold rows stay in CPU blocks; a greedy generation runs and the counters move."""

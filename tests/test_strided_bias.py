@@ -143,11 +143,7 @@ if INTERPRETED:
         close(layer(x), executor_f64(dense, keep, x), 1e-5)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
-
-
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("B", [1, 4, 16])
 def test_cuda_kernels_take_strided_biases(B):
     cuda = make(1100, 512, B, 333, torch.float32, seed=B, device="cuda")
@@ -158,7 +154,6 @@ def test_cuda_kernels_take_strided_biases(B):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_cuda_executor_predictor_mode_gated_with_biases(tiny_checkpoint):
     """Predictor mode on CUDA (the Triton gate/up kernel with the strided bias views), hot/cold split."""
     layer, keep, dense = hybrid_layer(tiny_checkpoint, "cuda", "auto", "hybrid")
