@@ -1,9 +1,25 @@
-/* Shared by the native CPU kernels (pool.c, gathered.c, quant.c, qsparse.c, attention.c, block.c), built into one library by kernels/native.py. */
+/* Shared by the native CPU kernels (the .c files beside it), built into one library by kernels/native.py. */
 #ifndef HOTCOLD_NATIVE_H
 #define HOTCOLD_NATIVE_H
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+
+/* GGUF's block formats (GGML's type codes) and the weights per block of the 32-weight ones. */
+#define QK 32
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13 };
+
+/* The fp16 number at p (unaligned), and back. */
+static inline float f16_at(const uint8_t *p) {
+    _Float16 h;
+    memcpy(&h, p, 2);
+    return (float)h;
+}
+static inline void f16_put(uint8_t *p, float v) {
+    _Float16 h = (_Float16)v;
+    memcpy(p, &h, 2);
+}
 
 /* fn(ctx, begin, end) over [0, n) split into one contiguous range per thread, each range a multiple of
  * `grain` (but the last). Work items must be independent: each output is computed by exactly one thread,
@@ -59,7 +75,7 @@ int quant_dots(const uint8_t *W, int type, int64_t n_rows, int64_t row_bytes, in
 /* kernels/tsparse.c: y [B, N] = W (x with small inputs dropped) over an input-major matrix; see there. */
 int tsparse_linear(const uint8_t *codes, const uint8_t *d, const uint8_t *m, int type, int64_t N, int64_t K,
                    const float *x, int64_t B, float threshold, const uint8_t *sparse, float *y);
-/* kernels/quant.c: one row of `cols` quantized weights (a whole number of the type's blocks) as int8 codes q
+/* kernels/formats.c: one row of `cols` quantized weights (a whole number of the type's blocks) as int8 codes q
  * with a scale d and a minimum m per 32 (w = d * q + m); the type's bytes and weights per block. */
 void quant_unpack_row(int type, const uint8_t *r, int64_t cols, int8_t *q, float *d, float *m);
 int quant_block_bytes(int type);

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / f"{name}.c" for name in ("pool", "gathered", "quant", "tiles", "qsparse", "tsparse", "attention",
-                                           "block")]
+SOURCES = [HERE / f"{name}.c" for name in ("pool", "gathered", "formats", "quant", "tiles", "qsparse", "tsparse",
+                                           "attention", "block")]
 HEADERS = [HERE / "native.h"]
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi"]
 OPENMP = ["-fopenmp"]  # dropped where the compiler has no OpenMP: the kernels then run on the calling thread

@@ -16,7 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define QK 32
 #define G 8 /* blocks of 32 outputs per pass: 16 vector accumulators, and one K-quant super-block */
 #define AHEAD 8 /* rows prefetched ahead */
 
@@ -27,18 +26,11 @@ typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
  * conversion, or a signed byte -> int32 one, came out as 16 scalar conversions; signed codes are shifted to
  * unsigned (q + 128) and the shift folded into the block's minimum */
 #define TO_VF(v) __builtin_convertvector(__builtin_convertvector(v, vi), vf)
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* decoded inline below; other types through quant_unpack_row */
-
-static inline float half(const uint8_t *p) {
-    _Float16 v;
-    memcpy(&v, p, 2);
-    return (float)v;
-}
 
 /* One block of 32 weights as w = d * (lo|hi) + m, lo/hi the codes of weights 0-15 and 16-31. */
 static inline __attribute__((always_inline)) void decode(int type, const uint8_t *r, vf *lo, vf *hi, float *d,
                                                          float *m) {
-    *d = half(r);
+    *d = f16_at(r);
     if (type == Q8_0) { /* codes shifted to unsigned (q + 128), the shift folded into m */
         vb a, b;
         memcpy(&a, r + 2, 16);
@@ -49,7 +41,7 @@ static inline __attribute__((always_inline)) void decode(int type, const uint8_t
     vb v;
     memcpy(&v, r + (type == Q4_0 ? 2 : 4), 16);
     *lo = TO_VF(v & 0xF), *hi = TO_VF(v >> 4);
-    *m = type == Q4_0 ? -8.0f * *d : half(r + 2);
+    *m = type == Q4_0 ? -8.0f * *d : f16_at(r + 2);
 }
 
 typedef struct {
@@ -114,7 +106,7 @@ static inline __attribute__((always_inline)) void fast_pass(const axpy_t *c, int
     default: fast_pass(c, T, b, g0, G, pf);                                                                    \
     }
 
-/* The same for any type and nb blocks (a partial group, other formats): rows unpacked by quant.c, and the
+/* The same for any type and nb blocks (a partial group, other formats): rows unpacked by formats.c, and the
  * sums in the same order as fast_pass, so a row's result does not depend on which of the two ran. */
 static void slow_pass(const axpy_t *c, int64_t b, int64_t g0, int nb) {
     vf acc[2 * G];

@@ -1,4 +1,4 @@
-"""Quantized weights kept in GGUF's blocks (kernels/quant.c): the type, its products and its conversions.
+"""Quantized weights kept in GGUF's blocks (kernels/quant.c, formats.c): the type, its products, its conversions.
 
 A `QuantTensor` is a matrix [rows, cols] stored as GGUF stores it: each row a run of blocks along the input
 dimension, so one row (one output, or one neuron) is contiguous. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K

@@ -18,7 +18,6 @@
 
 #include <string.h>
 
-enum { Q4_0 = 2, Q4_1 = 3 };
 /* Bytes read ahead of the product, in software: the four-row kernel consumes a stream faster than the
  * hardware prefetcher runs ahead of it (measured, 4096 x 11008 Q4_0 from DRAM: 4 tokens 1.6 -> 1.1 ms) */
 #define AHEAD 4096

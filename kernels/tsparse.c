@@ -29,10 +29,8 @@
 #include <immintrin.h>
 #endif
 
-#define QK 32
 #define P 2     /* blocks of 32 outputs per pass: 8 int32 accumulators of 8 lanes */
 #define NT 2    /* tokens per multi-token pass (16 accumulators: AVX-512VL has 32 registers) */
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
 
 typedef struct {
     const uint8_t *codes, *d, *m;
@@ -97,12 +95,6 @@ static inline int32_t code_at(int type, const uint8_t *r, int64_t j) {
     return j % QK < 16 ? v & 0xF : v >> 4;
 }
 
-static inline float half_at(const uint8_t *p, int64_t j) {
-    _Float16 h;
-    memcpy(&h, p + 2 * j, 2);
-    return (float)h;
-}
-
 /* One group's kept rows for one token, as the passes read them: row offsets in pairs and each pair's two
  * int16 inputs packed in one int32 (low: the first row's). */
 typedef struct {
@@ -154,7 +146,7 @@ static inline __attribute__((always_inline)) void piece(const tax_t *c, int type
             for (int64_t j = 0; j < n; j++) acc[j] += code_at(type, codes + rt->off[i], j) * xk;
         }
         for (int64_t j = 0; j < n; j++) {
-            float d = half_at(dg, j), m = type == Q4_1 ? half_at(mg, j) : type == Q4_0 ? -8.0f * d : 0.0f;
+            float d = f16_at(dg + 2 * j), m = type == Q4_1 ? f16_at(mg + 2 * j) : type == Q4_0 ? -8.0f * d : 0.0f;
             ys[t][j] = ys[t][j] + ((sc * d) * (float)acc[j] + m * sm);
         }
     }
