@@ -65,3 +65,28 @@ def test_triton_sass_report(tmp_path):
     assert [r["kernel"] for r in rows] == ["gate_up", "down"]
     # read from the cubin: registers, and the 4-bit codes as vector loads (a byte per weight would be 64)
     assert all(0 < r["regs"] <= 255 and r["local"] == 0 for r in rows) and rows[0]["ldg32"] < 16
+
+
+@pytest.mark.parametrize("qtype", [None, "q4_0"])  # the GPU check runs both (benchmarks/gpu_check.sh)
+def test_ffn_gpu_benchmark_smoke_mode(tmp_path, qtype):
+    pytest.importorskip("triton", reason="Triton is not installed: its kernels cannot run at all here")
+    out = tmp_path / "ffn_gpu_smoke.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "benchmarks/ffn_gpu.py", "--device", "cpu", "--tiny", "--out", str(out),
+                          *(["--qtype", qtype] if qtype else [])], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 6 and result["max_rel_err_vs_dense"] < 3e-2
+
+
+def test_ffn_cpu_benchmark_runs(tmp_path):
+    out = tmp_path / "ffn_cpu.json"
+    args = ["--shapes", "default", "--dtypes", "float32", "--densities", "1,0.1", "--calls", "6", "--quick",
+            "--crossover-shapes", "default", "--crossover-batches", "2", "--bandwidth-mib", "64", "--out", str(out)]
+    run = subprocess.run([sys.executable, "benchmarks/ffn_cpu.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {r["path"] for r in result["sweep"]} == {"dense", "sparse", "sparse_separate"}
+    assert result["crossover"][0]["batch"] == 2 and result["machine"]["read_gbs"] > 0

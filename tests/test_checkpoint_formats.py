@@ -217,7 +217,8 @@ def test_corrupt_gguf_tensor_type_is_named(tmp_path):
 def test_gguf_mlp_biases_are_read(tmp_path):
     """llama GGUFs may carry MLP biases (llama.cpp reads them as optional): hotcold must add them, not drop
     them. Reference: transformers on the HF checkpoint the GGUF was written from."""
-    from tiny_models import make_tiny_checkpoint, write_llama_gguf
+    from tiny_gguf import write_llama_gguf
+    from tiny_models import make_tiny_checkpoint
 
     folder = make_tiny_checkpoint("llama", tmp_path / "hf", mlp_bias=True, tie_word_embeddings=False)
     write_llama_gguf(folder, tmp_path / "biased.gguf")
@@ -232,7 +233,8 @@ def test_gguf_mlp_biases_are_read(tmp_path):
 def test_quantized_ffn_is_seen_from_the_header(tmp_path):
     """`--device cuda --plan` keeps a quantized GGUF's FFN in blocks (quantized hot rows): decided from the
     file's header alone, before loading; a float GGUF or a Hugging Face folder loads as floats."""
-    from tiny_models import make_tiny_checkpoint, write_llama_gguf
+    from tiny_gguf import write_llama_gguf
+    from tiny_models import make_tiny_checkpoint
 
     from hotcold.engine.loader import holds_quantized_ffn
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from test_quantized_engine import PROMPT, quantized_reference
-from tiny_models import make_tiny_checkpoint, reference_model, write_llama_gguf
+from tiny_gguf import write_llama_gguf
+from tiny_models import make_tiny_checkpoint, reference_model
 
 from hotcold.engine.hybrid import HybridConfig, apply_hybrid
 from hotcold.engine.layers import QuantFFN

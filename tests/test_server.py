@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,92 +13,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
-from prometheus_client.parser import text_string_to_metric_families
+from live_server import ServerProcess, metrics, ref_logprobs, sse_events
 from tiny_models import make_tiny_checkpoint, reference_model, reference_tokenizer
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT = "The capital of France is"
-
-
-class ServerProcess:
-    """`python -m hotcold.cli serve --port 0 ...`; the port is read from the line the server prints."""
-
-    def __init__(self, *args: str, timeout: float = 120.0):
-        dtype = [] if "--dtype" in args else ["--dtype", "float32"]  # exact comparisons with transformers
-        if "--dtype" in args and args[args.index("--dtype") + 1] == "default":  # what a user gets: no --dtype
-            i = args.index("--dtype")
-            args = args[:i] + args[i + 2:]
-        cmd = [sys.executable, "-m", "hotcold.cli", "serve", "--port", "0", *dtype, *args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self._port = threading.Event()
-        self.url = ""
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not self._port.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("server did not start:\n" + self.output())
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "listening on http://" in line and not self._port.is_set():
-                self.url = line.split("listening on ")[1].split()[0]
-                self._port.set()
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout: float = 300.0) -> list[tuple[int, dict]]:
-        """Poll /health until 200; returns every (status, body) seen on the way."""
-        seen, deadline = [], time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                r = httpx.get(f"{self.url}/health", timeout=30)
-            except httpx.ConnectError:  # bound and announced, not yet accepting: ask again
-                time.sleep(0.05)
-                continue
-            seen.append((r.status_code, r.json()))
-            if r.status_code == 200:
-                return seen
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("server not ready in time:\n" + self.output())
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-def metrics(url: str) -> dict[str, float]:
-    """/metrics as {'name{label=value,...}': value}, with the model_name label left out of the key."""
-    out = {}
-    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for s in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
-def sse_events(response: httpx.Response) -> list[str]:
-    """The raw SSE payloads; checks every event is exactly `data: ...` followed by a blank line."""
-    body = response.read().decode()
-    assert body.endswith("\n\n")
-    events = body[:-2].split("\n\n")
-    for e in events:
-        assert e.startswith("data: ") and "\n" not in e, e
-    return [e[len("data: "):] for e in events]
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -136,12 +52,6 @@ def post(server: ServerProcess, path: str, body, **kw) -> httpx.Response:
     data = body if isinstance(body, str | bytes) else json.dumps(body)
     headers = {**AUTH, "content-type": "application/json", **kw.pop("headers", {})}
     return httpx.post(f"{server.url}{path}", content=data, headers=headers, timeout=120, **kw)
-
-
-def ref_logprobs(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].double()
-    return torch.log_softmax(logits, -1)
 
 
 # -------------------------------------------------------------------------------------- basic routes

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from test_server import ServerProcess
+from live_server import ServerProcess
 from tiny_models import make_tiny_checkpoint
 
 READ_TIMEOUT = 3.0

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from test_server import ServerProcess
+from live_server import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server import ServerProcess
+from live_server import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_serve_with_a_plan_matches_masked_reference(tiny_path, tmp_path):
     """--plan (oracle): the served greedy tokens equal transformers' model with the same neurons zeroed
     (|h_i| * ||down[:, i]|| <= threshold, the plan's rule), and /metrics reports the measured sparsity."""
     import torch
-    from test_server import metrics, ref_logprobs
+    from live_server import metrics, ref_logprobs
     from tiny_models import reference_model, reference_tokenizer
 
     from hotcold.engine.loader import load_model

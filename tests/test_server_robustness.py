@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from test_server import ServerProcess, metrics
+from live_server import ServerProcess, metrics
 
 pytestmark = pytest.mark.slow
 
