@@ -16,6 +16,7 @@ from hotcold.engine.errors import HotcoldError
 
 MIN_TEMPERATURE = 1e-5  # below: greedy (a softmax over logits / 1e-39 is inf / inf)
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0  # repetition_penalty 1e-300 would scale logits to infinity
+MAX_STOP_STRINGS = 64  # each is matched after every token (OpenAI allows 4)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt logprobs must be in [0, 20]"),
             (all(math.isfinite(v) and -100 <= v <= 100 for v in self.logit_bias.values()),
              "logit_bias values must be in [-100, 100]"),
+            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),
+            (all(self.stop), "stop strings must not be empty"),
         ]
         for ok, message in checks:
             if not ok:

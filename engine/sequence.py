@@ -58,6 +58,7 @@ class Sequence:
     _pending: str = ""  # decoded text held back: it may still become a stop string
     _decoder: DecodeStream | None = None
     _undecoded: int = 0  # trailing tokens the decoder holds (an incomplete UTF-8 character so far)
+    _stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids, looked up after every token
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
@@ -66,6 +67,7 @@ class Sequence:
         else:
             self.generator.seed()
         self._decoder = DecodeStream(skip_special_tokens=True)
+        self._stop_ids = frozenset(self.params.stop_token_ids)
 
     @property
     def all_ids(self) -> list[int]:
@@ -96,7 +98,7 @@ class Sequence:
         """Add a sampled token; decide whether the request is done; return the text that is now safe to emit."""
         self.output_ids.append(token)
         params = self.params
-        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+        if token in self._stop_ids or (token in self.eos_ids and not params.ignore_eos):
             self.finish_reason = "stop"
             self._flush_undecoded(tokenizer, self.output_ids[:-1])
             return self._emit(len(self._pending))
@@ -113,9 +115,7 @@ class Sequence:
             self.finish_reason = "length"
             self._flush_undecoded(tokenizer, self.output_ids)
             return self._emit(len(self._pending))
-        held = max((k for s in params.stop for k in range(min(len(s) - 1, len(pending)), 0, -1)
-                    if pending.endswith(s[:k])), default=0)  # a tail that may still grow into a stop string
-        return self._emit(len(pending) - held)
+        return self._emit(len(pending) - _held_back(pending, params.stop))
 
     def finish_without_output(self) -> None:
         """A prompt-only request (echo with max_tokens 0): done after its prefill."""
@@ -137,3 +137,19 @@ class Sequence:
     @property
     def text(self) -> str:
         return "".join(self._pieces)
+
+
+def _held_back(pending: str, stops: list[str]) -> int:
+    """The longest tail of `pending` that is a proper prefix of a stop string (it may still grow into one).
+    Only the places where a stop string's first character occurs are tried: a per-token cost of a few
+    C-level finds per stop string, not one comparison per character of it."""
+    held = 0
+    for s in stops:
+        tail = pending[len(pending) - min(len(s) - 1, len(pending)):]
+        i = tail.find(s[0])
+        while i >= 0 and len(tail) - i > held:
+            if s.startswith(tail[i:]):
+                held = len(tail) - i
+                break
+            i = tail.find(s[0], i + 1)
+    return held

@@ -111,8 +111,8 @@ static inline __attribute__((always_inline)) void piece(const tax_t *c, int type
                                                         float *const *ys) {
     const uint8_t *codes = c->codes + o0 / QK * c->bpb;
     const uint8_t *dg = c->d + (g * c->N + o0) * 2, *mg = c->m ? c->m + (g * c->N + o0) * 2 : 0;
-    const rows_t *r = rs[0];
 #ifdef PAIR_SUMS
+    const rows_t *r = rs[0];
     __m256i v[NT * 4 * P];
     for (int i = 0; i < nt * 4 * P; i++) v[i] = _mm256_setzero_si256();
     for (int32_t i = 0; i < r->pairs; i++) {

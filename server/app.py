@@ -7,11 +7,12 @@ import asyncio
 import logging
 import secrets
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -57,6 +58,7 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     model_root: str | None = None
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])  # CORS
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -66,7 +68,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     e = errors[0]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    param = getattr((e.get("ctx") or {}).get("error"), "param", None)  # protocol.RequestError names its field
+    if param is not None:
+        return str(e.get("msg", "invalid value")).removeprefix("Value error, "), param
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if not loc and e.get("type") == "missing":
+        return "the request body is missing", None
+    if len(loc) >= 3 and loc[0] == "messages" and loc[2] == "content":  # a union: say what content may be
+        where = ".".join(loc[:3])
+        return (f"{where} must be a string or a list of text parts ({{\"type\": \"text\", \"text\": ...}}); "
+                "image, audio and other parts are not supported", where)
     if loc[:1] == ["prompt"]:  # a union: pydantic's first complaint is about the wrong member
         return ("prompt must be a string, a list of strings, a list of token ids (integers >= 0) or a list "
                 "of lists of token ids", "prompt")
@@ -86,6 +97,7 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
         await asyncio.to_thread(aengine.shutdown)
 
     app = FastAPI(title="hotcold", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(CORSMiddleware, allow_origins=cfg.allowed_origins, allow_methods=["*"], allow_headers=["*"])
 
     # ------------------------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
@@ -105,7 +117,8 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
+        # one line here; Starlette re-raises after this response and uvicorn logs the traceback once
+        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
         err = APIError(500, f"internal server error: {type(exc).__name__}", type="server_error",
                        code="internal_error")
         return JSONResponse(err.envelope(), status_code=500)
@@ -120,22 +133,22 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
             raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
-    def capacity_error(exc: Exception, num_seqs: int) -> APIError:
+    def capacity_error(exc: Exception, num_seqs: int, param: str = "n") -> APIError:
         metrics.rejected.inc()
         if isinstance(exc, NotAccepting):
             return APIError(503, str(exc), type="server_error", code="service_unavailable")
         if num_seqs > aengine.max_in_flight:
             return APIError(400, f"n x prompts = {num_seqs} sequences exceed the server's capacity "
-                                 f"({aengine.max_in_flight})", param="n")
+                                 f"({aengine.max_in_flight})", param=param)
         return APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
 
-    def backend_for(model: str | None, num_seqs: int) -> Backend:
+    def backend_for(model: str | None, num_seqs: int, param: str = "n") -> Backend:
         if model is not None and model != cfg.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         try:
             aengine.check_capacity(num_seqs)
         except (NotAccepting, QueueFull) as exc:
-            raise capacity_error(exc, num_seqs) from None
+            raise capacity_error(exc, num_seqs, param) from None
         assert aengine.backend is not None
         return aengine.backend
 
@@ -168,8 +181,8 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
         return task.result()
 
     # ----------------------------------------------------------------------------------- routes
-    @app.get("/health", responses={200: {"content": _HEALTH}, 503: {"description": "loading, draining or failed",
-                                                                   "content": _HEALTH}})
+    @app.api_route("/health", methods=["GET", "HEAD"], responses={
+        200: {"content": _HEALTH}, 503: {"description": "loading, draining or failed", "content": _HEALTH}})
     async def health() -> JSONResponse:
         if aengine.load_error is not None:
             return JSONResponse({"status": "failed"}, status_code=503)
@@ -179,8 +192,8 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics", response_class=PlainTextResponse,
-             responses={200: {"description": "Prometheus text exposition format"}})
+    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse,
+                   responses={200: {"description": "Prometheus text exposition format"}})
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -195,7 +208,8 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
     @v1.post("/completions", responses={200: {"model": P.CompletionResponse, "content": _STREAM},
                                         **_errors(400, 401, 404, 408, 429, 503)})
     async def completions(req: P.CompletionRequest, request: Request) -> Any:
-        backend = backend_for(req.model, len(req.prompts()) * req.n)
+        many_prompts = len(req.prompts()) > 1 and req.n == 1
+        backend = backend_for(req.model, len(req.prompts()) * req.n, "prompt" if many_prompts else "n")
         return await serve_completion(req, request, aengine, backend, cfg.model_name, submit, until_disconnect)
 
     @v1.post("/chat/completions", responses={200: {"model": P.ChatCompletionResponse, "content": _STREAM},

@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences that may wait beyond the running batch; more get 429")
     parser.add_argument("--api-key", default=os.environ.get("HOTCOLD_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $HOTCOLD_API_KEY)")
+    parser.add_argument("--allowed-origins", nargs="+", default=["*"], metavar="ORIGIN",
+                        help="origins a browser may call the API from (CORS; default: any, as vLLM and llama-server)")
     add_weight_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -195,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = ServerMetrics(name)
     aengine = AsyncEngine(lambda: build_backend(args), max_in_flight=args.max_num_seqs + args.max_queue,
                           metrics=metrics)
-    app = create_app(aengine, ServerConfig(model_name=name, api_key=args.api_key, model_root=str(args.model)),
+    app = create_app(aengine, ServerConfig(model_name=name, api_key=args.api_key, model_root=str(args.model),
+                                             allowed_origins=list(args.allowed_origins)),
                      metrics)
     # uvicorn's graceful-shutdown timeout is only a backstop: Server.drain has ended the requests by then
     config = uvicorn.Config(ConnectionGuard(app, aengine, args.read_timeout), log_level=args.log_level,

@@ -55,11 +55,12 @@ async def serve_completion(req: P.CompletionRequest, request: Request, aengine: 
                            model_name: str, submit: Submit, until_disconnect: Callable) -> Any:
     tok = backend.tokenizer
     as_ids = req.return_tokens_as_token_ids
-    prompts = await S.tokenize_prompts(req, tok, backend.vocab_size)
-    max_tokens = [S.resolve_max_tokens(req.max_tokens, len(p.ids), aengine.max_model_len, "max_tokens")
-                  for p in prompts]
+    S.check_token_ids(req, backend.vocab_size)
+    prompts = await S.tokenize_prompts(req, tok, backend.vocab_size, aengine.max_model_len)
+    max_tokens = [S.resolve_max_tokens(req.max_tokens, len(p.ids), aengine.max_model_len, "max_tokens",
+                                       "prompt" if len(prompts) == 1 else f"prompt.{i}")
+                  for i, p in enumerate(prompts)]
     want_lp = req.logprobs is not None
-    S.check_logit_bias(req, backend.vocab_size)
     choices = [S.Choice(index=pi * req.n + i, prompt=p) for pi, p in enumerate(prompts) for i in range(req.n)]
     score_prompt = req.echo and want_lp  # the prompt's logprobs come from the request's own prefill
     rid = P.random_id("cmpl")
@@ -152,11 +153,12 @@ async def serve_chat(req: P.ChatCompletionRequest, request: Request, aengine: As
                      model_name: str, submit: Submit, until_disconnect: Callable) -> Any:
     tok = backend.tokenizer
     as_ids = req.return_tokens_as_token_ids
-    prompt = await S.tokenize_chat(req, tok)
+    S.check_token_ids(req, backend.vocab_size)
+    prompt = await S.tokenize_chat(req, tok, aengine.max_model_len)
     max_tokens = S.resolve_max_tokens(req.max_new_tokens(), len(prompt.ids), aengine.max_model_len,
-                                      "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens")
+                                      "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens",
+                                      "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
-    S.check_logit_bias(req, backend.vocab_size)
     rid = P.random_id("chatcmpl")
     choices = [S.Choice(index=i, prompt=prompt) for i in range(req.n)]
     by_rid = {f"{rid}-{ch.index}": ch for ch in choices}

@@ -7,9 +7,19 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer, field_validator, model_validator
+
+from hotcold.engine.sampling import MAX_PENALTY, MAX_STOP_STRINGS, MIN_PENALTY
 
 MAX_LOGPROBS = 20
+
+
+class RequestError(ValueError):
+    """A check across fields that failed, naming the field the error object's `param` should show."""
+
+    def __init__(self, message: str, param: str | None):
+        super().__init__(message)
+        self.param = param
 
 
 def random_id(prefix: str) -> str:
@@ -42,7 +52,7 @@ class SamplingFields(BaseModel):
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=MIN_PENALTY, le=MAX_PENALTY)] | None = None
     ignore_eos: bool = False
     return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:N"
     stream: bool | None = False
@@ -50,21 +60,28 @@ class SamplingFields(BaseModel):
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias, clamped to [-100, 100]
 
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n_default(cls, value: Any) -> Any:
+        return 1 if value is None else value  # null means the default, as OpenAI and vLLM read it
+
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
         bad = _invalid_unicode(self.model_dump())
         if bad:
-            raise ValueError(f"{bad} is not valid Unicode (a lone UTF-16 surrogate)")
+            raise RequestError(f"{bad} is not valid Unicode (a lone UTF-16 surrogate)", bad)
         for key, value in (self.logit_bias or {}).items():
-            if not key.strip().isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, not {key!r}")
+            if not (key.strip().isascii() and key.strip().isdigit()):  # "²".isdigit() is true; int() refuses it
+                raise RequestError(f"logit_bias keys must be token ids, not {key!r}", "logit_bias")
             if value != value:
-                raise ValueError("logit_bias values must be numbers, not NaN")
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+                raise RequestError("logit_bias values must be numbers, not NaN", "logit_bias")
+        stops = self.stop_list()
         if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
+            raise RequestError("stop strings must not be empty", "stop")
+        if len(stops) > MAX_STOP_STRINGS:  # each is matched after every token, on the engine's thread
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, not {len(stops)}", "stop")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise RequestError("stream_options is only allowed when stream is true", "stream_options")
         return self
 
     def bias(self) -> dict[int, float]:
@@ -81,6 +98,8 @@ class SamplingFields(BaseModel):
 
 def _invalid_unicode(value: Any, path: str = "") -> str | None:
     """The path of the first string that cannot be encoded as UTF-8 (a lone surrogate), or None."""
+    if isinstance(value, list) and value and isinstance(value[0], int):
+        return None  # token ids: validated lists are all integers (a prompt of 10^6 ids costs no walk)
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -110,13 +129,13 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
-            raise ValueError("prompt must not be empty")
+            raise RequestError("prompt must not be empty", "prompt")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported")
+            raise RequestError("best_of other than n is not supported", "best_of")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise RequestError("suffix is not supported", "suffix")
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens must be at least 1 (0 is only allowed with echo)")
+            raise RequestError("max_tokens must be at least 1 (0 is only allowed with echo)", "max_tokens")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -162,11 +181,11 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
+            raise RequestError("top_logprobs needs logprobs set to true", "top_logprobs")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format of type 'text' is supported")
+            raise RequestError("only response_format of type 'text' is supported", "response_format")
         if self.tools:
-            raise ValueError("tools are not supported")
+            raise RequestError("tools are not supported", "tools")
         return self
 
     def max_new_tokens(self) -> int | None:

@@ -50,14 +50,32 @@ class Choice:
 
 
 # ----------------------------------------------------------------------------------------- requests
-async def tokenize_prompts(req: P.CompletionRequest, tokenizer: Any, vocab_size: int) -> list[Prompt]:
+def _too_long(max_model_len: int, what: str, param: str) -> APIError:
+    return APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the {what}.",
+                    param=param, code="context_length_exceeded")
+
+
+def check_text_fits(text_chars: int, tokenizer: Any, max_model_len: int, param: str) -> None:
+    """Refuse, before encoding it, a text that no tokenization could fit in the context: one token stands
+    for at most `max_token_chars` characters. Encoding megabytes only to refuse them costs seconds of CPU
+    and memory that the server keeps (a 50 MB prompt took 87 s)."""
+    if text_chars > max_model_len * tokenizer.max_token_chars:
+        raise _too_long(max_model_len, f"prompt has {text_chars} characters, more than {max_model_len} tokens "
+                                       f"can hold", param)
+
+
+async def tokenize_prompts(req: P.CompletionRequest, tokenizer: Any, vocab_size: int,
+                           max_model_len: int) -> list[Prompt]:
     prompts = []
     for i, p in enumerate(req.prompts()):
         param = "prompt" if len(req.prompts()) == 1 else f"prompt.{i}"
         if isinstance(p, str):
+            check_text_fits(len(p), tokenizer, max_model_len, param)
             ids = await asyncio.to_thread(tokenizer.encode, p)
             text = p
         else:
+            if len(p) >= max_model_len:
+                raise _too_long(max_model_len, f"prompt has {len(p)} tokens", param)
             bad = [t for t in p if t >= vocab_size]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is out of range (vocabulary size {vocab_size})",
@@ -70,25 +88,30 @@ async def tokenize_prompts(req: P.CompletionRequest, tokenizer: Any, vocab_size:
     return prompts
 
 
-async def tokenize_chat(req: P.ChatCompletionRequest, tokenizer: Any) -> Prompt:
+async def tokenize_chat(req: P.ChatCompletionRequest, tokenizer: Any, max_model_len: int) -> Prompt:
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in req.messages]
+    if len(messages) > max_model_len:  # a template writes at least a token per message
+        raise _too_long(max_model_len, f"request has {len(messages)} messages", "messages")
+    check_text_fits(sum(len(m["content"]) for m in messages), tokenizer, max_model_len, "messages")
     try:
         text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, req.add_generation_prompt)
     except HotcoldError as exc:
         raise APIError(400, str(exc), param="messages") from None
     # the template writes BOS itself when the model wants one: encode without adding another
+    check_text_fits(len(text), tokenizer, max_model_len, "messages")
     ids = await asyncio.to_thread(tokenizer.encode, text, False)
     if not ids:
         raise APIError(400, "the rendered chat prompt is empty", param="messages")
     return Prompt(ids, text)
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
-    """None fills the context (vLLM); an explicit value that does not fit is the client's error (400)."""
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str,
+                       prompt_param: str) -> int:
+    """None fills the context (vLLM); an explicit value that does not fit is the client's error (400), named
+    as the prompt's when the prompt alone fills the context."""
     if prompt_len >= max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the prompt "
-                            f"has {prompt_len} tokens.", param=param, code="context_length_exceeded")
+        raise _too_long(max_model_len, f"prompt has {prompt_len} tokens", prompt_param)
     if requested is None:
         return max_model_len - prompt_len
     if prompt_len + requested > max_model_len:
@@ -122,11 +145,13 @@ def sampling_params(req: P.SamplingFields, max_tokens: int, choice: int, logprob
         prompt_logprobs=prompt_logprobs, logit_bias=req.bias())
 
 
-def check_logit_bias(req: P.SamplingFields, vocab_size: int) -> None:
-    bad = [t for t in req.bias() if t >= vocab_size]
-    if bad:
-        raise APIError(400, f"logit_bias: token id {bad[0]} is out of range (vocabulary size {vocab_size})",
-                       param="logit_bias")
+def check_token_ids(req: P.SamplingFields, vocab_size: int) -> None:
+    """logit_bias keys and stop_token_ids name tokens of this vocabulary."""
+    for param, ids in (("logit_bias", req.bias()), ("stop_token_ids", req.stop_token_ids or [])):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise APIError(400, f"{param}: token id {bad[0]} is out of range (vocabulary size {vocab_size})",
+                           param=param)
 
 
 # ---------------------------------------------------------------------------------------- responses

@@ -105,6 +105,31 @@ def test_stop_strings_are_cut_exactly(tokenizer, stop):
     assert seq.finish_reason == "stop" and text == whole[: whole.index(stop)]
 
 
+def test_the_earliest_stop_string_wins(tokenizer):
+    """Two stop strings that both occur: the text ends before the one that comes first in the text, whatever
+    their order in the list."""
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    whole = tokenizer.backend.decode(ids)
+    for stops in (["café", "Köln"], ["Köln", "café"]):
+        text, seq = _feed(tokenizer, ids, stop=stops)
+        assert seq.finish_reason == "stop" and text == whole[: whole.index("Köln")]
+
+
+def test_held_back_tail_equals_brute_force():
+    """The tail kept back (it may still grow into a stop string) against trying every length of every stop."""
+    import random
+
+    from hotcold.engine.sequence import _held_back
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        pending = "".join(rng.choice("abé") for _ in range(rng.randrange(0, 9)))
+        stops = ["".join(rng.choice("abé") for _ in range(rng.randrange(1, 7))) for _ in range(rng.randrange(1, 4))]
+        brute = max((k for s in stops for k in range(1, min(len(s) - 1, len(pending)) + 1)
+                     if pending.endswith(s[:k])), default=0)
+        assert _held_back(pending, stops) == brute, (pending, stops)
+
+
 def test_per_token_cost_does_not_grow_with_the_output(tokenizer):
     ids = tokenizer.encode(TEXT * 60, add_special_tokens=False)[:2000]
     seq = Sequence("s", [1], SamplingParams(max_tokens=10**6, ignore_eos=True, stop=["zzz"]), set())

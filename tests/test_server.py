@@ -70,6 +70,12 @@ def test_health_models_and_auth(server: ServerProcess, client: openai.OpenAI):
     # outside /v1 no key is needed
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/metrics").status_code == 200
+    assert httpx.head(f"{server.url}/health").status_code == 200  # load balancers probe with HEAD
+    # a browser's CORS preflight is answered without the key, and the answer allows the origin (any, by default)
+    pre = httpx.options(f"{server.url}/v1/completions", headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", "http://app.example")
 
 
 def test_greedy_completion_matches_transformers(server, client, ref):
@@ -112,14 +118,19 @@ def test_prompt_forms_give_the_same_completions(server, client, ref):
     assert as_text.usage.completion_tokens == 12
 
 
-def test_n_seed_and_sampling_filters(server, client):
+def test_n_seed_and_sampling_filters(server, client, ref):
     kw = dict(model="tiny", prompt=PROMPT, max_tokens=10, extra_body={"ignore_eos": True})
     a = client.completions.create(n=3, temperature=1.0, seed=7, **kw)
     b = client.completions.create(n=3, temperature=1.0, seed=7, **kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert len({c.text for c in a.choices}) > 1, "n choices of a sampled request should differ"
-    assert a.usage.completion_tokens == 30 and a.usage.prompt_tokens == b.usage.prompt_tokens
+    n_prompt = len(ref[1](PROMPT)["input_ids"])  # transformers' count
+    assert a.usage.completion_tokens == 30 and a.usage.prompt_tokens == n_prompt  # once, not once per choice
+    two = client.completions.create(model="tiny", prompt=[PROMPT, "x"], n=2, max_tokens=2, temperature=0)
+    assert two.usage.prompt_tokens == n_prompt + len(ref[1]("x")["input_ids"])
+    # null means the default (one choice), as OpenAI and vLLM take it
+    assert len(post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1, "n": None}).json()["choices"]) == 1
     greedy = client.completions.create(temperature=0, **kw).choices[0].text
     # top_k=1 and min_p=1 keep only the argmax: sampling must reduce to greedy
     assert client.completions.create(temperature=1.5, top_p=0.9, extra_body={"top_k": 1, "ignore_eos": True},
@@ -127,7 +138,7 @@ def test_n_seed_and_sampling_filters(server, client):
     assert client.completions.create(temperature=1.5, extra_body={"min_p": 1.0, "ignore_eos": True},
                                      **{k: v for k, v in kw.items() if k != "extra_body"}).choices[0].text == greedy
     pen = client.completions.create(temperature=0, presence_penalty=2.0, frequency_penalty=2.0,
-                                    extra_body={"repetition_penalty": 1.3, "ignore_eos": True},
+                                    extra_body={"repetition_penalty": 50.0, "ignore_eos": True},  # <= 100
                                     **{k: v for k, v in kw.items() if k != "extra_body"})
     assert pen.choices[0].finish_reason == "length" and pen.usage.completion_tokens == 10
 
@@ -244,23 +255,38 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
-    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, None),
-    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, None),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),  # 64 at most
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [320]}, 400, "stop_token_ids"),  # vocabulary: 320
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"²": 1}}, 400, "logit_bias"),  # "²".isdigit()
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1, "320": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0.001}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", "", 400, None),
     ("/v1/completions", {"prompt": [1, -5]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [True, False]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 10**6]}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {"prompt": []}, 400, None),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, None),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": ["x", "y"], "n": 9, "max_tokens": 1}, 400, "n"),  # 18 > 16 sequences
+    ("/v1/completions", {"prompt": ["x"] * 17, "max_tokens": 1}, 400, "prompt"),
     ("/v1/completions", {"prompt": LONG_IDS, "max_tokens": 200}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": LONG_IDS + [5] * 200}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": LONG_IDS + [5] * 200}, 400, "prompt"),  # the prompt alone: 4200 > 4096
+    ("/v1/completions", {"prompt": [5] * 10**6}, 400, "prompt"),
+    # refused before it is encoded: more characters than 4096 tokens can hold
+    ("/v1/completions", {"prompt": "hello world " * 10**5, "max_tokens": 1}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 5000}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 10**5}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400,
      "max_tokens"),
@@ -276,8 +302,11 @@ def test_bad_input_gets_openai_error(server, path, body, status, param):
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     if param is not None:
         assert err["param"] == param, err
-    if isinstance(body, dict) and (len(body.get("prompt", "")) >= 4000 or body.get("max_tokens") == 5000):
+    if isinstance(body, dict) and (len(body.get("prompt", "")) >= 4000 or body.get("max_tokens") == 5000
+                                   or len(body.get("messages", [])) >= 4000):
         assert err["code"] == "context_length_exceeded"
+    if isinstance(body, dict) and isinstance(body.get("prompt"), str) and len(body["prompt"]) > 10**5:
+        assert "characters" in err["message"], err  # refused from its length, before encoding
     # the server keeps answering
     ok = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1, "temperature": 0})
     assert ok.status_code == 200
