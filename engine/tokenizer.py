@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,17 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from hotcold.engine.errors import HotcoldError
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the others are
+    shifted past 255 (as `ByteLevel` pre-tokenizers write vocabularies)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(shifted)}
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
 def _token_text(value: Any) -> str | None:
@@ -45,6 +57,28 @@ class Tokenizer:
         """The most characters one token stands for (its vocabulary string: a byte, a ▁, <0xNN> or a character
         each), so a text longer than n times this cannot encode to n tokens or fewer."""
         return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
+
+    @functools.cached_property
+    def _byte_level(self) -> dict[str, int] | None:
+        return _byte_level_chars() if type(self.backend.decoder).__name__ == "ByteLevel" else None
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to decoded text (none for a special token, which decoding skips): a
+        character split over several tokens shows as its real bytes in each, where decoding the token alone
+        gives U+FFFD (what OpenAI's logprobs `bytes` are for)."""
+        if token_id in self._special_ids:
+            return b""
+        piece = self.id_to_token(token_id)
+        table = self._byte_level
+        if table is not None and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        if m := _BYTE_TOKEN.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

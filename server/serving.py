@@ -4,6 +4,7 @@ per choice, and turn RequestOutputs into OpenAI completion / chat objects (whole
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class Choice:
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[Any] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
-    token_lengths: list[int] = field(default_factory=list)
+    chars: int = 0  # characters of text the logprobs' tokens have completed so far (text_offset's clock)
+    utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     echoed: bool = False  # the prompt (echo) is in text and logprobs
 
 
@@ -163,8 +165,11 @@ def token_text(tokenizer: Any, token_id: int, as_id: bool) -> str:
 def add_completion_logprobs(ch: Choice, tokenizer: Any, entries: list[tuple[int, float | None, dict]],
                             as_ids: bool = False) -> None:
     """Append (token_id, logprob, top {id: lp}) entries in the completions format, before the entries'
-    text is added to ch.text; the chosen token is always among top_logprobs, as vLLM does."""
-    offset = ch.text_offset[-1] + ch.token_lengths[-1] if ch.text_offset else len(ch.text)
+    text is added to ch.text; the chosen token is always among top_logprobs, as vLLM does. A token's
+    text_offset counts the characters its predecessors' bytes complete: the tokens of one character split
+    over several all point at that character."""
+    if not ch.text_offset:
+        ch.chars = len(ch.text)
     for tid, lp, top in entries:
         tok = token_text(tokenizer, tid, as_ids)
         ch.tokens.append(tok)
@@ -175,9 +180,8 @@ def add_completion_logprobs(ch: Choice, tokenizer: Any, entries: list[tuple[int,
             d = {token_text(tokenizer, i, as_ids): v for i, v in top.items()}
             d.setdefault(tok, lp)
             ch.top_logprobs.append(d)
-        ch.text_offset.append(offset)
-        ch.token_lengths.append(len(tokenizer.decode([tid])) if as_ids else len(tok))
-        offset += ch.token_lengths[-1]
+        ch.text_offset.append(ch.chars)
+        ch.chars += len(ch.utf8.decode(tokenizer.token_bytes(tid)))
 
 
 def completion_logprobs_slice(ch: Choice, start: int) -> P.CompletionLogprobs:
@@ -189,9 +193,9 @@ def chat_logprobs(tokenizer: Any, out_logprobs: list[Any], as_ids: bool = False)
     entries = []
     for tl in out_logprobs:
         tok = token_text(tokenizer, tl.token_id, as_ids)
-        tops = [P.TopLogprob(token=(t := token_text(tokenizer, i, as_ids)), logprob=v, bytes=list(t.encode()))
+        tops = [P.TopLogprob(token=token_text(tokenizer, i, as_ids), logprob=v, bytes=list(tokenizer.token_bytes(i)))
                 for i, v in sorted(tl.top.items(), key=lambda kv: -kv[1])]
-        entries.append(P.ChatTokenLogprob(token=tok, logprob=tl.logprob, bytes=list(tok.encode()),
+        entries.append(P.ChatTokenLogprob(token=tok, logprob=tl.logprob, bytes=list(tokenizer.token_bytes(tl.token_id)),
                                           top_logprobs=tops))
     return entries
 

@@ -266,3 +266,22 @@ def test_sentencepiece_add_bos_flag_is_honoured(tmp_path):
     converted = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     assert _ours(path).encode("Hello world 123") == converted("Hello world 123")["input_ids"]
     assert _ours(path).encode("Hello world 123")[0] != 1
+
+
+def test_token_bytes_rebuild_the_text(default_model_path, tmp_path):
+    """Each token's bytes (logprobs' `bytes`), joined, are the text's UTF-8 bytes, also where one character
+    (an emoji, a CJK character) is split over several tokens and a token alone decodes to U+FFFD: byte-level
+    BPE (the default model) and SentencePiece with byte fallback (its <0xNN> tokens, its ▁ for a space)."""
+    text = "Grüße aus Köln! 東京は晴れ 🙂🦀 naïve"
+    ours = _ours(default_model_path)
+    ids = ours.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in ours.decode([i]) for i in ids)  # some token holds part of a character
+    assert b"".join(ours.token_bytes(i) for i in ids) == text.encode()
+    assert ours.token_bytes(ours.encode("<|im_start|>", add_special_tokens=False)[0]) == b""  # skipped in text
+    tokens, scores, types = _sentencepiece_vocab()
+    path = tmp_path / "spm.gguf"
+    _write_gguf(path, tokens, types, None, model="llama", scores=scores)
+    spm = _ours(path)
+    ids = spm.encode(text, add_special_tokens=False)
+    assert any(tokens[i].startswith("<0x") for i in ids)
+    assert b"".join(spm.token_bytes(i) for i in ids) == (" " + text).encode()  # SentencePiece's leading ▁

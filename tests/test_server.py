@@ -171,6 +171,25 @@ def test_echo_and_prompt_logprobs(server, client, ref):
     assert got.text_offset[0] == 0 and got.text_offset == sorted(got.text_offset)
 
 
+def test_text_offsets_of_characters_split_over_tokens(server, client, ref):
+    """Echoed prompt logprobs: a token that holds part of a character (transformers decodes it alone as
+    U+FFFD) points at that character; every other token's text starts at its offset."""
+    _, tok = ref
+    prompt = "Grüße aus Köln 🙂 東京は晴れ end"
+    s = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    lp = s.choices[0].logprobs
+    ids = [int(x.removeprefix("token_id:")) for x in lp.tokens]
+    pieces = [tok.decode([i], skip_special_tokens=True) for i in ids]
+    assert any("\ufffd" in p for p in pieces)  # the test's point: some character is split
+    assert lp.text_offset == sorted(lp.text_offset) and max(lp.text_offset) < len(prompt)
+    for offset, piece in zip(lp.text_offset, pieces):
+        if "\ufffd" in piece:
+            assert len(prompt[offset].encode()) > 1, (offset, piece)
+        else:
+            assert prompt.startswith(piece, offset), (offset, piece)
+
+
 def test_chat_template_logprobs_and_object_names(server, client, ref):
     _, tok = ref
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
@@ -185,6 +204,7 @@ def test_chat_template_logprobs_and_object_names(server, client, ref):
     assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens == 7
     assert all(len(e.top_logprobs) == 2 for e in r.choices[0].logprobs.content)
     assert "".join(e.token for e in r.choices[0].logprobs.content) == msg.content
+    assert b"".join(bytes(e.bytes) for e in r.choices[0].logprobs.content).decode("utf-8", "replace") == msg.content
     # list-of-parts content renders like the plain string
     parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "Hello "},
                                                          {"type": "text", "text": "world!"}]}]
