@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from hotcold.engine.errors import HotcoldError
 from hotcold.engine.llm import LLMEngine
 from hotcold.engine.loader import load_model
-from hotcold.engine.sampling import SamplingParams, sample_token
+from hotcold.engine.sampling import SamplingParams, apply_penalties, filter_logits, sample_token
 
 
 @pytest.fixture(scope="module")
@@ -36,31 +38,59 @@ def test_top_k_one_equals_greedy(engine):
     assert greedy == topk1
 
 
-def _brute_force_set(logits: torch.Tensor, top_p: float = 1.0, min_p: float = 0.0, top_k: int = 0) -> set[int]:
-    """The allowed tokens, computed by walking the sorted distribution in float64."""
-    probs = logits.double().softmax(-1)
-    order = sorted(range(len(probs)), key=lambda i: -probs[i].item())
+def _allowed_set(logits: torch.Tensor, top_p: float = 1.0, min_p: float = 0.0, top_k: int = 0) -> set[int]:
+    """The allowed tokens from the definitions, walking the sorted distribution in float64: top-k keeps the k
+    largest; top-p keeps the smallest prefix of the (top-k renormalized) sorted probabilities whose sum reaches
+    top_p, the token that crosses included (HF, vLLM); min-p keeps p >= min_p * p_max."""
+    probs = logits.double().softmax(-1).tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
     if top_k:
         order = order[:top_k]
+    mass = sum(probs[i] for i in order)
     kept, cum = [], 0.0
     for i in order:
-        if cum >= top_p:
-            break
         kept.append(i)
-        cum += probs[i].item()
-    pmax = probs.max().item()
-    return {i for i in kept if probs[i].item() >= min_p * pmax}
+        cum += probs[i] / mass
+        if top_p < 1.0:
+            assert abs(cum - top_p) > 1e-4, "a sum this close to top_p is a float32 coin toss: pick other logits"
+            if cum >= top_p:
+                break
+    return {i for i in kept if probs[i] >= min_p * probs[order[0]]}
 
 
-@pytest.mark.parametrize("top_p,min_p,top_k", [(0.5, 0.0, 0), (0.9, 0.0, 0), (1.0, 0.2, 0), (0.8, 0.05, 5)])
-def test_filters_never_sample_outside_their_set(top_p, min_p, top_k):
+@pytest.mark.parametrize("top_p,min_p,top_k", [(0.5, 0.0, 0), (0.9, 0.0, 0), (1.0, 0.2, 0), (0.8, 0.05, 5),
+                                               (1.0, 0.0, 7), (0.7, 0.0, 12)])
+def test_filters_sample_exactly_their_set(top_p, min_p, top_k):
+    """Never a token outside the set, and every token inside it (a top-p that drops the crossing token, or a
+    top-k that keeps k-1, samples a strict subset)."""
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(50, generator=gen) * 2
-    allowed = _brute_force_set(logits, top_p, min_p, top_k)
+    logits = torch.randn(50, generator=gen)
+    allowed = _allowed_set(logits, top_p, min_p, top_k)
     params = SamplingParams(temperature=1.0, top_p=top_p, min_p=min_p, top_k=top_k)
-    seen = {sample_token(logits.clone(), params, gen, [], [])[0] for _ in range(400)}
-    assert seen <= allowed
-    assert len(seen) > 1 or len(allowed) == 1
+    support = set(torch.nonzero(filter_logits(logits.clone(), params).softmax(-1)).flatten().tolist())
+    assert support == allowed
+    probs = logits.double().softmax(-1)
+    rarest = min(probs[i].item() for i in allowed) / sum(probs[i].item() for i in allowed)
+    assert len(allowed) > 1, "a single allowed token shows nothing: pick other logits"
+    draws = math.ceil(math.log(1e-9 / len(allowed)) / math.log1p(-rarest))  # P(an allowed token unseen) < 1e-9
+    assert draws <= 5000, "the rarest allowed token is too rare for a fast test: pick other logits"
+    seen = {sample_token(logits.clone(), params, gen, [], [])[0] for _ in range(draws)}
+    assert seen == allowed
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_draws_match_float64_softmax(temperature):
+    """Seeded draws at temperature T follow softmax(logits / T), checked per token within 5 standard errors."""
+    logits = [1.5, 0.7, 0.0, -0.4, -1.2]
+    expected = torch.tensor(logits, dtype=torch.float64).div(temperature).softmax(-1)
+    params = SamplingParams(temperature=temperature)
+    gen = torch.Generator().manual_seed(1234)
+    draws = 10000
+    counts = torch.zeros(len(logits), dtype=torch.float64)
+    for _ in range(draws):
+        counts[sample_token(torch.tensor(logits), params, gen, [], [])[0]] += 1
+    bound = 5 * (expected * (1 - expected) / draws).sqrt()
+    assert ((counts / draws - expected).abs() <= bound).all(), (counts / draws, expected)
 
 
 def test_repetition_and_frequency_penalties():
@@ -69,6 +99,40 @@ def test_repetition_and_frequency_penalties():
     assert sample_token(logits.clone(), params, None, [0], [])[0] == 2  # 2.0 / 5 = 0.4 < 0.5
     params = SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=0.0)
     assert sample_token(logits.clone(), params, None, [], [0, 0])[0] == 2  # 2 - 2*2 = -2
+
+
+def _penalized(logits: list[float], rep: float, freq: float, pres: float, prompt: list[int],
+               output: list[int]) -> list[float]:
+    """The penalty formulas written out in float64, as vLLM applies them: first repetition over every token seen
+    in the prompt or the output (positive logits divided by it, negative multiplied), then frequency (times
+    the count) and presence (once) over the output's tokens only."""
+    out = []
+    for token, x in enumerate(logits):
+        if token in prompt or token in output:
+            x = x / rep if x > 0 else x * rep
+        count = output.count(token)
+        out.append(x - freq * count - pres * (count > 0))
+    return out
+
+
+@pytest.mark.parametrize("rep,freq,pres", [(1.7, 0.0, 0.0), (0.6, 0.0, 0.0), (1.0, 0.0, 0.8), (1.0, 0.9, 0.0),
+                                           (1.0, -0.5, -1.3), (1.7, 0.9, 0.8), (2.5, -0.3, 1.1)])
+def test_penalties_follow_the_formulas(rep, freq, pres):
+    """Hand-built logits, positive and negative; token 1 and 6 only in the prompt (while the output is not
+    empty), 2 in both, 3 and 4 in the output (4 three times), 0, 5 and 7 nowhere."""
+    logits = [1.2, 2.0, -0.8, -1.5, 0.9, 3.0, -2.2, 0.4]
+    prompt, output = [1, 2, 6, 1], [3, 4, 2, 4, 4]
+    params = SamplingParams(repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres)
+    got = apply_penalties(torch.tensor(logits), params, prompt, output)
+    assert got.tolist() == pytest.approx(_penalized(logits, rep, freq, pres, prompt, output), abs=1e-6)
+
+
+def test_penalties_with_an_empty_output_touch_only_repetition():
+    """Before the first token only the prompt is seen: repetition applies to it, frequency and presence to none."""
+    logits = [1.2, -2.0, 0.3, -0.7]
+    params = SamplingParams(repetition_penalty=1.9, frequency_penalty=1.0, presence_penalty=1.5)
+    got = apply_penalties(torch.tensor(logits), params, [0, 1], [])
+    assert got.tolist() == pytest.approx(_penalized(logits, 1.9, 1.0, 1.5, [0, 1], []), abs=1e-6)
 
 
 def test_logprobs_are_the_models(engine):
