@@ -108,12 +108,49 @@ def test_predictor_mask_is_what_gets_computed(kind, tiny_checkpoint):
     assert not torch.allclose(got, dense)  # the mask really changed something
 
 
-def keep_only_f64(dense, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A gated (SiLU) FFN with biases, only the `keep` neurons, in float64 from the model's weights."""
+def gated_h_f64(dense, x: torch.Tensor) -> torch.Tensor:
+    """silu(x Wg^T + bg) * (x Wu^T + bu) of a gated FFN with biases, in float64 from the model's weights."""
     gu, b = dense.gate_up.double(), dense.gate_up_bias.double()
     xd = x.double()
     g, u = xd @ gu[:, 0].T + b[:, 0], xd @ gu[:, 1].T + b[:, 1]
-    return (g / (1.0 + torch.exp(-g)) * u * keep) @ dense.down_t.double() + dense.down_bias.double()
+    return g / (1.0 + torch.exp(-g)) * u
+
+
+def keep_only_f64(dense, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A gated (SiLU) FFN with biases, only the `keep` neurons ([I] or per token [T, I]), in float64."""
+    return (gated_h_f64(dense, x) * keep) @ dense.down_t.double() + dense.down_bias.double()
+
+
+def test_oracle_nonzero_threshold_drops_the_small_neurons(tiny_checkpoint):
+    """Oracle mode at a layer threshold that cuts through the middle of a SiLU model's (never exactly zero)
+    neurons: each token keeps exactly the neurons with |h_i| * ||down_t[i]|| > threshold (the plan's rule,
+    brute-forced in float64), on both sides (the hot side's dense product over the oracle activations too),
+    for one token, a decode batch and a prefill chunk."""
+    path = tiny_checkpoint("llama_untied_bias")
+    dense = load_model(path, dtype="float32").model.layers[0].ffn
+    loaded = load_model(path, dtype="float32")
+    x = torch.randn(40, loaded.config.hidden_size, generator=torch.Generator().manual_seed(11))
+    score = gated_h_f64(dense, x).abs() * dense.down_t.double().norm(dim=1)
+    s, lo, hi = score.flatten().sort().values, score.numel() // 3, 2 * score.numel() // 3
+    k = lo + int((s[lo + 1:hi] - s[lo:hi - 1]).argmax())  # threshold: the widest gap in the middle third
+    threshold = float(s[k] + s[k + 1]) / 2
+    assert (score - threshold).abs().min().item() > 1e-5 * threshold  # no score a float32 rounding can flip
+    plan = make_plan(loaded, "random", seed=7)
+    for lp in plan.layers:
+        lp.threshold = threshold
+    apply_hybrid(loaded.model, plan, HybridConfig(mode="oracle", backend="reference"), loaded.fingerprint,
+                 gpu_device="cpu", workers=1)
+    layer = loaded.model.layers[0].ffn
+    hot = torch.zeros(layer.intermediate_size, dtype=torch.bool)
+    hot[layer.hot.ids] = True
+    keep = score > threshold
+    for T in (1, 6, 40):
+        for side in (hot, ~hot):  # every token keeps some neurons and drops others, on each side
+            assert (keep[:T] & side).any(1).all() and (~keep[:T] & side).any(1).all()
+        want = keep_only_f64(dense, keep[:T], x[:T])
+        err = (layer(x[:T]).double() - want).abs().max().item()
+        assert err <= 1e-5 * want.abs().max().item()
+        assert (want - keep_only_f64(dense, True, x[:T])).abs().max().item() > 1e-2  # the cut matters
 
 
 def test_two_cpu_sides_run_at_once(tiny_checkpoint):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hotcold.engine.sparsity import LowRankPredictor, predicted_mask
+from hotcold.profiler import predictor as predictor_module
 from hotcold.profiler.predictor import (
     TrainConfig,
     candidate_ranks,
@@ -48,15 +49,52 @@ def test_predictor_learns_low_rank_rule_to_recall_target():
     assert k_recall >= 0.93 and k_sparsity > 0.3
 
 
-def test_standardisation_folded_into_first_layer():
-    x, y = synthetic(512, seed=3)
-    model = train_predictor(x, y, 4, TrainConfig(steps=5))
-    ref = LowRankPredictor.from_weights(model.export())
-    assert torch.allclose(ref(x), model(x))
-    # the exported weights act on raw inputs: a shifted input must change the output accordingly
-    assert not torch.allclose(model(x + 1.0), model(x))
+class RecordingPredictor(LowRankPredictor):
+    """LowRankPredictor that keeps a float64 copy of its layers as a training step sees them (a spy: the
+    computation is the real one), so a test can see the trained layers before the standardisation is folded."""
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, x):
+        RecordingPredictor.seen.append({k: v.detach().double().clone() for k, v in self.state_dict().items()})
+        return super().forward(x)
 
 
+def test_standardisation_folded_into_first_layer(monkeypatch):
+    """The exported predictor reads raw inputs: its logits must be the trained layers applied to the inputs
+    standardised with the training set's mean and std (x - mean) / std, written out here in float64. lr = 0
+    keeps the layers as the training steps saw them, so the spy's copy is what was folded."""
+    monkeypatch.setattr(RecordingPredictor, "seen", [])
+    monkeypatch.setattr(predictor_module, "LowRankPredictor", RecordingPredictor)
+    x, y = synthetic(512, seed=3)  # per-channel shifts and scales: a fold with a wrong sign or scale shows
+    model = train_predictor(x, y, 4, TrainConfig(steps=2, lr=0.0, device="cpu"))
+    w = RecordingPredictor.seen[-1]
+    xd = x.double()
+    xs = (xd - xd.mean(0)) / xd.std(0)
+    want = torch.relu(xs @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T + w["fc2.bias"]
+    exported = LowRankPredictor.from_weights(model.export())
+    with torch.no_grad():
+        got = exported(x).double()
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    assert (w["fc1.bias"].abs() > 0).all() and (xd.mean(0).abs() > 0.1).any()  # the fold has work to do
+
+
+def test_positives_weigh_the_inactive_to_active_ratio():
+    """Weighted BCE with positives weighing w = (inactive / active) over all neurons: on inputs that carry no
+    information the loss is minimised by the constant probability p_i w / (p_i w + 1 - p_i) per neuron
+    (p_i its active rate), 0.5 for a neuron at the layer's mean rate, not p_i as unweighted BCE gives."""
+    gen = torch.Generator().manual_seed(5)
+    rates = torch.tensor([0.05, 0.1, 0.15, 0.2])
+    x = torch.randn(4096, 4, generator=gen)
+    y = torch.rand(4096, 4, generator=gen) < rates
+    p = y.double().mean(0)
+    w = (1 - p.mean()) / p.mean()
+    assert w < TrainConfig().max_pos_weight  # the cap plays no part here
+    model = train_predictor(x, y, 2, TrainConfig(steps=100, batch_size=1024, lr=0.1, device="cpu"))
+    with torch.no_grad():
+        prob = torch.sigmoid(model(x)).double().mean(0)
+    want = p * w / (p * w + 1 - p)
+    assert (prob - want).abs().max().item() < 0.03, (prob, want)
 def test_tune_tau_is_largest_meeting_target():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(50, 20, generator=g)

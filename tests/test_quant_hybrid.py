@@ -12,7 +12,7 @@ from interpreted import INTERPRETED, run_interpreter_cases
 from test_hybrid import make_plan
 from test_quant_sparse_engine import PROMPT, _close, _keep_only
 from test_quantized_engine import quantized_reference
-from tiny_models import fixed_set_predictor
+from tiny_models import fixed_set_predictor, predictor_picks_f64, token_dependent_predictor
 
 from hotcold.engine.hybrid import HybridConfig, apply_hybrid, move_dense_parts
 from hotcold.engine.loader import load_model
@@ -69,6 +69,33 @@ def test_predictor_mask_is_what_gets_computed(tiny_checkpoint):
         want = _keep_only(quantized_reference(path), keep.float(), "reglu")(torch.tensor([PROMPT])).logits[0]
     _close(got, want)
     assert counters.sparsity == pytest.approx(1 - keep.float().mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["hybrid", "gpu"])
+def test_each_token_sums_its_own_predicted_neurons(placement, tiny_checkpoint):
+    """A predictor whose picks differ from token to token, layer 0 alone (one token, a decode batch, a
+    prefill-sized chunk): each token must sum exactly its own picks, not its batch's union nor the first
+    token's set, on the hot side (ids compacted on its device) and the cold one. Reference: float64 relu(gate) *
+    up with each token's picks, from transformers' weights after gguf's Q8_0 round trip."""
+    path = tiny_checkpoint("llama")
+    loaded = load_model(path, quantize="q8_0", activation="reglu")
+    cfg = loaded.config
+    weights = token_dependent_predictor(cfg.hidden_size, cfg.intermediate_size, seed=8)
+    apply_hybrid(loaded.model, make_plan(loaded, "random", seed=1, predictor=weights),
+                 HybridConfig(backend="reference", placement=placement), loaded.fingerprint, gpu_device="cpu",
+                 workers=1)
+    ffn = loaded.model.layers[0].ffn
+    assert ffn.num_hot > 0 and (ffn.num_cold > 0) == (placement == "hybrid")
+    mlp = quantized_reference(path).model.layers[0].mlp
+    gate, up, down = (m.weight.detach().double() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    gen = torch.Generator().manual_seed(4)
+    for T in (1, 5, 40):
+        x = torch.randn(T, cfg.hidden_size, generator=gen)
+        keep = predictor_picks_f64(weights, x)
+        assert T == 1 or ((keep[1:] & ~keep[0]).any() and (keep.any(0) & ~keep).any())  # per-token sets differ
+        want = (torch.relu(x.double() @ gate.T) * (x.double() @ up.T) * keep) @ down.T
+        err, scale = (ffn(x).double() - want).abs().max().item(), want.abs().max().item()
+        assert err <= 0.03 * scale, (T, err, scale)
 
 
 def test_quantized_hybrid_under_the_interpreter():

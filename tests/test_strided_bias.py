@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from interpreted import INTERPRETED, run_interpreter_cases
-from tiny_models import fixed_set_predictor
+from tiny_models import fixed_set_predictor, predictor_picks_f64, token_dependent_predictor
 
 import hotcold.kernels as kernels
 from hotcold.kernels import cpu_sparse, reference
@@ -88,9 +88,10 @@ def test_strided_biases_under_the_interpreter():
     run_interpreter_cases(__file__, min_passed=5)
 
 
-def hybrid_layer(tiny_checkpoint, device: str, backend: str, placement: str):
+def hybrid_layer(tiny_checkpoint, device: str, backend: str, placement: str, per_token: bool = False):
     """Layer 0 of a gated model with gate, up and down biases under a HybridFFN in predictor mode, whose
-    predictor keeps a fixed neuron set (logits from its bias alone); returns (ffn, keep, dense FFN)."""
+    predictor keeps a fixed neuron set (logits from its bias alone) or, `per_token`, picks different neurons
+    for each token; returns (ffn, picks: x -> the neurons kept, [I] or [T, I], dense FFN)."""
     from hotcold.engine.hybrid import HybridConfig, apply_hybrid
     from hotcold.engine.loader import load_model
     from hotcold.engine.plan import LayerPlan, Plan, PredictorPlan
@@ -99,6 +100,8 @@ def hybrid_layer(tiny_checkpoint, device: str, backend: str, placement: str):
     cfg = loaded.config
     n = cfg.intermediate_size
     w, keep = fixed_set_predictor(cfg.hidden_size, n, seed=5)
+    if per_token:
+        w = token_dependent_predictor(cfg.hidden_size, n, seed=8)
     hot = torch.randperm(n, generator=torch.Generator().manual_seed(6))[: n // 2]
     layers = [LayerPlan(index=i, threshold=0.0, cett=0.0, sparsity=0.0, num_neurons=n, hot_ids=hot,
                         frequency=torch.zeros(n),
@@ -110,11 +113,12 @@ def hybrid_layer(tiny_checkpoint, device: str, backend: str, placement: str):
     apply_hybrid(loaded.model, Plan(fingerprint=loaded.fingerprint, layers=layers),
                  HybridConfig(mode="predictor", placement=placement, backend=backend), loaded.fingerprint,
                  gpu_device=device, workers=1)
-    return loaded.model.layers[0].ffn, keep, dense
+    picks = (lambda x: predictor_picks_f64(w, x)) if per_token else (lambda x: keep)
+    return loaded.model.layers[0].ffn, picks, dense
 
 
 def executor_f64(dense, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The dense FFN with only `keep` neurons, in float64 from the model's weights."""
+    """The dense FFN with only `keep` neurons ([I], or [T, I]: per token), in float64 from the model's weights."""
     gu, b = dense.gate_up.detach().cpu().double(), dense.gate_up_bias.detach().cpu().double()
     xd = x.cpu().double()
     g = xd @ gu[:, 0].T + b[:, 0]
@@ -137,10 +141,10 @@ if INTERPRETED:
 
     def test_interp_executor_predictor_mode(tiny_checkpoint):
         """The executor's own views: every neuron on the 'GPU side' (here the CPU, interpreted Triton)."""
-        layer, keep, dense = hybrid_layer(tiny_checkpoint, "cpu", "triton", "gpu")
+        layer, picks, dense = hybrid_layer(tiny_checkpoint, "cpu", "triton", "gpu")
         assert layer.hot.views[2].stride() == (2,)  # the strided up-bias view reaches the kernel
         x = torch.randn(3, dense.gate_up.shape[-1], generator=torch.Generator().manual_seed(1))
-        close(layer(x), executor_f64(dense, keep, x), 1e-5)
+        close(layer(x), executor_f64(dense, picks(x), x), 1e-5)
 
 
 @pytest.mark.gpu
@@ -156,19 +160,28 @@ def test_cuda_kernels_take_strided_biases(B):
 @pytest.mark.gpu
 def test_cuda_executor_predictor_mode_gated_with_biases(tiny_checkpoint):
     """Predictor mode on CUDA (the Triton gate/up kernel with the strided bias views), hot/cold split."""
-    layer, keep, dense = hybrid_layer(tiny_checkpoint, "cuda", "auto", "hybrid")
+    layer, picks, dense = hybrid_layer(tiny_checkpoint, "cuda", "auto", "hybrid")
     for T in (1, 5):
         x = torch.randn(T, dense.gate_up.shape[-1], generator=torch.Generator().manual_seed(T)).cuda()
-        close(layer(x), executor_f64(dense, keep, x), 1e-4)
+        close(layer(x), executor_f64(dense, picks(x), x), 1e-4)
 
 
 @pytest.mark.parametrize("placement", ["hybrid", "gpu"])
 def test_executor_device_ids_path(tiny_checkpoint, placement):
     """The GPU side's way (ids compacted on its device, the count read by the kernels; the cold side from the
-    mask handed to the host) run with the reference kernels on the CPU: float64 with the same neurons."""
-    layer, keep, dense = hybrid_layer(tiny_checkpoint, "cpu", "reference", placement)
+    mask handed to the host) run with the reference kernels on the CPU, with a predictor whose picks differ
+    from token to token: each token must sum exactly its own picks (float64 with those neurons), not its
+    batch's union nor another token's set. One token, a decode batch, a prefill chunk (dense on both sides)."""
+    layer, picks, dense = hybrid_layer(tiny_checkpoint, "cpu", "reference", placement, per_token=True)
     assert layer.hot.num > 0 and (layer.cold.num > 0) == (placement == "hybrid")
+    hot = torch.zeros(layer.intermediate_size, dtype=torch.bool)
+    hot[layer.hot.ids] = True
     gen = torch.Generator().manual_seed(2)
-    for T in (1, 5):  # one token; a batch with per-token masks
+    for T in (1, 5, 40):
         x = torch.randn(T, dense.gate_up.shape[-1], generator=gen)
+        keep = picks(x)
+        assert 0 < keep.float().mean() < 0.6  # a minority of neurons per token
+        for side in (hot, ~hot) if placement == "hybrid" else (hot,):  # on each side, per-token sets differ:
+            # other tokens pick neurons the first one does not, and tokens lack neurons of the batch's union
+            assert T == 1 or ((keep[1:] & ~keep[0] & side).any() and (keep.any(0) & ~keep & side).any())
         close(layer(x), executor_f64(dense, keep, x), 1e-5)

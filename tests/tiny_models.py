@@ -355,3 +355,26 @@ def fixed_set_predictor(hidden_size: int, num_neurons: int, seed: int, share: fl
     weights = {"w1": torch.zeros(4, hidden_size), "b1": torch.zeros(4), "w2": torch.zeros(num_neurons, 4),
                "b2": torch.where(keep, 5.0, -5.0)}
     return weights, keep
+
+
+def token_dependent_predictor(hidden_size: int, num_neurons: int, seed: int, rank: int = 4,
+                              bias: float = -2.0) -> dict:
+    """Low-rank predictor weights (w1, b1, w2, b2) whose picks differ from token to token: a random rank-`rank`
+    projection of x, ReLU, then large random read-out weights (logits of a few units either side of 0) and an
+    offset `bias` that keeps a minority of neurons per token. predictor_picks_f64 says which neurons it picks."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"w1": torch.randn(rank, hidden_size, generator=gen) / math.sqrt(hidden_size),
+            "b1": 0.2 * torch.randn(rank, generator=gen),
+            "w2": 4.0 * torch.randn(num_neurons, rank, generator=gen),
+            "b2": bias + 0.5 * torch.randn(num_neurons, generator=gen)}
+
+
+def predictor_picks_f64(weights: dict, x: torch.Tensor, tau: float = 0.5, margin: float = 1e-4) -> torch.Tensor:
+    """[T, I] bool: the neurons a plan predictor picks for each token of x under the plan's threshold rule
+    (sigmoid(w2 relu(w1 x + b1) + b2) >= tau), computed in float64; asserts that no logit lies within `margin`
+    of the cut, so a float32 executor cannot decide a neuron the other way by rounding."""
+    w = {k: v.double() for k, v in weights.items()}
+    logits = torch.relu(x.detach().cpu().double() @ w["w1"].T + w["b1"]) @ w["w2"].T + w["b2"]
+    cut = math.log(tau / (1 - tau))
+    assert (logits - cut).abs().min().item() > margin, "a logit sits on the cut: pick another seed"
+    return torch.sigmoid(logits) >= tau
