@@ -72,13 +72,25 @@ def test_threshold_zero_equals_the_dense_product():
 
 
 def test_rms_norm_folded_in():
-    rows, cols = 64, 128
+    """linear(x, norm=g) keeps the inputs of the RMS-normed x over the threshold: float64 RMS norm (the
+    formula), masked, times gguf's rows. An ordinary token, a tiny one (its mean square near eps) and a
+    dense one (sparse_tokens 0)."""
+    rows, cols, t, eps = 64, 128, 0.5, 1e-5
     raw = random_blocks("Q8_0", rows, cols, seed=4)
     w = input_sparse.to_input_major(quant.from_gguf(raw, "Q8_0", cols))
-    x, norm = torch.randn(2, cols) * 3, torch.rand(cols) + 0.5
-    normed = quant.rms_norm(x, norm, 1e-5)
-    got = input_sparse.linear(x, w, 0.5, norm=norm, eps=1e-5)
-    assert torch.equal(got, input_sparse.linear(normed, w, 0.5))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, cols, generator=gen) * torch.tensor([[3.0], [2e-3], [1.0]])
+    norm = torch.rand(cols, generator=gen) + 0.5
+    xd = x.double().numpy()
+    normed = xd / np.sqrt((xd**2).mean(-1, keepdims=True) + eps) * norm.double().numpy()
+    margin = np.abs(np.abs(normed[:2]) - t).min()
+    assert margin > 1e-4, "an input lies at the threshold (fp32 may keep it where float64 drops it)"
+    keep = (np.abs(normed) > t) | (np.arange(3) == 2)[:, None]
+    masked = np.where(keep, normed, 0.0)
+    ref_w = gguf_dequantize(raw, "Q8_0", cols)
+    got = input_sparse.linear(x, w, t, norm=norm, eps=eps, sparse_tokens=torch.tensor([1, 1, 0])).double().numpy()
+    assert np.all(np.abs(got - masked @ ref_w.T) <= _bound(ref_w, masked))
+    assert 0.2 < keep[:2].mean() < 0.8  # the threshold drops a part of the inputs, not none or all
 
 
 @pytest.mark.parametrize("qtype", input_sparse.TYPES)

@@ -88,16 +88,63 @@ def test_gathered_dots_parts_and_ids():
         quant.dots(w, x, idx=torch.tensor([0, neurons]), parts=2)
 
 
-def test_rms_norm_folded_into_the_product():
-    cols = 320
-    raw = random_blocks("Q8_0", 40, cols)
-    w = quant.from_gguf(raw, "Q8_0", cols)
-    x, g = torch.randn(3, cols) * 3, torch.rand(cols) + 0.5
-    got = quant.dots(w, x, norm=g, eps=1e-5)[..., 0].double().numpy()
-    xd = x.double().numpy()
-    normed = xd / np.sqrt((xd**2).mean(-1, keepdims=True) + 1e-5) * g.double().numpy()
-    want = normed @ gguf_dequantize(raw, "Q8_0", cols).T
-    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+def rms_norm64(x, g, eps: float) -> np.ndarray:
+    """x * rsqrt(mean(x^2) + eps) * g in float64: the RMS norm as written (Llama's)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * np.asarray(g, dtype=np.float64)
+
+
+def q8_blocks64(x: np.ndarray, w: np.ndarray, tie: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """float64 activations [B, n] as llama.cpp's Q8 blocks (per 32: d = amax / 127, q = round(x / d)), then
+    dotted with w [rows, n]; and per output what a rounding the kernel may take the other way (x / d within
+    `tie` of a half: fp32 normalization differs from float64 by a few ulps) can change: d * |w| each."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    d = np.abs(xb).max(-1, keepdims=True) / 127
+    u = np.divide(xb, d, out=np.zeros_like(xb), where=d != 0)
+    near = np.abs(np.abs(u - np.floor(u)) - 0.5) < tie
+    return (np.rint(u) * d).reshape(x.shape) @ w.T, (near * d).reshape(x.shape) @ np.abs(w).T
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_rms_norm_folded_into_the_product(qtype):
+    """dots(norm=g, eps) = Q8 blocks of the float64 RMS norm, dotted with gguf's rows, within fp32 rounding
+    (1e-5 of each token's outputs): a mean over H - 1 (1e-3 off) shows. Tokens of tiny magnitude (mean
+    square 1e-6 and 9e-6 against eps 1e-5) are scaled by eps as much as by themselves: dropping it shows."""
+    cols, eps = 512, 1e-5
+    raw = random_blocks(qtype, 40, cols, seed=7)
+    w = quant.from_gguf(raw, qtype, cols)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, cols, generator=gen) * torch.tensor([[3.0], [1e-3], [3e-3], [0.3]])
+    g = torch.rand(cols, generator=gen) + 0.5
+    got = quant.dots(w, x, norm=g, eps=eps)[..., 0].double().numpy()
+    want, ties = q8_blocks64(rms_norm64(x.numpy(), g.numpy(), eps), gguf_dequantize(raw, qtype, cols))
+    bound = 1e-5 * np.abs(want).max(-1, keepdims=True) + ties
+    assert np.all(np.abs(got - want) <= bound), (np.abs(got - want) / np.abs(want).max(-1, keepdims=True)).max()
+
+
+def test_rms_norm_matches_float64():
+    """quant.rms_norm (what the dequantized-GEMM and input-sparse paths normalize with) against the formula,
+    ordinary and tiny (eps-dominated) tokens alike."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 200, generator=gen) * torch.tensor([[2.0], [1e-3], [0.1]])
+    g = torch.rand(200, generator=gen) + 0.5
+    got = quant.rms_norm(x, g, 1e-5).double().numpy()
+    want = rms_norm64(x.numpy(), g.numpy(), 1e-5)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_linear_past_the_native_tokens_folds_the_norm():
+    """The large-batch path (dequantized tiles through torch's GEMM, no activation quantization) with the
+    norm: float64 RMS norm times gguf's rows, within fp32 rounding."""
+    cols = 256
+    raw = random_blocks("Q4_1", 72, cols, seed=5)
+    w = quant.from_gguf(raw, "Q4_1", cols)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(5, cols, generator=gen) * torch.tensor([[1.0], [2e-3], [4.0], [0.5], [1e-2]])
+    g = torch.rand(cols, generator=gen) + 0.5
+    got = quant.linear(x, w, max_native_tokens=0, norm=g, eps=1e-5).double().numpy()
+    want = rms_norm64(x.numpy(), g.numpy(), 1e-5) @ gguf_dequantize(raw, "Q4_1", cols).T
+    assert np.all(np.abs(got - want) <= 1e-5 * np.abs(want).max(-1, keepdims=True))
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
@@ -115,6 +162,35 @@ def test_ffn_one_call_matches_float64(qtype):
     h = a / (1 + np.exp(-a)) * u
     want = h @ gguf_dequantize(down, qtype, I).T
     assert np.abs(y - want).max() <= 0.03 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("native_call", [True, False])
+def test_ffn_gate_up_biases(native_call, monkeypatch):
+    """Gate and up biases (fp32 [I * 2], a neuron's gate then up) added before the activation, each neuron its
+    own whatever the token: float64 on gguf's rows. The one native call (kernels/block.c) quantizes both
+    products' activations, so its reference does too (llama.cpp's Q8 blocks); past the native token count
+    the products are float GEMMs of dequantized rows. Both within fp32 rounding (1e-5 of each token's scale)."""
+    monkeypatch.setattr(quant, "_native_tokens", lambda: 64 if native_call else 0)
+    qtype, H, I, eps = "Q8_0", 256, 96, 1e-6
+    gate, up, down = (random_blocks(qtype, r, c, seed=10 + s) for s, (r, c) in enumerate([(I, H), (I, H), (H, I)]))
+    w_gu = quant.interleave(quant.from_gguf(gate, qtype, H), quant.from_gguf(up, qtype, H))
+    w_d = quant.from_gguf(down, qtype, I)
+    gen = torch.Generator().manual_seed(12)  # no input near a rounding tie
+    x, g = torch.randn(5, H, generator=gen), torch.rand(H, generator=gen) + 0.5
+    bias = torch.randn(I, 2, generator=gen) * 10  # [neuron, gate/up]: of the products' own scale
+    y = quant.ffn(x, w_gu, w_d, 2, 1, 0, gate_up_bias=bias.flatten(), norm=g, eps=eps).double().numpy()
+    xn, b = rms_norm64(x.numpy(), g.numpy(), eps), bias.double().numpy()
+    w_gate, w_up = gguf_dequantize(gate, qtype, H), gguf_dequantize(up, qtype, H)
+    w_down = gguf_dequantize(down, qtype, I)
+    if native_call:
+        (a, ties_a), (u, ties_u) = q8_blocks64(xn, w_gate), q8_blocks64(xn, w_up)
+        assert not ties_a.any() and not ties_u.any(), "an input lies near a rounding tie: pick another seed"
+    else:
+        a, u = xn @ w_gate.T, xn @ w_up.T
+    a, u = a + b[:, 0], u + b[:, 1]
+    h = a / (1 + np.exp(-a)) * u
+    want, ties = q8_blocks64(h, w_down, tie=1e-3) if native_call else (h @ w_down.T, 0)
+    assert np.all(np.abs(y - want) <= 1e-5 * np.abs(want).max(-1, keepdims=True) + ties)
 
 
 def over_threads(fn, counts=(1, 2, 7)) -> list:

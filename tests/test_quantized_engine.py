@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny_models import reference_model
+from tiny_models import make_tiny_checkpoint, reference_model
 
 from hotcold.engine.cache import KVCache
 from hotcold.engine.layers import QuantFFN
@@ -27,7 +27,11 @@ PROMPT = list(range(3, 27))  # 24 tokens: past Mistral's 16-token window in the 
 # kind -> whether every matrix is quantizable (dimensions in whole 32-blocks), so every block is one native call;
 # the others keep their odd-sized FFN in floats and run the per-op path
 KINDS = {"llama": True, "mistral": True, "qwen2": True, "llama3_rope": True, "llama_sharded": True,
-         "llama_untied_bias": False, "relu_llama": False}
+         "llama_untied_bias": False, "relu_llama": False, "llama_all_biases": True}
+# kinds of this file only: (tiny_models kind, config overrides). llama_all_biases: q/k/v/o and gate/up/down
+# biases with an FFN in whole 32-blocks, so the one native call adds every bias (no other quantizable kind
+# has an o_proj bias)
+LOCAL_KINDS = {"llama_all_biases": ("llama_untied_bias", {"intermediate_size": 160})}
 
 
 def _q8_round_trip(w: torch.Tensor) -> torch.Tensor:
@@ -46,8 +50,9 @@ def quantized_reference(path):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_native_block_matches_transformers(kind, tiny_checkpoint):
-    path = tiny_checkpoint(kind)
+def test_native_block_matches_transformers(kind, tiny_checkpoint, tmp_path):
+    path = make_tiny_checkpoint(LOCAL_KINDS[kind][0], tmp_path / kind, **LOCAL_KINDS[kind][1]) if (
+        kind in LOCAL_KINDS) else tiny_checkpoint(kind)
     loaded = load_model(path, quantize="q8_0")
     model, cfg = loaded.model, loaded.config
     assert isinstance(model.layers[0].attn.wqkv, QuantTensor) and isinstance(model.lm_head, QuantTensor)
