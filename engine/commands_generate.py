@@ -72,11 +72,16 @@ def add_gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
 
 def check_model_args(args: argparse.Namespace) -> None:
     """The flags of every command that loads a model, checked before anything loads (serve: before it binds
-    its port): --threads at least 1; --device cpu, or a CUDA device this machine has (cuda, cuda:N)."""
+    its port): --threads from 1 to the usable CPUs; --device cpu, or a CUDA device this machine has."""
     import torch
 
-    if args.threads is not None and args.threads < 1:
-        raise HotcoldError("--threads must be at least 1")
+    from hotcold.kernels.native import check_threads
+
+    if args.threads is not None:
+        try:
+            check_threads(args.threads, "--threads")
+        except ValueError as exc:
+            raise HotcoldError(str(exc)) from None
     device = args.device
     try:
         d = torch.device(device)
@@ -232,6 +237,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise HotcoldError("the prompt is empty")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise HotcoldError("--prompt is not valid UTF-8") from None
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop).validate()
     # the KV cache a plan's GPU budget must leave room for: at most a token per byte of the prompt (byte-level

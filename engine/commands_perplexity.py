@@ -12,7 +12,8 @@ from hotcold.engine.errors import HotcoldError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--text", required=True, type=Path, help="a UTF-8 text file")
-    parser.add_argument("--context", type=int, default=1024, help="window length in tokens")
+    parser.add_argument("--context", type=int, default=None,
+                        help="window length in tokens (default: 1024, or the model's context if shorter)")
     parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
 
 
@@ -25,7 +26,13 @@ def run(args: argparse.Namespace) -> int:
         text = args.text.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise HotcoldError(f"{args.text}: not UTF-8 text") from None
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise HotcoldError(f"--max-tokens {args.max_tokens}: a perplexity needs at least 2 tokens")
     loaded = load_from_args(args, KVReserve(0, 0, ""))  # scored without a KV cache
+    longest = loaded.config.max_position_embeddings
+    if args.context is not None and args.context > longest:
+        raise HotcoldError(f"--context {args.context}: this model's maximum context is {longest} tokens")
+    args.context = args.context or min(1024, longest)
     ids = loaded.tokenizer.encode(text)[: args.max_tokens]
     ppl = perplexity(loaded.model, ids, args.context)
     mode = f", sparsity {args.sparsity or 'predictor'} with plan {args.plan}" if args.plan else ""

@@ -41,7 +41,8 @@ class SamplingParams:
         checks = [
             (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
              "max_tokens must be at least 1"),
-            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= -1, "top_k must be -1, 0 (off) or positive"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),

@@ -121,14 +121,30 @@ def available_isas() -> list[str]:
     return [isa for isa, needs in ISA_NEEDS.items() if (x86 or not needs) and needs <= cpu_flags()]
 
 
-def default_threads() -> int:
-    env = os.environ.get("HOTCOLD_THREADS")
-    if env:
-        return max(1, int(env))
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def check_threads(n: int, what: str) -> int:
+    """n threads, if 1 <= n <= the usable CPUs: OpenMP teams spin, so more threads than CPUs only wait on each
+    other (1000 made a 3-token run take minutes; 100000 crashed libgomp)."""
+    cpus = usable_cpus()
+    if not 1 <= n <= cpus:
+        raise ValueError(f"{what} {n}: expected 1 to {cpus} (the CPUs this process may run on)")
+    return n
+
+
+def default_threads() -> int:
+    env = os.environ.get("HOTCOLD_THREADS")
+    if not env:
+        return usable_cpus()
+    if not env.strip().isdigit():
+        raise ValueError(f"HOTCOLD_THREADS={env!r}: expected a whole number of threads")
+    return check_threads(int(env), "HOTCOLD_THREADS")
 
 
 def _library_path(compiler: str, isa: str) -> Path:

@@ -166,6 +166,9 @@ def build_backend(args: argparse.Namespace) -> Any:
     kv = (KVReserve(1, args.kv_cache_tokens, "--kv-cache-tokens") if args.kv_cache_tokens else
           KVReserve(args.max_num_seqs, args.max_model_len, "--max-num-seqs or --max-model-len"))
     loaded = load_from_args(args, kv)  # with --plan: the hybrid executor (engine/hybrid.py)
+    longest = loaded.config.max_position_embeddings
+    if args.max_model_len is not None and args.max_model_len > longest:  # not clamped in silence
+        raise HotcoldError(f"--max-model-len {args.max_model_len}: this model's maximum context is {longest} tokens")
     from hotcold.kernels import calibrate
 
     log.info("kernels: %s", calibrate.current().summary())

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -238,6 +239,7 @@ async def benchmark(
 
 
 # ---------------------------------------------------------------- the command
+MAX_LEN = 2**20  # tokens of a prompt or an answer: past any model's context
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -247,18 +249,29 @@ def _check(args: argparse.Namespace) -> None:
         (not (args.burstiness > 0 and math.isfinite(args.burstiness)), "--burstiness must be > 0"),
         (args.max_concurrency is not None and args.max_concurrency < 1, "--max-concurrency must be >= 1"),
         (args.input_len < 1 or args.output_len < 1, "--input-len and --output-len must be >= 1"),
+        (max(args.input_len, args.output_len) > MAX_LEN,  # 10^8 built prompts for minutes and took 14 GB
+         f"--input-len and --output-len must be <= {MAX_LEN} tokens"),
+        (args.seed is not None and not 0 <= args.seed < 2**32, "--seed must be in [0, 2^32)"),
+        (not (math.isfinite(args.temperature) and args.temperature >= 0), "--temperature must be a finite number >= 0"),
         (not 0 <= args.range_ratio < 1, "--range-ratio must be in [0, 1)"),
         (not args.timeout > 0 or not args.max_duration > 0, "--timeout and --max-duration must be > 0"),
     ]
     for bad, message in problems:
         if bad:
             raise HotcoldError(message)
+    if args.save_result:  # checked before the run, not after it (the records would be lost)
+        out = Path(args.save_result)
+        if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise HotcoldError(f"--save-result {args.save_result}: not a file that can be written")
 
 
 def _base_url(url: str) -> str:
     url = url.rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise HotcoldError(f"--base-url must start with http:// or https:// (got {url!r})")
+    port = httpx.URL(url).port
+    if port is not None and not 0 < port < 65536:
+        raise HotcoldError(f"--base-url: port {port} is out of range")
     return url[:-3] if url.endswith("/v1") else url
 
 
@@ -324,6 +337,8 @@ def run(args: argparse.Namespace) -> int:
     model, spec = choose_model(args, base, headers)
     chat = args.endpoint == "/v1/chat/completions"
     tokenizer, why = load_prompt_tokenizer(spec)
+    if tokenizer is None and args.tokenizer:
+        raise HotcoldError(f"--tokenizer {args.tokenizer}: {why}")
     rule = "1 token per word" if args.dataset == "random" else "~4 chars/token"
     about = f"no hotcold tokenizer for {spec!r}: " if spec else ""
     how = f"tokenizer of {spec}" if tokenizer is not None else f"approximate counts ({rule}; {about}{why})"

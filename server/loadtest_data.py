@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -77,20 +78,23 @@ def random_prompts(n: int, input_len: int, output_len: int, ratio: float, rng: n
 def file_prompts(path: str, n: int, output_len: int, chat: bool, tokenizer=None) -> list[Prompt]:
     """The first `n` rows of a JSONL file (cycled if shorter); tokens ~ len/4 without a tokenizer."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise HotcoldError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-            content = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
-            if not isinstance(content, (str, list)):
-                raise HotcoldError(f"{path}:{lineno}: expected an object with 'prompt' or 'messages'")
-            if "messages" in row and not chat:
-                raise HotcoldError(f"{path}:{lineno}: 'messages' needs --endpoint /v1/chat/completions")
-            rows.append(row)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise HotcoldError(f"{path}: not UTF-8 text") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HotcoldError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+        content = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
+        if not isinstance(content, (str, list)):
+            raise HotcoldError(f"{path}:{lineno}: expected an object with 'prompt' or 'messages'")
+        if "messages" in row and not chat:
+            raise HotcoldError(f"{path}:{lineno}: 'messages' needs --endpoint /v1/chat/completions")
+        rows.append(row)
     if not rows:
         raise HotcoldError(f"{path}: no prompts in the file")
     prompts = []
@@ -100,6 +104,9 @@ def file_prompts(path: str, n: int, output_len: int, chat: bool, tokenizer=None)
         text = row.get("prompt") if messages is None else None
         plain = text if text is not None else " ".join(str(m.get("content", "")) for m in messages)
         count = len(tokenizer.encode(plain)) if tokenizer is not None else max(1, round(len(plain) / 4))
-        max_tokens = int(row.get("max_tokens", row.get("output_len", output_len)))
+        max_tokens = row.get("max_tokens", row.get("output_len", output_len))
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise HotcoldError(f"{path}: row {i % len(rows) + 1}'s max_tokens must be a whole number >= 1, "
+                               f"not {max_tokens!r}")
         prompts.append(Prompt(text=text, messages=messages, prompt_tokens=count, max_tokens=max_tokens))
     return prompts

@@ -95,11 +95,30 @@ def test_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path):
                            "no such file")
     _assert_one_line_error(hotcold("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"), "not found")
     # flags a user mistypes: named in one line before anything loads (generate's prompt not echoed first)
-    for flags, needle in [(("--device", "tpu"), "expected cpu, cuda or cuda:N"), (("--threads", "0"), "at least 1"),
-                          (("--max-tokens", "0"), "max_tokens must be at least 1")]:
+    cpus = len(os.sched_getaffinity(0))
+    for flags, needle in [(("--device", "tpu"), "expected cpu, cuda or cuda:N"), (("--threads", "0"), "expected 1 to"),
+                          (("--threads", "100000"), f"expected 1 to {cpus}"),  # crashed libgomp; 1000 took minutes
+                          (("--max-tokens", "0"), "max_tokens must be at least 1"),
+                          (("--seed", str(10**23)), "seed must fit in 64 bits"),
+                          (("--temperature", "inf"), "finite")]:
         bad = hotcold("generate", "--model", str(good), "--prompt", "x", *flags)
         _assert_one_line_error(bad, needle)
         assert bad.stdout == ""
+    not_utf8 = subprocess.run([sys.executable, "-m", "hotcold.cli", "generate", "--model", str(good), "--prompt",
+                               b"abc\xff\xfe"], capture_output=True, text=True, timeout=120)
+    _assert_one_line_error(not_utf8, "not valid UTF-8")
+    _assert_one_line_error(subprocess.run(
+        [sys.executable, "-m", "hotcold.cli", "generate", "--model", str(good), "--prompt", "x"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HOTCOLD_THREADS": "abc"}),
+        "HOTCOLD_THREADS='abc'")
+    text = tmp_path / "t.txt"
+    text.write_text("The capital of France is Paris. " * 20)
+    for flags, needle in [(("--max-tokens", "-3"), "at least 2 tokens"),  # was read as a slice: all but 3
+                          (("--context", "1000"), "maximum context is 256 tokens")]:
+        _assert_one_line_error(hotcold("perplexity", "--model", str(good), "--text", str(text), *flags), needle)
+    # serve took --max-model-len 100000 on a 256-token model and clamped it in silence
+    served = hotcold("serve", "--model", str(good), "--port", "0", "--max-model-len", "100000")
+    assert served.returncode == 1 and "maximum context is 256" in served.stderr.strip().splitlines()[-1]
     if not torch.cuda.is_available():
         _assert_one_line_error(hotcold("generate", "--model", str(good), "--prompt", "x", "--device", "cuda"),
                                "no usable GPU")

@@ -314,10 +314,28 @@ def test_unreachable_server_and_bad_arguments_give_one_line(tmp_path, capsys):
     rc, _ = run_loadtest(f"http://127.0.0.1:{port}", tmp_path, "--timeout", "5")  # no --model: listing fails
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "/v1/models" in err[0]
-    for bad in (["--num-prompts", "0"], ["--burstiness", "0"], ["--range-ratio", "1"]):
+    for bad in (["--num-prompts", "0"], ["--burstiness", "0"], ["--range-ratio", "1"],
+                ["--input-len", str(10**8)], ["--seed", "-1"], ["--temperature", "nan"],
+                ["--tokenizer", str(tmp_path / "no-such-model")]):
         rc, _ = run_loadtest("http://127.0.0.1:1", tmp_path, "--model", "m", *bad)
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 1 and len(err) == 1 and bad[0] in err[0]
+        assert rc == 1 and len(err) == 1 and bad[0] in err[0], err
+    # where the result cannot be written is said before the run, not after it
+    for where in (tmp_path, tmp_path / "no-such-dir" / "r.json"):
+        rc = cli_main(["loadtest", "--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--save-result",
+                       str(where)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and "--save-result" in err[0], err
+    rc = cli_main(["loadtest", "--base-url", "http://127.0.0.1:99999", "--model", "m"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "port 99999" in err[0], err
+    binary, bad_max = tmp_path / "bin.jsonl", tmp_path / "max.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    bad_max.write_text(json.dumps({"prompt": "hi", "max_tokens": "abc"}) + "\n")
+    for dataset, needle in ((binary, "not UTF-8"), (bad_max, "max_tokens")):
+        rc, _ = run_loadtest(f"http://127.0.0.1:{port}", tmp_path, "--model", "m", "--dataset", str(dataset))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and needle in err[0], err
 
 
 def test_prompts_sized_with_the_tokenizer_of_the_served_model(tmp_path, tiny_checkpoint, capsys):
