@@ -22,6 +22,24 @@ def _byte_level_chars() -> dict[str, int]:
     return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(shifted)}
 
 
+_TEMPLATE_RANGE_STEPS = 10**6  # a chat template's range() loops, all together (a template is model input)
+
+
+def _bounded_range(steps: int):
+    """range() for one render, failing once its loops ask for more than `steps` values in all: the sandbox
+    caps one range at 10^5, but two nested ones ran for minutes and held a server's request."""
+    left = [steps]
+
+    def bounded(*args: int) -> range:
+        r = range(*args)
+        left[0] -= len(r)
+        if left[0] < 0:
+            raise HotcoldError(f"chat template: its loops ask for more than {steps} steps")
+        return r
+
+    return bounded
+
+
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
@@ -100,6 +118,7 @@ class Tokenizer:
                                             extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
+        env.globals["range"] = _bounded_range(_TEMPLATE_RANGE_STEPS)
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             return env.from_string(self.chat_template).render(

@@ -179,3 +179,18 @@ def test_a_forward_failure_fails_its_step_and_the_engine_goes_on(tiny_checkpoint
 
     assert asyncio.run(serve()) == expected
     assert calls["n"] > 3 and engine.blocks.num_referenced == 0 and not engine.has_unfinished()
+
+
+def test_a_chat_template_cannot_loop_for_minutes(tokenizer):
+    """A checkpoint's chat template is model input: nested range() loops (10^10 steps; the sandbox caps only
+    each range) end in one error at once, while ordinary loops render as before."""
+    import copy
+
+    hostile = copy.copy(tokenizer)
+    hostile.chat_template = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x"
+    started = time.perf_counter()
+    with pytest.raises(HotcoldError, match="loops"):
+        hostile.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.perf_counter() - started < 10
+    hostile.chat_template = "{% for i in range(3) %}{{ i }}{% endfor %}{{ messages[0]['content'] }}"
+    assert hostile.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False) == "012hi"
