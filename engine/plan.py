@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hotcold.engine.errors import HotcoldError
@@ -177,8 +179,19 @@ def save_plan(plan: Plan, out_dir: str | Path) -> Path:
     return out
 
 
+def is_plan_folder(path: str | Path) -> bool:
+    """Whether `path` holds a hotcold plan: a plan.json naming the format and a version as save_plan writes
+    them (any version). The only non-empty folders a plan writer may replace."""
+    try:
+        doc = json.loads((Path(path) / PLAN_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == PLAN_FORMAT and "version" in doc
+
+
 def load_plan(plan_dir: str | Path, fingerprint: str | None = None) -> Plan:
-    """Read a plan folder; with `fingerprint`, refuse a plan made for another model."""
+    """Read a plan folder and check every field an executor uses (HotcoldError naming the file, the layer and
+    the field or tensor); with `fingerprint`, refuse a plan made for another model."""
     root = Path(plan_dir)
     meta = root / PLAN_JSON
     if not meta.is_file():
@@ -189,62 +202,141 @@ def load_plan(plan_dir: str | Path, fingerprint: str | None = None) -> Plan:
         raise HotcoldError(f"{meta} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
         raise HotcoldError(f"{meta} is not a hotcold plan")
-    if doc.get("version") != PLAN_VERSION:
-        raise HotcoldError(f"{meta} has plan version {doc.get('version')}, this hotcold reads version "
+    if doc.get("version") != PLAN_VERSION or type(doc.get("version")) is not int:  # "1" is not version 1
+        raise HotcoldError(f"{meta} has plan version {json.dumps(doc.get('version'))}, this hotcold reads version "
                            f"{PLAN_VERSION}; profile the model again")
-    if fingerprint is not None and doc.get("fingerprint") != fingerprint:
-        Plan(fingerprint=str(doc.get("fingerprint")), layers=[], model=doc.get("model") or {}).check_model(
-            fingerprint, str(root))
+    if not isinstance(doc.get("fingerprint"), str):
+        raise HotcoldError(f"{meta}: fingerprint is {json.dumps(doc.get('fingerprint'))}, expected a string")
+    info = {k: doc.get(k, {}) for k in ("model", "corpus", "targets", "placement", "perplexity", "stats")}
+    for key, value in info.items():
+        if not isinstance(value, dict):
+            raise HotcoldError(f"{meta}: {key} is {json.dumps(value)[:40]}, expected an object")
+    if info["placement"].get("gpu_memory_bytes") is not None:  # the budget `generate` re-places a plan for
+        _int(info["placement"], "gpu_memory_bytes", f"{meta}: placement", 0)
+    if fingerprint is not None and doc["fingerprint"] != fingerprint:
+        Plan(fingerprint=doc["fingerprint"], layers=[], model=info["model"]).check_model(fingerprint, str(root))
+    entries = doc.get("layers")
+    if not isinstance(entries, list) or not entries or not all(isinstance(d, dict) for d in entries):
+        raise HotcoldError(f"{meta}: layers must be a non-empty list of objects")
+    index = [_int(d, "index", f"{meta}: a layer", 0) for d in entries]
+    if sorted(index) != list(range(len(index))):
+        raise HotcoldError(f"{meta} lists layers {sorted(index)}, expected 0..{len(index) - 1}")
+    hot = _read_tensors(root / HOT_FILE, index)
+    with_pred = [i for i, d in zip(index, entries) if d.get("predictor") is not None]
+    preds = _read_tensors(root / PREDICTOR_FILE, with_pred) if with_pred else {}
+    hidden = info["model"].get("hidden_size")
+    layers = [_layer_from(d, hot[i], preds.get(i, {}), hidden if isinstance(hidden, int) else None, root)
+              for i, d in sorted(zip(index, entries), key=lambda x: x[0])]
+    return Plan(fingerprint=doc["fingerprint"], layers=layers, version=doc["version"], **info)
+
+
+def _read_tensors(path: Path, layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """A plan's safetensors file by integer layer, holding exactly `layers` (never by the keys' string order)."""
     try:
-        hot = _by_layer(load_file(str(root / HOT_FILE)))
-        preds = _by_layer(load_file(str(root / PREDICTOR_FILE))) if (root / PREDICTOR_FILE).exists() else {}
-        layers = [_layer_from(d, hot, preds) for d in sorted(doc["layers"], key=lambda d: int(d["index"]))]
-    except (OSError, KeyError, TypeError, ValueError) as exc:
-        raise HotcoldError(f"plan {root} is incomplete or damaged: {type(exc).__name__}: {exc}") from None
-    if [lp.index for lp in layers] != list(range(len(layers))):
-        found = [lp.index for lp in layers]
-        raise HotcoldError(f"plan {root} has layers {found}, expected 0..{len(layers) - 1}")
-    return Plan(fingerprint=doc["fingerprint"], layers=layers, model=doc.get("model", {}),
-                corpus=doc.get("corpus", {}), targets=doc.get("targets", {}),
-                placement=doc.get("placement", {}), perplexity=doc.get("perplexity", {}),
-                stats=doc.get("stats", {}), version=doc["version"])
-
-
-def _by_layer(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-    """Group `layers.{i}.{name}` tensors by integer layer index (never by the key's string order)."""
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise HotcoldError(f"plan {path.parent} is incomplete or damaged: {path.name} is missing") from None
+    except (OSError, SafetensorError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HotcoldError(f"plan {path.parent} is incomplete or damaged: {path.name} cannot be read ({why})") \
+            from None
     out: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise ValueError(f"unexpected tensor {key!r}")
+            raise HotcoldError(f"{path}: unexpected tensor {key!r} (expected layers.N.NAME)")
         out.setdefault(int(m.group(1)), {})[m.group(2)] = t
+    if sorted(out) != sorted(layers):
+        raise HotcoldError(f"{path} holds tensors for layers {sorted(out)}, {PLAN_JSON} needs {sorted(layers)}")
     return out
 
 
-def _layer_from(d: dict[str, Any], hot: dict, preds: dict) -> LayerPlan:
+def _int(d: Mapping[str, Any], key: str, where: str, low: int, high: int | None = None) -> int:
+    """d[key] as an int in [low, high] (high None: no limit), or one HotcoldError naming where and the field."""
+    v = d.get(key)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if type(v) is not int or v < low or (high is not None and v > high):
+        raise HotcoldError(f"{where}: {key} is {json.dumps(v)}, expected an integer "
+                           + (f">= {low}" if high is None else f"in [{low}, {high}]"))
+    return v
+
+
+def _num(d: Mapping[str, Any], key: str, where: str, low: float = -math.inf, high: float = math.inf,
+         finite: bool = True) -> float:
+    """d[key] as a float in [low, high] (finite unless finite=False: statistics for reports may be NaN)."""
+    v = d.get(key)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not ok or (finite and not (math.isfinite(v) and low <= v <= high)):
+        bounds = "" if not finite or low == -math.inf else f" >= {low:g}" if high == math.inf else \
+            f" in [{low:g}, {high:g}]"
+        raise HotcoldError(f"{where}: {key} is {json.dumps(v)}, expected a {'finite ' if finite else ''}number{bounds}")
+    return float(v)
+
+
+def _tensor(ts: Mapping[str, torch.Tensor], name: str, shape: tuple[int | None, ...], where: str,
+            floating: bool = True) -> torch.Tensor:
+    """ts[name]: floating (finite) or integer, of `shape` (None: any size), or HotcoldError naming it."""
+    t = ts.get(name)
+    if t is None:
+        raise HotcoldError(f"{where}.{name} is missing")
+    want = "float" if floating else "integer"
+    if (t.dtype.is_floating_point != floating or t.dtype == torch.bool or t.dim() != len(shape)
+            or any(s is not None and s != n for s, n in zip(shape, t.shape))):
+        raise HotcoldError(f"{where}.{name} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, expected "
+                           f"{want} [{', '.join('n' if s is None else str(s) for s in shape)}]")
+    if floating and not bool(torch.isfinite(t).all()):
+        raise HotcoldError(f"{where}.{name} holds NaN or infinite values")
+    return t
+
+
+def _layer_from(d: dict[str, Any], hot: dict, preds: dict, hidden: int | None, root: Path) -> LayerPlan:
+    """One layer from its plan.json entry and tensors, checked against the layer's own sizes."""
     i = int(d["index"])
-    t = hot[i]
+    at, hot_at, pred_at = f"{root / PLAN_JSON}: layer {i}", f"{root / HOT_FILE}: layers.{i}", \
+        f"{root / PREDICTOR_FILE}: layers.{i}.predictor"
+    I = _int(d, "num_neurons", at, 1)
+    hot_ids = _tensor(hot, "hot_ids", (None,), hot_at, floating=False).to(torch.int64)
+    if hot_ids.numel() and (int(hot_ids.min()) < 0 or int(hot_ids.max()) >= I):
+        raise HotcoldError(f"{hot_at}.hot_ids holds neuron ids outside 0..{I - 1}")
+    if hot_ids.unique().numel() != hot_ids.numel():
+        raise HotcoldError(f"{hot_at}.hot_ids lists a neuron twice")
+    if "hot_count" in d and _int(d, "hot_count", at, 0) != hot_ids.numel():
+        raise HotcoldError(f"{at}: hot_count {d['hot_count']} != {hot_ids.numel()} stored ids")
+    frequency = _tensor(hot, "frequency", (I,), hot_at)
     pred = None
     if d.get("predictor") is not None:
-        p = dict(d["predictor"])
-        w = {k.removeprefix("predictor."): v for k, v in preds[i].items()}
-        pred = PredictorPlan(rank=int(p["rank"]), tau=float(p["tau"]), top_k=int(p["top_k"]),
-                             recall=float(p["recall"]), sparsity=float(p["sparsity"]),
-                             topk_recall=float(p["topk_recall"]), topk_sparsity=float(p["topk_sparsity"]),
-                             weights=w, rule=str(p.get("rule", "sigmoid")), input=str(p.get("input", "ffn_norm")),
+        p = d["predictor"]
+        if not isinstance(p, dict):
+            raise HotcoldError(f"{at}: predictor must be an object")
+        rule, inp = p.get("rule", "sigmoid"), p.get("input", "ffn_norm")
+        if rule not in ("sigmoid", "logit") or inp not in ("ffn_norm", "residual"):
+            raise HotcoldError(f"{at}: unknown predictor rule {rule!r} or input {inp!r}")
+        r = _int(p, "rank", f"{at} predictor", 1)
+        w = {k.removeprefix("predictor."): v for k, v in preds.items()}
+        if set(w) - {"w1", "b1", "w2", "b2"} or ("b1" in w) != ("b2" in w):
+            raise HotcoldError(f"{pred_at}: expected w1, w2 (and b1 with b2), found {sorted(w)}")
+        w = {"w1": _tensor(w, "w1", (r, hidden), pred_at), "w2": _tensor(w, "w2", (I, r), pred_at)} | (
+            {"b1": _tensor(w, "b1", (r,), pred_at), "b2": _tensor(w, "b2", (I,), pred_at)} if "b1" in w else {})
+        stat = lambda key: _num(p, key, f"{at} predictor", finite=False)  # noqa: E731
+        tau_range = (0.0, 1.0) if rule == "sigmoid" else (-math.inf, math.inf)  # a probability, or a logit
+        pred = PredictorPlan(rank=r, tau=_num(p, "tau", f"{at} predictor", *tau_range),
+                             top_k=_int(p, "top_k", f"{at} predictor", 0, I), recall=stat("recall"),
+                             sparsity=stat("sparsity"), topk_recall=stat("topk_recall"),
+                             topk_sparsity=stat("topk_sparsity"), weights=w, rule=rule, input=inp,
                              source=str(p.get("source", "trained")))
-        if pred.rule not in ("sigmoid", "logit") or pred.input not in ("ffn_norm", "residual"):
-            raise ValueError(f"layer {i}: unknown predictor rule {pred.rule!r} or input {pred.input!r}")
     inputs = None
     if d.get("inputs") is not None:
-        inputs = InputPlan({str(k): float(v) for k, v in d["inputs"]["thresholds"].items()},
-                           {str(k): float(v) for k, v in d["inputs"].get("sparsity", {}).items()})
-    lp = LayerPlan(index=i, threshold=float(d["threshold"]), cett=float(d["cett"]),
-                   sparsity=float(d["sparsity"]), num_neurons=int(d["num_neurons"]),
-                   hot_ids=t["hot_ids"].to(torch.int64), frequency=t["frequency"], predictor=pred, inputs=inputs)
-    if lp.hot_count != int(d.get("hot_count", lp.hot_count)):
-        raise ValueError(f"layer {i}: hot_count {d['hot_count']} != {lp.hot_count} stored ids")
-    return lp
+        q = d["inputs"]
+        if not isinstance(q, dict) or not isinstance(q.get("thresholds"), dict) or \
+                not isinstance(q.get("sparsity", {}), dict):
+            raise HotcoldError(f"{at}: inputs must hold a thresholds object")
+        inputs = InputPlan({str(k): _num(q["thresholds"], k, f"{at} input thresholds", 0) for k in q["thresholds"]},
+                           {str(k): _num(q.get("sparsity", {}), k, f"{at} input sparsity", finite=False)
+                            for k in q.get("sparsity", {})})
+    return LayerPlan(index=i, threshold=_num(d, "threshold", at, 0), cett=_num(d, "cett", at, finite=False),
+                     sparsity=_num(d, "sparsity", at, finite=False), num_neurons=I, hot_ids=hot_ids,
+                     frequency=frequency, predictor=pred, inputs=inputs)
 
 
 def _shallow(obj: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from hotcold.engine.errors import HotcoldError
@@ -21,12 +22,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+def out_folder(text: str) -> Path | None:
+    """--out's type: None for an empty string (Path("") would be the current folder), which
+    check_placement_args refuses in one line."""
+    return Path(text) if text.strip() else None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default' (SmolLM2-135M)")
     parser.add_argument("--activation", default=None,
                         choices=["swiglu", "reglu", "drelu", "geglu", "fatrelu", "relu", "relu2", "gelu"],
                         help="override the FFN activation the config declares")
-    parser.add_argument("--out", required=True, type=Path, help="the plan folder to write")
+    parser.add_argument("--out", required=True, type=out_folder,
+                        help="the plan folder to write: new, empty, or a plan folder to replace")
     parser.add_argument("--corpus", nargs="+", type=Path, default=None, metavar="FILE",
                         help="plain-text or JSONL (`text` field) files (default: a built-in corpus)")
     parser.add_argument("--tokens", type=int, default=50_000, help="calibration tokens (default 50000)")
@@ -68,12 +76,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_placement_args(args: argparse.Namespace) -> None:
     """The flags every plan-writing command shares: where it goes and the KV cache its budget reserves."""
-    if args.out.exists() and not args.out.is_dir():
-        raise HotcoldError(f"--out {args.out} exists and is not a folder")
+    check_out_folder(args.out)
     if args.context is not None and args.context < 1:
         raise HotcoldError("--context must be at least 1 token")
     if args.batch < 1:
         raise HotcoldError("--batch must be at least 1")
+
+
+def check_out_folder(out: Path | None) -> None:
+    """Before any work: --out must be a folder a plan can be written to, and never one holding something else
+    (a non-empty folder is replaced only when it holds a hotcold plan). Writing is tried (the folders it needs
+    and a temporary file, removed again), so a path under a file or a read-only place fails now, not after
+    minutes of profiling."""
+    from hotcold.engine.plan import is_plan_folder
+
+    if out is None:
+        raise HotcoldError("--out is empty: give the plan folder to write")
+    if out.is_dir():
+        if any(out.iterdir()) and not is_plan_folder(out):
+            raise HotcoldError(f"--out {out} is a folder that holds other files and no hotcold plan; give a new or "
+                               "empty folder (a plan folder is replaced)")
+    elif out.exists() or out.is_symlink():
+        raise HotcoldError(f"--out {out} exists and is not a folder")
+    missing = [p for p in (out, *out.parents) if not (p.exists() or p.is_symlink())]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise HotcoldError(f"--out {out} cannot be created or written to: {exc.strerror or exc}") from None
+    finally:
+        for p in missing:  # deepest first; rmdir removes only the empty folders made here
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def clear_report(out: Path) -> None:
+    """Remove an older run's report.md and plots from a plan folder being replaced, so that the folder never
+    mixes two runs (a report written next lands in a clean folder; --no-report and imports leave none)."""
+    for p in [out / "report.md", *out.glob("*.png")]:
+        p.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,18 +142,20 @@ def run(args: argparse.Namespace) -> int:
         raise HotcoldError("--predictor-steps must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise HotcoldError("--threads must be at least 1")
+    if args.min_site_sparsity is not None and args.min_site_sparsity > 1:
+        raise HotcoldError("--min-site-sparsity must be in [0, 100%]")
     check_placement_args(args)
     gpu_memory = placement.parse_memory(args.gpu_memory)
+    mcfg = model_config(args.model, args.activation)
+    _check_model_flags(args, mcfg)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sparsity == "input" or (args.sparsity == "auto" and args.cett is None and
-                                    model_config(args.model, args.activation).activation not in RELU_FAMILY):
+                                    mcfg.activation not in RELU_FAMILY):
         return _run_input(args, load_model(args.model, device="cpu", activation=args.activation,
                                            quantize=args.quantize))  # the model as it is served
     loaded = load_model(args.model, dtype="float32", device="cpu", activation=args.activation)
     mcfg = loaded.config
-    if mcfg.num_experts:
-        raise HotcoldError("mixture-of-experts models are not profiled: plans cover dense FFNs only")
     cfg = ProfileConfig(
         cett=args.cett, max_ppl_increase=args.max_ppl_increase, allocation=args.allocation,
         recall_target=args.recall_target, predictor_rank=args.predictor_rank,
@@ -127,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sparsity == "auto" and args.cett is None:  # neuron FFNs, and input sparsity where they leave room
         del loaded
         _add_input_sites(args, result.plan, corpus)
+    clear_report(args.out)
     save_plan(result.plan, args.out)
     if not args.no_report:
         from hotcold.profiler.report import write_report
@@ -134,6 +180,18 @@ def run(args: argparse.Namespace) -> int:
         write_report(result, args.out)
     _print_summary(result, args.out)
     return 0
+
+
+def _check_model_flags(args: argparse.Namespace, mcfg) -> None:
+    """The flags bounded by the model's shapes, from its config alone (before its weights load)."""
+    if mcfg.num_experts:
+        raise HotcoldError("mixture-of-experts models are not profiled: plans cover dense FFNs only")
+    H, I = mcfg.hidden_size, mcfg.intermediate_size
+    if args.predictor_rank is not None and args.predictor_rank > min(H, I):  # low rank: at most min(H, I)
+        raise HotcoldError(f"--predictor-rank {args.predictor_rank} is above the model's hidden size {H} / "
+                           f"intermediate size {I}: a low-rank predictor's rank is at most {min(H, I)}")
+    if not 0 <= args.min_hot_per_layer <= I:
+        raise HotcoldError(f"--min-hot-per-layer must be in [0, {I}] (the model's neurons per layer)")
 
 
 def _add_input_sites(args: argparse.Namespace, plan, corpus) -> None:
@@ -176,12 +234,11 @@ def _run_input(args: argparse.Namespace, loaded) -> int:
 
     if args.cett is not None:
         raise HotcoldError("--cett sets neuron thresholds; input sparsity takes --max-ppl-increase")
-    if loaded.config.num_experts:
-        raise HotcoldError("mixture-of-experts models are not profiled")
     cfg = _input_config(args, loaded.config)
     corpus = build_corpus(loaded.tokenizer, args.corpus, args.tokens, args.eval_tokens)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"hotcold profile: {msg}", file=sys.stderr))
     result = profile_inputs(loaded, corpus, cfg, say)
+    clear_report(args.out)
     save_plan(result.plan, args.out)
     if not args.no_report:
         from hotcold.profiler.report import write_input_report

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hotcold.engine.errors import HotcoldError
+from hotcold.profiler.commands import out_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "a PowerInfer predictor folder (model_{i}.pt)")
     imp.add_argument("src", type=Path, help="the model folder, a PowerInfer predictor folder or a PowerInfer GGUF")
     imp.add_argument("--model", required=True, help="the model the plan is for (HF folder or .gguf)")
-    imp.add_argument("--out", required=True, type=Path, help="the plan folder to write")
+    imp.add_argument("--out", required=True, type=out_folder,
+                     help="the plan folder to write: new, empty, or a plan folder to replace")
     imp.add_argument("--sparse-threshold", type=float, default=None,
                      help="active iff logit >= this (default: SRC/config.json sparse_threshold, else 0)")
     imp.add_argument("--tokens", type=int, default=1024, help="calibration tokens to measure recall/sparsity")
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from hotcold.engine import placement
     from hotcold.engine.loader import load_model
     from hotcold.engine.plan import save_plan
-    from hotcold.profiler.commands import check_placement_args
+    from hotcold.profiler.commands import check_placement_args, clear_report
     from hotcold.profiler.corpus import build_corpus
     from hotcold.profiler.import_plan import build_import_plan, read_predictors
 
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     sequences = corpus.sequences(seq_len)
     plan = build_import_plan(loaded, imported, sequences, gpu_memory, placement.DTYPE_BYTES[args.gpu_dtype],
                              args.context or min(4096, mcfg.max_position_embeddings), args.batch)
+    clear_report(args.out)  # an import writes no report: none of an older run's may stay beside it
     save_plan(plan, args.out)
     st, pl = plan.stats, plan.placement
     print(f"plan written to {args.out} ({len(plan.layers)} layers, {imported.source} predictors, rule logit >= "

@@ -13,7 +13,11 @@ recall and sparsity are measured against the true activations on a few calibrati
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +46,8 @@ class ImportedPredictors:
 def read_predictors(src: str | Path, threshold: float | None = None) -> ImportedPredictors:
     """Predictors of a model folder (embedded tensors) or a PowerInfer predictor folder, layers by number."""
     root = Path(src)
+    if threshold is not None:
+        threshold = _threshold(threshold, "--sparse-threshold")
     if root.is_file() and root.suffix == ".gguf":
         return _gguf_predictors(root, threshold)
     if not root.is_dir():
@@ -52,10 +58,11 @@ def read_predictors(src: str | Path, threshold: float | None = None) -> Imported
     if parts:
         kind = "powerinfer"
         for i in sorted(parts):  # integers: model_2 before model_10 (PowerInfer issue #247)
-            sd = torch.load(parts[i], map_location="cpu", weights_only=True)
-            if "fc1.weight" not in sd or "fc2.weight" not in sd:
-                raise HotcoldError(f"{parts[i]} has no fc1.weight / fc2.weight")
-            weights[i] = {"w1": sd["fc1.weight"].float(), "w2": sd["fc2.weight"].float()}
+            sd = _load_pt(parts[i])
+            w = {f"w{k}": sd.get(f"fc{k}.weight") for k in (1, 2)} if isinstance(sd, dict) else {}
+            if not w or not all(isinstance(t, Tensor) and t.dim() == 2 for t in w.values()):
+                raise HotcoldError(f"{parts[i]} has no fc1.weight / fc2.weight matrices")
+            weights[i] = {k: t.float() for k, t in w.items()}
     else:
         from safetensors import safe_open
 
@@ -72,20 +79,50 @@ def read_predictors(src: str | Path, threshold: float | None = None) -> Imported
         if set(w) != {"w1", "w2"} or w["w1"].shape[0] != w["w2"].shape[1]:
             raise HotcoldError(f"layer {i}: predictor needs fc1 [r, H] and fc2 [I, r], got "
                                f"{ {k: tuple(v.shape) for k, v in w.items()} }")
-    if threshold is None:
-        conf = root / "config.json"
-        value = json.loads(conf.read_text()).get("sparse_threshold") if conf.is_file() else None
-        threshold = 0.0 if value is None else float(value)
+        if not all(bool(torch.isfinite(t).all()) for t in w.values()):
+            raise HotcoldError(f"layer {i}: the predictor's weights hold NaN or infinite values")
+    conf = root / "config.json"
+    if threshold is None and conf.is_file():
+        try:
+            doc = json.loads(conf.read_text())
+        except ValueError as exc:
+            raise HotcoldError(f"{conf} is not valid JSON: {exc}") from None
+        value = doc.get("sparse_threshold") if isinstance(doc, dict) else None
+        threshold = 0.0 if value is None else _threshold(value, f"{conf}: sparse_threshold")
     counts: dict[int, Tensor] = {}
     act = root / "activation"
     if act.is_dir():
         for p in act.iterdir():
             if m := _ACTIVATION.match(p.name):
-                counts[int(m.group(1))] = torch.load(p, map_location="cpu", weights_only=True).flatten().double()
+                c = _load_pt(p)
+                if not isinstance(c, Tensor) or not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
+                    raise HotcoldError(f"{p} is not a tensor of activation counts")
+                counts[int(m.group(1))] = c.flatten().double()
     if counts and sorted(counts) != sorted(weights):
         raise HotcoldError(f"{act} has activation counts for layers {sorted(counts)}, the predictors cover "
                            f"{sorted(weights)}: all layers or none")
-    return ImportedPredictors(weights, float(threshold), kind, counts)
+    return ImportedPredictors(weights, 0.0 if threshold is None else threshold, kind, counts)
+
+
+def _load_pt(path: Path) -> object:
+    """A PyTorch file's tensors, read with weights_only=True: a pickle of anything else is refused in one line
+    (torch's advice to turn weights_only off would let the file run code; its warnings are not shown)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise HotcoldError(f"{path} is not a plain tensor file (refused: loading it could run code)") from None
+    except Exception as exc:  # garbage raises what torch meets first: EOFError, RuntimeError, KeyError, ...
+        why = str(exc).splitlines()[0] if str(exc) else "empty or truncated"
+        raise HotcoldError(f"{path} is not a readable PyTorch file ({type(exc).__name__}: {why})") from None
+
+
+def _threshold(value: object, where: str) -> float:
+    """A sparse threshold: a finite number (NaN would write a plan whose rule "logit >= nan" passes nothing)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise HotcoldError(f"{where} is {value!r}, expected a finite number")
+    return float(value)
 
 
 def _gguf_predictors(path: Path, threshold: float | None) -> ImportedPredictors:
@@ -103,8 +140,9 @@ def _gguf_predictors(path: Path, threshold: float | None) -> ImportedPredictors:
     if not weights:
         raise HotcoldError(f"{path} holds no predictors (no blk.N.fc1.weight / fc2.weight tensors)")
     if threshold is None:
-        threshold = float(reader.metadata.get("powerinfer.sparse_threshold", 0.0))
-    return ImportedPredictors(weights, float(threshold), "powerinfer", {})
+        threshold = _threshold(reader.metadata.get("powerinfer.sparse_threshold", 0.0),
+                               f"{path}: powerinfer.sparse_threshold")
+    return ImportedPredictors(weights, threshold, "powerinfer", {})
 
 
 class _Recorder(nn.Module):
@@ -151,6 +189,7 @@ def build_import_plan(loaded, imported: ImportedPredictors, sequences: list[list
                       gpu_dtype_bytes: int = 2, context: int = 1024, batch: int = 1) -> Plan:
     """The plan: imported predictors with their measured quality, hot neurons by hotcold's placement."""
     from hotcold.engine import placement
+    from hotcold.profiler.pipeline import check_budget
 
     model, mcfg = loaded.model, loaded.config
     if mcfg.num_experts:
@@ -162,6 +201,12 @@ def build_import_plan(loaded, imported: ImportedPredictors, sequences: list[list
         if w["w1"].shape[1] != H or w["w2"].shape[0] != I:
             raise HotcoldError(f"layer {i}: predictor shapes {tuple(w['w1'].shape)}, {tuple(w['w2'].shape)} do "
                                f"not fit hidden {H} / intermediate {I}")
+        if i in imported.counts and imported.counts[i].numel() != I:
+            raise HotcoldError(f"layer {i}: {imported.counts[i].numel()} activation counts, the model has {I} "
+                               "neurons per layer")
+    pred_params = sum(LowRankPredictor.num_params(H, w["w1"].shape[0], I) - w["w1"].shape[0] - I
+                      for w in imported.weights.values())
+    check_budget(model, gpu_memory, gpu_dtype_bytes, pred_params, context, batch)  # before calibrating
     data = calibrate(model, sequences)
     n_tokens = int(data[0][0].shape[0])
     preds, freqs, quality = [], [], []
@@ -174,7 +219,6 @@ def build_import_plan(loaded, imported: ImportedPredictors, sequences: list[list
         quality.append((*_quality(mask, true), *_quality(kmask, true), 1.0 - float(true.float().mean())))
         freqs.append(imported.counts[i].float() if i in imported.counts else mask.float().mean(0))
         preds.append((p, k))
-    pred_params = sum(LowRankPredictor.num_params(H, p.rank, I) - p.rank - I for p, _ in preds)
     budget = placement.place_for_budget(model, freqs, gpu_memory, gpu_dtype_bytes, pred_params, context, batch)
     place, reserved, nbytes = budget.placement, budget.reserved, budget.neuron_bytes
     layers = []

@@ -73,10 +73,26 @@ class _Progress:
         return tqdm(total=total, desc=desc, unit=unit, disable=self.quiet, leave=False, dynamic_ncols=True)
 
 
+def check_budget(model, gpu_memory: int | None, dtype_bytes: int, predictor_params: int, context: int,
+                 batch: int, min_per_layer: int = 0) -> None:
+    """Refuse, before any profiling, a GPU budget that cannot hold the dense parts (with the predictors'
+    parameters known so far) and the per-layer minimum: placement's own check, run on zero frequencies."""
+    n = model.config.intermediate_size
+    placement.place_for_budget(model, [torch.zeros(n)] * len(model.layers), gpu_memory, dtype_bytes,
+                               predictor_params, context, batch, min_per_layer)
+
+
 def profile(loaded, corpus: Corpus, cfg: ProfileConfig, quiet: bool = False) -> ProfileResult:
     mcfg = loaded.config
     if getattr(mcfg, "num_experts", 0):
         raise HotcoldError("mixture-of-experts models are not profiled: plans cover dense FFNs only")
+    H, I = mcfg.hidden_size, mcfg.intermediate_size
+    ffn_params = (3 if mcfg.gated else 2) * H * I
+    limit = predictor.max_rank(H, I, ffn_params, cfg.predictor_budget)
+    ranks = [cfg.predictor_rank] if cfg.predictor_rank else predictor.candidate_ranks(limit)
+    check_budget(loaded.model, cfg.gpu_memory, cfg.gpu_dtype_bytes,  # the predictors at their smallest rank
+                 len(loaded.model.layers) * LowRankPredictor.num_params(H, min(ranks), I), cfg.context, cfg.batch,
+                 cfg.min_hot_per_layer)
     torch.manual_seed(cfg.seed)
     model = loaded.model
     ffns = collect.dense_ffns(model)
@@ -163,10 +179,6 @@ def profile(loaded, corpus: Corpus, cfg: ProfileConfig, quiet: bool = False) -> 
 
     # 4. predictors
     t3 = time.perf_counter()
-    H, I = mcfg.hidden_size, mcfg.intermediate_size
-    ffn_params = (3 if mcfg.gated else 2) * H * I
-    limit = predictor.max_rank(H, I, ffn_params, cfg.predictor_budget)
-    ranks = [cfg.predictor_rank] if cfg.predictor_rank else predictor.candidate_ranks(limit)
     fitted: list[predictor.FittedPredictor] = []
     with prog.bar(L, "predictors", unit="layer") as bar:
         for i in range(L):
