@@ -57,6 +57,15 @@ PRE_TOKENIZERS: dict[str, tuple[list[str], bool]] = {
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
+def vocabulary(meta: dict[str, Any]) -> list[str]:
+    """The GGUF's token list, which every tokenizer model needs (and the model's vocabulary size, where the
+    metadata gives none)."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise HotcoldError("this GGUF file lacks its vocabulary (tokenizer.ggml.tokens, a list of strings)")
+    return tokens
+
+
 def backend_from_gguf(meta: dict[str, Any]) -> tuple[HFTokenizer, bool]:
     """The backend for a GGUF's tokenizer and whether BOS is added by default (llama.cpp's defaults: yes for
     SentencePiece, no for BPE; `tokenizer.ggml.add_bos_token` overrides either)."""
@@ -80,7 +89,7 @@ def _byte_level_bpe(meta: dict[str, Any]) -> HFTokenizer:
         raise HotcoldError(f"this GGUF's BPE tokenizer {what}, which hotcold does not know: refusing to guess how "
                            f"it splits text (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
     regexes, ignore_merges = PRE_TOKENIZERS[pre]
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    tokens = vocabulary(meta)
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
@@ -96,7 +105,7 @@ def _sentencepiece(meta: dict[str, Any]) -> HFTokenizer:
     """Llama-2-style SentencePiece: llama.cpp joins the adjacent pair whose join is the best-scored token, which is
     BPE with every two-piece split of a normal token as a merge, ranked by that token's score; characters outside
     the vocabulary fall back to <0xXX> byte tokens."""
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    tokens = vocabulary(meta)
     scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
     types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
     vocab = {tok: i for i, tok in enumerate(tokens)}

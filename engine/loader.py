@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from hotcold.kernels.quant import QUANTIZE_TYPES, QuantTensor
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+_NOT_FLOAT = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")  # stored dtypes refused for weights
 
 
 @dataclass
@@ -110,11 +113,14 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
     dtype = dtype or default_dtype(device)
     cfg, reader = _open(path, activation)
     if path.suffix == ".gguf":
-        tokenizer = from_gguf_metadata(reader.metadata)
+        with _naming(path):
+            tokenizer = from_gguf_metadata(reader.metadata)
         reader.forget_vocabulary()  # the tokenizer holds it now: not resident beside the weights' copies
         gen = GenerationDefaults()
     else:
         gen = _generation_defaults(path)
+        if (path / "tokenizer_config.json").exists():  # from_hf_folder's own parse would name no file
+            _json_object(path / "tokenizer_config.json")
         tokenizer = from_hf_folder(path, gen.eos_token_ids)
     tensors = reader.tensor_names()
     with native.large_frees_returned():
@@ -140,15 +146,34 @@ def model_config(spec: str | Path, activation: str | None = None) -> ModelConfig
 def _open(path: Path, activation: str | None) -> tuple[ModelConfig, HFReader | GGUFReader]:
     if path.suffix == ".gguf":
         reader = GGUFReader(path)
-        cfg = configs.from_gguf_metadata(reader.metadata, activation, powerinfer=reader.powerinfer)
+        with _naming(path):
+            cfg = configs.from_gguf_metadata(reader.metadata, activation, powerinfer=reader.powerinfer)
         cfg.mlp_bias = "blk.0.ffn_up.bias" in reader.tensor_names()  # optional in llama.cpp's llama too
         return cfg, reader
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except ValueError as exc:
-        raise HotcoldError(f"{path / 'config.json'}: invalid JSON ({exc})") from None
-    cfg = configs.from_hf_config(raw, activation)
+    raw = _json_object(path / "config.json")
+    with _naming(path / "config.json"):
+        cfg = configs.from_hf_config(raw, activation)
     return cfg, HFReader(path, cfg.arch)
+
+
+@contextmanager
+def _naming(source: Path) -> Iterator[None]:
+    """The config's errors name the field; this puts the file in front."""
+    try:
+        yield
+    except HotcoldError as exc:
+        raise HotcoldError(f"{source}: {exc}") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A model folder's JSON file as an object, or one line naming the file (json's errors name none)."""
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise HotcoldError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise HotcoldError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
 
 
 def memory_report(model: Transformer) -> str:
@@ -218,7 +243,7 @@ def _generation_defaults(folder: Path) -> GenerationDefaults:
     path = folder / "generation_config.json"
     if not path.exists():
         return GenerationDefaults()
-    raw: dict[str, Any] = json.loads(path.read_text())
+    raw = _json_object(path)
     eos = raw.get("eos_token_id")
     return GenerationDefaults(
         temperature=raw.get("temperature") if raw.get("do_sample") else None,
@@ -233,6 +258,7 @@ def build_model(cfg: ModelConfig, reader: HFReader | GGUFReader, dtype: torch.dt
                 device: torch.device, keep_blocks: bool = False, quantize: str | None = None) -> Transformer:
     """Convert tensor by tensor into hotcold's layout (fused qkv and gate/up, down transposed; quantized
     matrices keep their blocks with `keep_blocks`, float ones are quantized to `quantize`)."""
+    _check_tensors(cfg, reader)
     blocks = keep_blocks and isinstance(reader, GGUFReader) and any(
         reader.is_quantized(n) for n in ("layers.0.up.weight", "layers.0.q.weight", "embed.weight"))
     if blocks or quantize:
@@ -303,6 +329,46 @@ def build_model(cfg: ModelConfig, reader: HFReader | GGUFReader, dtype: torch.dt
         lm_head = embed
     pos = get("pos_embed.weight") if cfg.positional == "learned" else None
     return Transformer(cfg, embed, layers, norm("final_norm"), lm_head, pos).eval()
+
+
+def _check_tensors(cfg: ModelConfig, reader: HFReader | GGUFReader) -> None:
+    """Every tensor the model reads has the shape its config implies and a float (or GGUF block) type, checked
+    from the headers before any is read: a wrong one otherwise fails mid-run as a bad reshape or an index out of
+    range, or runs, integers cast to floats."""
+    for layer in range(-1, cfg.num_layers):  # -1: the tensors outside the layers
+        found = [(info, shape) for name, shape in _expected_shapes(cfg, layer).items() if (info := reader.info(name))]
+        if not found and layer >= 0:
+            break  # a layer the checkpoint lacks (a block_count of 2**32 - 1): build_model names its tensor
+        for (stored, got, dtype), shape in found:
+            if dtype in _NOT_FLOAT:
+                raise HotcoldError(f"tensor {stored} is {dtype}: weights must be floating point (or GGUF quantized)")
+            if got != shape:
+                raise HotcoldError(f"tensor {stored} has shape {list(got)}, the config implies {list(shape)}")
+
+
+def _expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of one layer (the others for -1) the engine may read, by canonical name, with the shape the
+    config implies in transformers' [out, in] layout."""
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if layer < 0:
+        return {"embed.weight": (cfg.vocab_size, hidden), "lm_head.weight": (cfg.vocab_size, hidden),
+                "pos_embed.weight": (cfg.max_position_embeddings + 2, hidden),  # OPT's positions start at 2
+                "final_norm.weight": (hidden,), "final_norm.bias": (hidden,)}
+    p = f"layers.{layer}"
+    out = {f"{p}.{n}.{kind}": (hidden,) for n in ("attn_norm", "ffn_norm") for kind in ("weight", "bias")}
+    if cfg.num_experts:
+        out[f"{p}.router.weight"] = (cfg.num_experts, hidden)
+    ffns = [f"{p}.experts.{e}" for e in range(cfg.num_experts)] or [p]
+    mats = [(f"{p}.{n}", rows, cols) for n, rows, cols in (("q", q, hidden), ("k", kv, hidden), ("v", kv, hidden),
+                                                            ("o", hidden, q))]
+    mats += [(f"{f}.{n}", rows, cols) for f in ffns for n, rows, cols in (
+        ("gate", inter, hidden), ("up", inter, hidden), ("down", hidden, inter))]
+    if not cfg.num_experts:
+        mats.append((f"{p}.down_t", inter, hidden))  # PowerInfer's down, stored neuron-major
+    for prefix, rows, cols in mats:
+        out[f"{prefix}.weight"], out[f"{prefix}.bias"] = (rows, cols), (rows,)
+    return out
 
 
 def _same_type(mats: list[torch.Tensor | QuantTensor]) -> list[QuantTensor]:

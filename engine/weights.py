@@ -65,10 +65,16 @@ def _weight_files(folder: Path) -> tuple[str, list[str]]:
         index = folder / index_name
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                if not all(isinstance(name, str) for name in names):
+                    raise TypeError("its weight_map values are not all file names")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise HotcoldError(f"{index}: not a valid weights index ({exc})") from None
-            return kind, sorted(set(weight_map.values()))
+            # no shard name may leave the folder ("../../etc/passwd"); symlinks out of it (HF cache blobs) may
+            outside = [name for name in names if Path(name).is_absolute() or ".." in Path(name).parts]
+            if outside:
+                raise HotcoldError(f"{index}: refused: shard {outside[0]!r} lies outside the model folder")
+            return kind, names
         files = sorted(p.name for p in folder.glob(pattern))
         if files:
             return kind, files
@@ -196,6 +202,11 @@ class HFReader:
 
     def tensor_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {key: self._files[file].info(key) for key, file in self._where.items()}
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...], str] | None:
+        """A canonical tensor's stored name, shape ([out, in]) and dtype, read from the header; None if absent."""
+        key = self._hf_name(name)
+        return (key, *self._files[self._where[key]].info(key)) if key in self._where else None
 
     def _hf_name(self, name: str) -> str | None:
         opt = self.arch == "opt"
@@ -362,6 +373,11 @@ class GGUFReader:
     def has(self, name: str) -> bool:
         return self._tensor(name) is not None
 
+    def info(self, name: str) -> tuple[str, tuple[int, ...], str] | None:
+        """A canonical tensor's stored name, shape ([out, in]) and type, read from the header; None if absent."""
+        t = self._tensor(name)
+        return None if t is None else (t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name)
+
     def is_quantized(self, name: str) -> bool:
         tensor = self._tensor(name)
         return tensor is not None and tensor.tensor_type.name not in FLOAT_TYPES
@@ -380,8 +396,9 @@ class GGUFReader:
             else:
                 out = from_gguf(np.asarray(tensor.data), qtype, cols)
         except (ValueError, NotImplementedError) as exc:
-            raise HotcoldError(f"{tensor.name}: cannot use its {tensor.tensor_type.name} data ({exc}); convert the "
-                               "model to Q8_0, Q4_0, Q4_1 or F16 with llama-quantize") from None
+            advice = "the file is corrupt" if qtype in NATIVE_TYPES else (
+                "convert the model to Q8_0, Q4_0, Q4_1 or F16 with llama-quantize")
+            raise HotcoldError(f"{tensor.name}: cannot use its {qtype} data ({exc}); {advice}") from None
         _release(tensor.data)
         out.data = self._unpermute_rows(name, out.data)
         return out
