@@ -70,18 +70,23 @@ def add_gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
                              "from the plan's measured frequencies, without re-profiling")
 
 
+def check_threads_arg(threads: int | None) -> None:
+    """--threads, where given: from 1 to the CPUs this process may run on (kernels.native's rule)."""
+    from hotcold.kernels.native import check_threads
+
+    if threads is not None:
+        try:
+            check_threads(threads, "--threads")
+        except ValueError as exc:
+            raise HotcoldError(str(exc)) from None
+
+
 def check_model_args(args: argparse.Namespace) -> None:
     """The flags of every command that loads a model, checked before anything loads (serve: before it binds
     its port): --threads from 1 to the usable CPUs; --device cpu, or a CUDA device this machine has."""
     import torch
 
-    from hotcold.kernels.native import check_threads
-
-    if args.threads is not None:
-        try:
-            check_threads(args.threads, "--threads")
-        except ValueError as exc:
-            raise HotcoldError(str(exc)) from None
+    check_threads_arg(args.threads)
     device = args.device
     try:
         d = torch.device(device)

@@ -119,8 +119,6 @@ def load_model(spec: str | Path = "default", dtype: str | torch.dtype | None = N
         gen = GenerationDefaults()
     else:
         gen = _generation_defaults(path)
-        if (path / "tokenizer_config.json").exists():  # from_hf_folder's own parse would name no file
-            _json_object(path / "tokenizer_config.json")
         tokenizer = from_hf_folder(path, gen.eos_token_ids)
     tensors = reader.tensor_names()
     with native.large_frees_returned():

@@ -140,7 +140,12 @@ def from_hf_folder(folder: Path, generation_eos: list[int] | None = None) -> Tok
     except Exception as exc:
         raise HotcoldError(f"{path}: cannot read tokenizer ({exc})") from None
     cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    try:
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    except ValueError as exc:
+        raise HotcoldError(f"{cfg_path}: invalid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise HotcoldError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}")
     template = cfg.get("chat_template")
     template_file = folder / "chat_template.jinja"
     if template is None and template_file.exists():

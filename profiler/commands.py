@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hotcold.engine import placement
+    from hotcold.engine.commands_generate import check_threads_arg
     from hotcold.engine.loader import load_model, model_config
     from hotcold.profiler import predictor
     from hotcold.profiler.corpus import build_corpus
@@ -140,8 +141,7 @@ def run(args: argparse.Namespace) -> int:
         raise HotcoldError("--predictor-rank must be at least 1")
     if args.predictor_steps < 1:
         raise HotcoldError("--predictor-steps must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise HotcoldError("--threads must be at least 1")
+    check_threads_arg(args.threads)
     if args.min_site_sparsity is not None and args.min_site_sparsity > 1:
         raise HotcoldError("--min-site-sparsity must be in [0, 100%]")
     check_placement_args(args)

@@ -165,7 +165,8 @@ def test_bad_arguments_one_line(tiny_checkpoint, corpus_file, tmp_path, capsys):
                "--gpu-memory", "lots"])
     assert rc == 1 and "memory size" in capsys.readouterr().err
     for flags, needle in [(["--context", "-5"], "--context"), (["--batch", "0"], "--batch"),
-                          (["--predictor-steps", "0"], "--predictor-steps"), (["--threads", "0"], "--threads")]:
+                          (["--predictor-steps", "0"], "--predictor-steps"), (["--threads", "0"], "--threads"),
+                          (["--threads", "100000"], "--threads")]:  # crashed libgomp
         rc = main(["profile", "--model", model, "--out", str(tmp_path / "p"), "--corpus", str(corpus_file), *flags])
         err = capsys.readouterr().err
         assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1, err
