@@ -5,6 +5,8 @@ start-up errors are one line with exit code 1."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,15 +45,38 @@ def _stream_in_thread(url: str, body: dict, first_chunk: threading.Event, result
     return t
 
 
-def test_loading_then_sigterm_drains_running_requests(tiny_path):
-    srv = ServerProcess("--model", str(tiny_path), "--grace-period", "30")
+def _hold_file(path: Path) -> bytes:
+    """Swap `path` for a FIFO: whoever opens it to read waits until `_release` writes the original bytes."""
+    data = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    return data
+
+
+def _release(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fifo:  # returns once the reader has opened its end
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # any later read finds a plain file
+        fifo.write(data)
+
+
+def test_loading_then_sigterm_drains_running_requests(tiny_path, tmp_path):
+    # the engine thread's read of config.json blocks on a FIFO, so the loading phase lasts until released
+    model = tmp_path / "held"
+    shutil.copytree(tiny_path, model)
+    held = _hold_file(model / "config.json")
+    srv = ServerProcess("--model", str(model), "--grace-period", "30")
     # /health says 503 while the engine thread loads the model; /v1 answers 503 in OpenAI's envelope
     early = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+    assert early.status_code == 503 and early.json()["error"]["code"] == "service_unavailable", early.text
+    r = httpx.get(f"{srv.url}/health", timeout=30)
+    assert (r.status_code, r.json()) == (503, {"status": "loading"})
+    releaser = threading.Thread(target=_release, args=(model / "config.json", held), daemon=True)
+    releaser.start()
     seen = srv.wait_ready()
-    assert seen[0] == (503, {"status": "loading"}), seen[:3]
+    releaser.join(30)
     assert seen[-1] == (200, {"status": "ok"})
-    if early.status_code != 200:
-        assert early.status_code == 503 and early.json()["error"]["code"] == "service_unavailable"
     short, first = {}, threading.Event()
     body = {"prompt": "Hello", "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
