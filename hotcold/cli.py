@@ -28,7 +28,14 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # also while the subcommand's modules (torch: seconds) are imported
+        print("hotcold: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser = _top_parser()
         if not argv or argv[0] in ("-h", "--help"):
@@ -45,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print("hotcold: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0
     except (HotcoldError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:

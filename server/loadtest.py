@@ -28,7 +28,13 @@ from hotcold.server.loadtest_data import (
     load_prompt_tokenizer,
     random_prompts,
 )
-from hotcold.server.loadtest_stats import RequestRecord, format_summary, parse_goodput_item, summarize
+from hotcold.server.loadtest_stats import (
+    BenchmarkRun,
+    RequestRecord,
+    format_summary,
+    parse_goodput_item,
+    summarize,
+)
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 
@@ -160,14 +166,14 @@ async def send_one(client: httpx.AsyncClient, cfg: ClientConfig, prompt: Prompt,
                    t0: float) -> RequestRecord:
     """Send one streaming request, filling `rec`; never raises except on cancellation."""
     start = time.perf_counter()
-    rec.sent_at, rec.error, rec.success = start - t0, "", False
+    rec.sent, rec.sent_at, rec.error, rec.success = True, start - t0, "", False
     try:
         await asyncio.wait_for(_stream(client, cfg, cfg.payload(prompt), rec, start), cfg.timeout)
         rec.success = True
     except asyncio.TimeoutError:
         rec.error = f"timeout: no complete response within {cfg.timeout:g} s"
     except asyncio.CancelledError:
-        rec.error = "cancelled: the overall deadline (--max-duration) was reached"
+        rec.error = "cancelled"  # benchmark() says why
         raise
     except _Failed as exc:
         rec.error = str(exc)
@@ -184,10 +190,9 @@ def _client(cfg: ClientConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), limits=limits)
 
 
-async def benchmark(
-    cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray
-) -> tuple[list[RequestRecord], float]:
-    """The first prompt as a test request (HotcoldError if it fails), then the timed run."""
+async def benchmark(cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray) -> BenchmarkRun:
+    """The first prompt as a test request (HotcoldError if it fails), then the timed run. Ctrl-C during the
+    run (asyncio.run cancels this task) stops sending and cancels what is in flight, keeping what finished."""
     records = [RequestRecord(index=i, prompt_tokens=p.prompt_tokens, max_tokens=p.max_tokens)
                for i, p in enumerate(prompts)]
     async with _client(cfg) as client:
@@ -215,27 +220,31 @@ async def benchmark(
         t0 = time.perf_counter()
         deadline = t0 + cfg.max_duration
         due = t0 + np.cumsum(gaps)
-        tasks = []
-        for prompt, rec, when in zip(prompts, records, due, strict=True):
-            if when >= deadline:
-                break
-            if when > time.perf_counter():
-                await asyncio.sleep(when - time.perf_counter())
-            tasks.append(asyncio.create_task(limited(prompt, rec)))
-        pending = set()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+        tasks: list[asyncio.Task] = []
+        why, interrupted = "the overall deadline (--max-duration) was reached", False
+        try:
+            for prompt, rec, when in zip(prompts, records, due, strict=True):
+                if when >= deadline:
+                    break
+                if when > time.perf_counter():
+                    await asyncio.sleep(when - time.perf_counter())
+                tasks.append(asyncio.create_task(limited(prompt, rec)))
+            if tasks:
+                await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+        except asyncio.CancelledError:
+            why, interrupted = "interrupted (Ctrl-C)", True
+        pending = [task for task in tasks if not task.done()]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         duration = time.perf_counter() - t0
         bar.close()
-    for rec in records[len(tasks):]:
-        rec.error = "not sent: the overall deadline (--max-duration) was reached"
-    for rec in records:  # cancelled while waiting for the semaphore
-        if not rec.success and not rec.error:
-            rec.error = "cancelled: the overall deadline (--max-duration) was reached"
-    return records, duration
+    for rec in records:  # never sent (past the deadline, or waiting for a slot), or cancelled in flight
+        if not rec.sent:
+            rec.error = f"not sent: {why}"
+        elif rec.error == "cancelled":
+            rec.error = f"cancelled: {why}"
+    return BenchmarkRun(records, duration, interrupted)
 
 
 # ---------------------------------------------------------------- the command
@@ -364,12 +373,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"prompts: {how}, seed {args.seed}", flush=True)
 
     before = prefix_cache_counts(base, headers)
-    records, duration = asyncio.run(benchmark(cfg, prompts, gaps))
-    slos = dict(args.goodput or [])
-    summary = summarize(records, duration, slos, args.max_concurrency)
+    measured = asyncio.run(benchmark(cfg, prompts, gaps))
+    records = measured.records
+    # an interrupted run is summarized over the requests that went out: the rest were never tried
+    counted = [r for r in records if r.sent] if measured.interrupted else records
+    summary = summarize(counted, measured.duration_s, dict(args.goodput or []), args.max_concurrency)
     after = prefix_cache_counts(base, headers)
     if before is not None and after is not None and after[0] > before[0]:
         summary["prefix_cache_hit_rate"] = (after[1] - before[1]) / (after[0] - before[0])
+    if measured.interrupted:
+        print(f"interrupted (Ctrl-C): {len(counted)} of {len(records)} requests were sent; "
+              "the summary counts those", flush=True)
     print(format_summary(summary))
     if "prefix_cache_hit_rate" in summary:
         print(f"server prefix cache: {summary['prefix_cache_hit_rate']:.1%} of prompt tokens found (its /metrics)")
@@ -378,9 +392,12 @@ def run(args: argparse.Namespace) -> int:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": {k: "inf" if v == math.inf else v for k, v in vars(args).items() if k != "api_key"}
             | {"model": model, "url": cfg.url, "prompt_lengths": how},
+            "interrupted": measured.interrupted,
             "summary": summary,
             "requests": [r.to_json() for r in records],
         }
         Path(args.save_result).write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
         print(f"saved {args.save_result}")
+    if measured.interrupted:
+        return 130
     return 0 if summary["successful_requests"] else 1

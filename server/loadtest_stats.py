@@ -25,6 +25,7 @@ class RequestRecord:
     index: int
     prompt_tokens: int
     max_tokens: int
+    sent: bool = False
     success: bool = False
     error: str = ""
     output_tokens: int = 0
@@ -46,6 +47,15 @@ class RequestRecord:
         out = asdict(self)
         out["tpot"] = self.tpot
         return out
+
+
+@dataclass
+class BenchmarkRun:
+    """Every prompt's record (sent or not), the timed duration, and whether Ctrl-C ended the run early."""
+
+    records: list[RequestRecord]
+    duration_s: float
+    interrupted: bool = False
 
 
 def parse_goodput_item(text: str) -> tuple[str, float]:

@@ -27,6 +27,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_rng() -> None:
+    """Every test starts from the same global random state, so a tolerance check on random inputs draws the
+    same inputs whatever ran before it (a failure then reproduces alone)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Factory: ``tiny_checkpoint("llama")`` -> folder of that kind, built once per session."""

@@ -160,3 +160,15 @@ def test_gpu_memory_places_the_plan_or_says_which_flag_to_lower(tiny_checkpoint,
     fits = hotcold(*scored, "--gpu-memory", str(bare + 4 * 1024))
     assert fits.returncode == 0 and "KV cache of 0 x 0 tokens" in fits.stderr, fits.stderr
     _assert_one_line_error(hotcold(*scored, "--gpu-memory", str(bare - 1)), "give a larger --gpu-memory")
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
+    # Ctrl-C in the seconds that `import torch` takes used to print KeyboardInterrupt's traceback
+    from hotcold import cli
+
+    def interrupted_import(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted_import)
+    assert cli.main(["generate", "--model", "default", "--prompt", "x"]) == 130
+    assert capsys.readouterr().err == "hotcold: interrupted\n"

@@ -3,6 +3,7 @@ request whose sampling fails, and output whose detokenization cost grows with it
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -133,12 +134,14 @@ def test_held_back_tail_equals_brute_force():
 def test_per_token_cost_does_not_grow_with_the_output(tokenizer):
     ids = tokenizer.encode(TEXT * 60, add_special_tokens=False)[:2000]
     seq = Sequence("s", [1], SamplingParams(max_tokens=10**6, ignore_eos=True, stop=["zzz"]), set())
-    stamps = []
+    costs = []
     for t in ids:
+        start = time.perf_counter()
         seq.append(t, tokenizer, 10**7)
-        stamps.append(time.perf_counter())
-    first, last = stamps[200] - stamps[0], stamps[-1] - stamps[-201]
-    assert last <= 3 * first + 0.01, f"last 200 tokens {last * 1e3:.1f} ms vs first 200 {first * 1e3:.1f} ms"
+        costs.append(time.perf_counter() - start)
+    # medians: one preemption or GC pause must not decide it; a cost that grows makes every late token slower
+    first, last = statistics.median(costs[:200]), statistics.median(costs[-200:])
+    assert last <= 3 * first + 2e-6, f"last 200 tokens {last * 1e6:.1f} us each vs first 200 {first * 1e6:.1f} us"
 
 
 def test_a_forward_failure_fails_its_step_and_the_engine_goes_on(tiny_checkpoint):

@@ -1,14 +1,12 @@
-"""`hotcold serve` against slow and idle clients, on SIGTERM, and in its OpenAPI schema, as a real process:
-half-sent headers and bodies (slowloris) neither delay a normal request nor outlive --read-timeout,
-connections beyond --max-connections get 503, SIGTERM answers new requests 503 while a running stream
-completes, and /openapi.json documents the 400/503 envelopes and text/plain metrics that the server sends."""
+"""`hotcold serve` against slow and idle clients, and in its OpenAPI schema, as a real process: half-sent
+headers and bodies (slowloris) neither delay a normal request nor outlive --read-timeout, connections beyond
+--max-connections get 503, and /openapi.json documents the 400/503 envelopes and text/plain metrics that the
+server sends. (SIGTERM: test_server_lifecycle.py.)"""
 
 from __future__ import annotations
 
 import json
-import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,8 +22,7 @@ MAX_CONNECTIONS = 64
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # 4096 positions, so that a stream can outlast the SIGTERM checks
-    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("conn") / "tiny", max_position_embeddings=4096)
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("conn") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +30,7 @@ def server(tiny_path: Path):
     srv = ServerProcess("--model", str(tiny_path), "--read-timeout", str(READ_TIMEOUT),
                         "--max-connections", str(MAX_CONNECTIONS))
     srv.wait_ready()
+    _complete(srv.url, max_tokens=4).raise_for_status()  # warm: first-request costs are not what is timed
     yield srv
     assert srv.stop() == 0, srv.output()
     assert "Traceback" not in srv.output(), srv.output()
@@ -142,55 +140,3 @@ def test_openapi_documents_what_the_server_sends(server: ServerProcess):
     assert httpx.get(f"{server.url}/metrics", timeout=10).headers["content-type"].startswith("text/plain")
     bad = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": "many"}, timeout=10)
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
-
-
-def test_sigterm_answers_503_while_a_running_stream_completes(tiny_path: Path):
-    srv = ServerProcess("--model", str(tiny_path), "--grace-period", "30")
-    try:
-        srv.wait_ready()
-        # size the stream to last about 3 s on this machine, so it is surely running during the checks
-        start = time.monotonic()
-        _complete(srv.url, max_tokens=32, ignore_eos=True).raise_for_status()
-        max_tokens = min(max(int(3 * 32 / (time.monotonic() - start)), 64), 3000)
-        result: dict = {}
-        first = threading.Event()
-
-        def stream() -> None:
-            body = {"prompt": "Hello", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
-                    "stream": True, "stream_options": {"include_usage": True}}
-            with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as resp:
-                events = []
-                for line in resp.iter_lines():
-                    if line:
-                        events.append(line.removeprefix("data: "))
-                        first.set()
-                result["events"] = events
-
-        t = threading.Thread(target=stream, daemon=True)
-        t.start()
-        assert first.wait(30)
-        t0 = time.monotonic()
-        srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        # the socket still listens: new requests get 503 in OpenAI's envelope, /health says draining
-        r = _complete(srv.url, max_tokens=2)
-        assert r.status_code == 503, r.text
-        assert r.json() == {"error": {"message": "the server is shutting down", "type": "server_error",
-                                      "param": None, "code": "service_unavailable"}}
-        assert r.headers["connection"] == "close"
-        h = httpx.get(f"{srv.url}/health", timeout=10)
-        assert (h.status_code, h.json()) == (503, {"status": "draining"})
-        assert "events" not in result, "the stream ended before the checks: they proved nothing"
-        rc = srv.proc.wait(30)
-        elapsed = time.monotonic() - t0
-        t.join(10)
-    finally:
-        srv.stop()
-    assert rc == 0 and "Traceback" not in srv.output(), srv.output()
-    assert elapsed < 20, f"shutdown took {elapsed:.1f}s: it should end when the stream does"
-    events = result["events"]
-    assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["usage"]["completion_tokens"] == max_tokens
-    assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
-    with pytest.raises(httpx.TransportError):  # and now the listener is closed
-        httpx.get(f"{srv.url}/health", timeout=5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -61,10 +60,12 @@ def _release(path: Path, data: bytes) -> None:
         fifo.write(data)
 
 
-def test_loading_then_sigterm_drains_running_requests(tiny_path, tmp_path):
-    # the engine thread's read of config.json blocks on a FIFO, so the loading phase lasts until released
-    model = tmp_path / "held"
-    shutil.copytree(tiny_path, model)
+def test_loading_then_sigterm_drains_running_requests(tmp_path):
+    from tiny_models import make_tiny_checkpoint
+
+    # the engine thread's read of config.json blocks on a FIFO, so the loading phase lasts until released;
+    # 4096 positions so that the stream below outlasts the checks made while it runs
+    model = make_tiny_checkpoint("llama", tmp_path / "held", max_position_embeddings=4096)
     held = _hold_file(model / "config.json")
     srv = ServerProcess("--model", str(model), "--grace-period", "30")
     # /health says 503 while the engine thread loads the model; /v1 answers 503 in OpenAI's envelope
@@ -78,17 +79,21 @@ def test_loading_then_sigterm_drains_running_requests(tiny_path, tmp_path):
     releaser.join(30)
     assert seen[-1] == (200, {"status": "ok"})
     short, first = {}, threading.Event()
-    body = {"prompt": "Hello", "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True,
+    body = {"prompt": "Hello", "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     ts = _stream_in_thread(srv.url, body, first, short)
     assert first.wait(30)
     t0 = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     # admission stops at once: the socket stays open and answers 503 until the running request is done
-    r = httpx.get(f"{srv.url}/health", timeout=5)
+    r = httpx.get(f"{srv.url}/health", timeout=10)
     assert r.status_code == 503 and r.json() == {"status": "draining"}
-    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=5)
-    assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+    assert r.status_code == 503, r.text
+    assert r.json() == {"error": {"message": "the server is shutting down", "type": "server_error",
+                                  "param": None, "code": "service_unavailable"}}
+    assert r.headers["connection"] == "close"
+    assert "events" not in short, "the stream ended before the checks: they proved nothing"
     rc = srv.proc.wait(40)
     elapsed = time.monotonic() - t0
     ts.join(10)
@@ -101,9 +106,11 @@ def test_loading_then_sigterm_drains_running_requests(tiny_path, tmp_path):
     events = short["events"]
     assert events[-1] == "[DONE]"
     usage = json.loads(events[-2])["usage"]
-    assert usage["completion_tokens"] == 120
+    assert usage["completion_tokens"] == 2000
     finish = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-2]]
     assert finish[-1] == "length"
+    with pytest.raises(httpx.TransportError):  # and now the listener is closed
+        httpx.get(f"{srv.url}/health", timeout=5)
 
 
 def test_sigterm_cuts_requests_that_outlast_the_grace_period(tmp_path):
