@@ -16,11 +16,12 @@ from torch import nn
 from hotcold.engine import config as configs
 from hotcold.engine.config import ModelConfig
 from hotcold.engine.errors import HotcoldError
+from hotcold.engine.gguf_weights import GGUFReader
 from hotcold.engine.layers import DenseFFN, MoEFFN, Norm, QuantFFN
 from hotcold.engine.model import Attention, Block, Transformer
 from hotcold.engine.plan import compute_fingerprint
 from hotcold.engine.tokenizer import Tokenizer, from_gguf_metadata, from_hf_folder
-from hotcold.engine.weights import GGUFReader, HFReader
+from hotcold.engine.weights import HFReader
 from hotcold.kernels import calibrate, native, quant
 from hotcold.kernels.quant import QUANTIZE_TYPES, QuantTensor
 

@@ -175,8 +175,8 @@ def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
 
 def load_tokenizer(spec: str | Path = "default") -> Tokenizer:
     """The tokenizer of a model (default, HF folder or .gguf file) without loading its weights."""
+    from hotcold.engine.gguf_weights import GGUFReader
     from hotcold.engine.loader import resolve_model_path
-    from hotcold.engine.weights import GGUFReader
 
     path = resolve_model_path(spec)
     if path.suffix == ".gguf":

@@ -128,7 +128,7 @@ def _threshold(value: object, where: str) -> float:
 def _gguf_predictors(path: Path, threshold: float | None) -> ImportedPredictors:
     """A PowerInfer GGUF's predictors: `blk.N.fc1.weight` [r, H] and `blk.N.fc2.weight` [I, r] (f16), and its
     `powerinfer.sparse_threshold`."""
-    from hotcold.engine.weights import GGUFReader
+    from hotcold.engine.gguf_weights import GGUFReader
 
     reader = GGUFReader(path)
     weights: dict[int, dict[str, Tensor]] = {}

@@ -15,8 +15,8 @@ import torch
 from tiny_models import make_bin_checkpoint
 
 from hotcold.engine.errors import HotcoldError
+from hotcold.engine.gguf_weights import GGUFReader
 from hotcold.engine.loader import load_model
-from hotcold.engine.weights import GGUFReader
 
 PROMPT = list(range(3, 27))
 
@@ -249,7 +249,7 @@ def test_streamed_copy_of_a_mapping(tmp_path):
     copy is byte for byte the file's, over piece boundaries that fall inside pages and rows."""
     import numpy as np
 
-    from hotcold.engine.weights import _streamed_copy
+    from hotcold.engine.gguf_weights import _streamed_copy
 
     data = np.random.default_rng(0).integers(0, 256, size=(37, 1234), dtype=np.uint8)
     path = tmp_path / "t.bin"

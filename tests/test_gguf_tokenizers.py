@@ -22,8 +22,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
 from hotcold.engine.errors import HotcoldError
+from hotcold.engine.gguf_weights import GGUFReader
 from hotcold.engine.tokenizer import from_gguf_metadata
-from hotcold.engine.weights import GGUFReader
 
 TEXT = (
     "Hello world! Numbers 1234567 and 3.14159, 2024-11-30; x=f(y)+42\n\tdef foo(bar):\n        return bar**2  # ok\n"

@@ -115,7 +115,7 @@ def test_quantize_flag_errors(tiny_checkpoint):
 def test_gguf_with_a_type_nothing_runs_names_it(tmp_path):
     """Q8_1 (an activation format that gguf cannot dequantize) in a weight: one clear error naming it."""
     from hotcold.engine.errors import HotcoldError
-    from hotcold.engine.weights import GGUFReader
+    from hotcold.engine.gguf_weights import GGUFReader
 
     path = tmp_path / "odd.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
