@@ -3,15 +3,21 @@ SSE payloads, and transformers' log-probabilities (the independent reference).""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+
+KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 class ServerProcess:
@@ -28,6 +34,7 @@ class ServerProcess:
         self.lines: list[str] = []
         self._port = threading.Event()
         self.url = ""
+        self.model_path: Path | None = None  # set by whoever built the model, for references
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + timeout
         while not self._port.wait(0.1):
@@ -71,6 +78,28 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def api_test_server(folder: Path) -> Iterator[ServerProcess]:
+    """For a module-scoped fixture: a server on a tiny random Llama with a 4096-token context (so that long
+    generations outlast the client's actions), an API key, and small limits; checked to exit 0 cleanly."""
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint("llama", folder / "tiny", max_position_embeddings=4096)
+    srv = ServerProcess("--model", str(path), "--served-model-name", "tiny", "--api-key", KEY,
+                        "--max-num-seqs", "8", "--max-queue", "8", "--max-num-batched-tokens", "64")
+    srv.model_path = path
+    srv.wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.output()
+    assert "Traceback" not in srv.output(), srv.output()
+
+
+def post(server: ServerProcess, path: str, body, **kw) -> httpx.Response:
+    """POST `body` (an object, or raw text/bytes sent as they are) with the test key."""
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    headers = {**AUTH, "content-type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(f"{server.url}{path}", content=data, headers=headers, timeout=120, **kw)
 
 
 def metrics(url: str) -> dict[str, float]:
