@@ -389,7 +389,7 @@ def test_triton_native_cuda(B, dtype, activation):
         assert kernels.resolve_backend("auto", h.device) is triton_ffn
 
 
-# ---------------------------------------------------------------- benchmark scripts (smoke: they run)
+# ---------------------------------------------------------------- the one-call FFN
 
 @pytest.mark.parametrize("activation", sorted(SPECS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
