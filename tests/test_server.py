@@ -242,6 +242,18 @@ def test_chat_stream_via_openai_and_raw(server, client):
     assert last["choices"] == [] and last["usage"] == whole.usage.model_dump(exclude_none=True)
 
 
+# --------------------------------------------------------------------------------------- bad inputs
+# (the table of bad requests: test_server_errors.py)
+def test_context_length_code_and_wrong_method(server, client):
+    r = post(server, "/v1/completions", {"prompt": [5] * 4000, "max_tokens": 200})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.get(f"{server.url}/v1/completions", headers=AUTH).status_code == 405
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=5)
+
+
 # ------------------------------------------------------------------------ disconnects, queue, metrics
 def _wait_for(cond, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
