@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 def small_plan(tmp_path_factory, default_model_path):
     out = tmp_path_factory.mktemp("plans") / "default"
     cmd = [sys.executable, "-m", "hotcold.cli", "profile", "--model", str(default_model_path), "--out", str(out),
-           "--tokens", "3000", "--eval-tokens", "512", "--cett", "0.05", "--no-report", "--quiet"]
+           "--tokens", "3000", "--eval-tokens", "512", "--cett", "0.05", "--no-report", "--quiet",
+           # one small predictor rank, few steps: what is checked is that the executor reproduces the report
+           "--predictor-rank", "16", "--predictor-steps", "60"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     return out
