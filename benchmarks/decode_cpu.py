@@ -231,7 +231,7 @@ class SkippedFFN(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-def synthetic_model_and_plan(shape: str, profile_tokens: int) -> tuple[Path, Path]:
+def synthetic_model_and_plan(shape: str, profile_tokens: int, predictor_steps: int) -> tuple[Path, Path]:
     """The synthetic ReGLU checkpoint of `shape` and its exact-sparsity plan (built and profiled once)."""
     import subprocess
     import sys
@@ -247,9 +247,7 @@ def synthetic_model_and_plan(shape: str, profile_tokens: int) -> tuple[Path, Pat
         subprocess.run([sys.executable, "-m", "hotcold.cli", "profile", "--model", str(folder), "--out", str(plan),
                         "--cett", "0", "--tokens", str(profile_tokens), "--eval-tokens", str(profile_tokens // 4),
                         "--gpu-memory", "0", "--context", "512", "--batch", "1", "--no-report",
-                        # the default 300 training steps leave these predictors at 0.42 predicted sparsity
-                        # (recall 0.99); 1500 steps at rank 128 reach 0.65 in about the same time
-                        "--predictor-rank", "128", "--predictor-steps", "1500"], check=True)
+                        "--predictor-rank", "128", "--predictor-steps", str(predictor_steps)], check=True)
     return folder, plan
 
 
@@ -273,6 +271,9 @@ def main() -> None:
     ap.add_argument("--synthetic", default=None, metavar="SHAPE",
                     help="a synthetic ReGLU model of this shape (cpu-small, tiny), own plan, not --model")
     ap.add_argument("--profile-tokens", type=int, default=8000, help="calibration tokens for --synthetic's plan")
+    # the profiler's default 300 steps leave these predictors at 0.42 predicted sparsity (recall 0.99); 1500
+    # steps at rank 128 reach 0.65 in about the same time as its rank search
+    ap.add_argument("--predictor-steps", type=int, default=1500, help="training steps of --synthetic's predictors")
     ap.add_argument("--placement", default="cpu", choices=["hybrid", "gpu", "cpu"])
     ap.add_argument("--workers", type=int, default=0, help="CPU worker threads of the hybrid executor")
     ap.add_argument("--eval-tokens", type=int, default=4000,
@@ -282,7 +283,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.synthetic:
-        path, plan = synthetic_model_and_plan(args.synthetic, args.profile_tokens)
+        path, plan = synthetic_model_and_plan(args.synthetic, args.profile_tokens, args.predictor_steps)
         args.plan = args.plan or str(plan)
     else:
         path = resolve_model_path(args.model)

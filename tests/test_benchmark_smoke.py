@@ -43,7 +43,8 @@ def test_decode_cpu_synthetic_smoke(tmp_path):
     result = subprocess.run(
         [sys.executable, "benchmarks/decode_cpu.py", "--synthetic", "tiny", "--dtypes", "float32", "--plan-dtype",
          "float32", "--no-transformers", "--eval-tokens", "200", "--new-tokens", "8", "--runs", "1",
-         "--profile-tokens", "1200", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+         "--profile-tokens", "1200", "--predictor-steps", "150", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {r["engine"]: r for r in json.loads(out.read_text())["rows"]}
     predictor = rows["hotcold predictor float32 (plan)"]
