@@ -1,5 +1,6 @@
 """FastAPI routes. Every failure leaves as OpenAI's error envelope: invalid fields are 400 (never FastAPI's
-422), unknown models 404, bad keys 401 (on /v1 only), a full queue 429, loading or draining 503."""
+422), unknown models 404, bad keys 401 (on /v1, /tokenize and /detokenize), a full queue 429, loading or
+draining 503."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from hotcold.server import protocol as P
 from hotcold.server.async_engine import AsyncEngine, Backend, NotAccepting, QueueFull
 from hotcold.server.completions import serve_chat, serve_completion
 from hotcold.server.metrics import CONTENT_TYPE, ServerMetrics
-from hotcold.server.serving import APIError
+from hotcold.server.serving import APIError, check_text_fits, tokenize_chat
 
 log = logging.getLogger("hotcold.server")
 
@@ -142,9 +143,12 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
                                  f"({aengine.max_in_flight})", param=param)
         return APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
 
-    def backend_for(model: str | None, num_seqs: int, param: str = "n") -> Backend:
+    def check_model(model: str | None) -> None:
         if model is not None and model != cfg.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    def backend_for(model: str | None, num_seqs: int, param: str = "n") -> Backend:
+        check_model(model)
         try:
             aengine.check_capacity(num_seqs)
         except (NotAccepting, QueueFull) as exc:
@@ -218,6 +222,39 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
         backend = backend_for(req.model, req.n)
         return await serve_chat(req, request, aengine, backend, cfg.model_name, submit, until_disconnect)
 
+    # vLLM's tokenizer routes (at the root, as vLLM has them), behind the same key; no engine work
+    tools = APIRouter(dependencies=[Depends(check_key)])
+
+    def tokenizer_for(model: str | None) -> Backend:
+        check_model(model)
+        if aengine.draining or not aengine.ready or aengine.backend is None:
+            why = "the server is shutting down" if aengine.draining else "the model is loading"
+            raise APIError(503, why, type="server_error", code="service_unavailable")
+        return aengine.backend
+
+    @tools.post("/tokenize", responses=_errors(400, 401, 404, 503))
+    async def tokenize(req: P.TokenizeRequest) -> P.TokenizeResponse:
+        backend, max_len = tokenizer_for(req.model), aengine.max_model_len
+        if req.messages is not None:
+            ids = (await tokenize_chat(req.messages, req.add_generation_prompt, backend.tokenizer, max_len,
+                                       bool(req.add_special_tokens))).ids
+        else:
+            prompt = req.prompt or ""
+            check_text_fits(len(prompt), backend.tokenizer, max_len, "prompt")
+            ids = await asyncio.to_thread(backend.tokenizer.encode, prompt, req.add_special_tokens is not False)
+        return P.TokenizeResponse(count=len(ids), max_model_len=max_len, tokens=ids)
+
+    @tools.post("/detokenize", responses=_errors(400, 401, 404, 503))
+    async def detokenize(req: P.DetokenizeRequest) -> P.DetokenizeResponse:
+        backend = tokenizer_for(req.model)
+        bad = [t for t in req.tokens if t >= backend.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of range (vocabulary size {backend.vocab_size})",
+                           param="tokens")
+        text = await asyncio.to_thread(backend.tokenizer.decode, req.tokens, False)
+        return P.DetokenizeResponse(prompt=text)
+
     app.include_router(v1)
+    app.include_router(tools)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     return app

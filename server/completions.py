@@ -154,7 +154,7 @@ async def serve_chat(req: P.ChatCompletionRequest, request: Request, aengine: As
     tok = backend.tokenizer
     as_ids = req.return_tokens_as_token_ids
     S.check_token_ids(req, backend.vocab_size)
-    prompt = await S.tokenize_chat(req, tok, aengine.max_model_len)
+    prompt = await S.tokenize_chat(req.messages, req.add_generation_prompt, tok, aengine.max_model_len)
     max_tokens = S.resolve_max_tokens(req.max_new_tokens(), len(prompt.ids), aengine.max_model_len,
                                       "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens",
                                       "messages")

@@ -90,19 +90,20 @@ async def tokenize_prompts(req: P.CompletionRequest, tokenizer: Any, vocab_size:
     return prompts
 
 
-async def tokenize_chat(req: P.ChatCompletionRequest, tokenizer: Any, max_model_len: int) -> Prompt:
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in req.messages]
+async def tokenize_chat(chat: list[P.ChatMessage], add_generation_prompt: bool, tokenizer: Any, max_model_len: int,
+                        add_special_tokens: bool = False) -> Prompt:
+    """The messages through the model's chat template, then encoded (by default without BOS: the template
+    writes it when the model wants one)."""
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in chat]
     if len(messages) > max_model_len:  # a template writes at least a token per message
         raise _too_long(max_model_len, f"request has {len(messages)} messages", "messages")
     check_text_fits(sum(len(m["content"]) for m in messages), tokenizer, max_model_len, "messages")
     try:
-        text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, req.add_generation_prompt)
+        text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, add_generation_prompt)
     except HotcoldError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    # the template writes BOS itself when the model wants one: encode without adding another
     check_text_fits(len(text), tokenizer, max_model_len, "messages")
-    ids = await asyncio.to_thread(tokenizer.encode, text, False)
+    ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
     if not ids:
         raise APIError(400, "the rendered chat prompt is empty", param="messages")
     return Prompt(ids, text)

@@ -193,6 +193,36 @@ def test_chat_template_logprobs_and_object_names(server, client, ref):
     assert r2.choices[0].message.content == msg.content
 
 
+def test_tokenize_and_detokenize_match_transformers(server, ref):
+    _, tok = ref
+    want = tok(PROMPT)["input_ids"]
+    r = post(server, "/tokenize", {"prompt": PROMPT})
+    assert r.status_code == 200 and r.json() == {"count": len(want), "max_model_len": 4096, "tokens": want}
+    r = post(server, "/tokenize", {"model": "tiny", "prompt": PROMPT, "add_special_tokens": False})
+    assert r.json()["tokens"] == tok(PROMPT, add_special_tokens=False)["input_ids"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
+    for add in (True, False):
+        expected = tok.apply_chat_template(messages, add_generation_prompt=add, tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        r = post(server, "/tokenize", {"messages": messages, "add_generation_prompt": add})
+        assert r.json()["tokens"] == expected
+    ids = want + tok(" Paris, ünd Köln", add_special_tokens=False)["input_ids"]
+    r = post(server, "/detokenize", {"model": "tiny", "tokens": ids})
+    assert r.status_code == 200 and r.json() == {"prompt": tok.decode(ids)}  # special tokens kept, as transformers
+    for path, body, status, param in [
+            ("/tokenize", {}, 400, "prompt"),
+            ("/tokenize", {"prompt": "x", "messages": messages}, 400, "messages"),
+            ("/tokenize", {"prompt": "hello " * 10**5}, 400, "prompt"),  # refused before it is encoded
+            ("/tokenize", {"prompt": "\ud800"}, 400, "prompt"),
+            ("/tokenize", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+            ("/detokenize", {"tokens": [320]}, 400, "tokens"),  # vocabulary: 320
+            ("/detokenize", {"tokens": [True]}, 400, "tokens.0"),
+            ("/detokenize", {}, 400, "tokens")]:
+        r = post(server, path, body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text)
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}).status_code == 401  # the key guards it
+
+
 # ----------------------------------------------------------------------------------------- streaming
 def test_completion_stream_format(server, client):
     body = {"model": "tiny", "prompt": [PROMPT, "Hello"], "max_tokens": 8, "temperature": 0, "n": 2,
