@@ -62,7 +62,7 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])  # CORS
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError, path: str) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
@@ -79,7 +79,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         where = ".".join(loc[:3])
         return (f"{where} must be a string or a list of text parts ({{\"type\": \"text\", \"text\": ...}}); "
                 "image, audio and other parts are not supported", where)
-    if loc[:1] == ["prompt"]:  # a union: pydantic's first complaint is about the wrong member
+    # the completion prompt is a union: pydantic's first complaint is about the wrong member
+    if loc[:1] == ["prompt"] and path == "/v1/completions":
         return ("prompt must be a string, a list of strings, a list of token ids (integers >= 0) or a list "
                 "of lists of token ids", "prompt")
     # union members show up as loc parts like 'str' or 'list[int]': keep only field names and indices
@@ -107,7 +108,7 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = _validation_message(exc, request.url.path)
         return JSONResponse(APIError(400, message, param=param).envelope(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

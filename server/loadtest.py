@@ -8,19 +8,17 @@ ends. Nothing here imports torch: the engine's tokenizer is imported lazily and 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from hotcold.engine.errors import HotcoldError
+from hotcold.server.loadtest_client import ClientConfig, CtrlC
 from hotcold.server.loadtest_data import (
     Prompt,
     arrival_gaps,
@@ -28,40 +26,9 @@ from hotcold.server.loadtest_data import (
     load_prompt_tokenizer,
     random_prompts,
 )
-from hotcold.server.loadtest_stats import (
-    BenchmarkRun,
-    RequestRecord,
-    format_summary,
-    parse_goodput_item,
-    summarize,
-)
+from hotcold.server.loadtest_stats import format_summary, parse_goodput_item, summarize
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
-
-
-@dataclass
-class ClientConfig:
-    url: str
-    chat: bool
-    model: str
-    timeout: float
-    max_duration: float
-    max_concurrency: int | None = None
-    temperature: float = 0.0
-    ignore_eos: bool = False
-    progress: bool = True
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def payload(self, prompt: Prompt) -> dict:
-        body: dict = {"model": self.model, "max_tokens": prompt.max_tokens, "temperature": self.temperature,
-                      "stream": True, "stream_options": {"include_usage": True}}
-        if self.chat:
-            body["messages"] = prompt.messages or [{"role": "user", "content": prompt.text or ""}]
-        else:
-            body["prompt"] = prompt.text
-        if self.ignore_eos:
-            body["ignore_eos"] = True
-        return body
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,154 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-duration", type=float, default=3600.0,
                         help="overall deadline in seconds: requests still running then are cancelled")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-# ---------------------------------------------------------------- the client
-
-
-class _Failed(Exception):
-    """A request that the server answered badly; the message goes into the record."""
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        obj = json.loads(body)
-        err = obj.get("error", obj) if isinstance(obj, dict) else obj
-        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
-    except (ValueError, AttributeError):
-        return body.decode("utf-8", "replace").strip()[:300] or "(empty body)"
-
-
-async def _stream(client: httpx.AsyncClient, cfg: ClientConfig, payload: dict, rec: RequestRecord,
-                  start: float) -> None:
-    async with client.stream("POST", cfg.url, json=payload, headers=cfg.headers) as resp:
-        if resp.status_code != 200:
-            raise _Failed(f"HTTP {resp.status_code}: {_error_message(await resp.aread())}")
-        parts: list[str] = []
-        last = None
-        chunks, usage, done = 0, None, False
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
-                break
-            try:
-                obj = json.loads(data)
-            except json.JSONDecodeError:
-                raise _Failed(f"bad SSE chunk: {data[:80]!r}") from None
-            if "error" in obj:
-                raise _Failed(f"error in stream: {_error_message(json.dumps(obj).encode())}")
-            usage = obj.get("usage") or usage
-            for choice in obj.get("choices") or []:
-                if cfg.chat:
-                    delta = choice.get("delta") or {}
-                    piece = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
-                else:
-                    piece = choice.get("text") or ""
-                if piece:
-                    now = time.perf_counter()
-                    if last is None:
-                        rec.ttft = now - start
-                    else:
-                        rec.itl.append(now - last)
-                    last = now
-                    chunks += 1
-                    parts.append(piece)
-        if not done:
-            raise _Failed("stream ended before [DONE]")
-        rec.generated_text = "".join(parts)
-        if usage and isinstance(usage.get("completion_tokens"), int):
-            rec.output_tokens, rec.output_tokens_source = usage["completion_tokens"], "usage"
-            rec.prompt_tokens = int(usage.get("prompt_tokens", rec.prompt_tokens))
-        else:
-            rec.output_tokens, rec.output_tokens_source = chunks, "chunks"
-
-
-async def send_one(client: httpx.AsyncClient, cfg: ClientConfig, prompt: Prompt, rec: RequestRecord,
-                   t0: float) -> RequestRecord:
-    """Send one streaming request, filling `rec`; never raises except on cancellation."""
-    start = time.perf_counter()
-    rec.sent, rec.sent_at, rec.error, rec.success = True, start - t0, "", False
-    try:
-        await asyncio.wait_for(_stream(client, cfg, cfg.payload(prompt), rec, start), cfg.timeout)
-        rec.success = True
-    except asyncio.TimeoutError:
-        rec.error = f"timeout: no complete response within {cfg.timeout:g} s"
-    except asyncio.CancelledError:
-        rec.error = "cancelled"  # benchmark() says why
-        raise
-    except _Failed as exc:
-        rec.error = str(exc)
-    except Exception as exc:  # connection refused, reset, protocol errors: counted, never fatal
-        rec.error = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-    finally:
-        end = time.perf_counter()
-        rec.latency, rec.finished_at = end - start, end - t0
-    return rec
-
-
-def _client(cfg: ClientConfig) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
-    return httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), limits=limits)
-
-
-async def benchmark(cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray) -> BenchmarkRun:
-    """The first prompt as a test request (HotcoldError if it fails), then the timed run. Ctrl-C during the
-    run (asyncio.run cancels this task) stops sending and cancels what is in flight, keeping what finished."""
-    records = [RequestRecord(index=i, prompt_tokens=p.prompt_tokens, max_tokens=p.max_tokens)
-               for i, p in enumerate(prompts)]
-    async with _client(cfg) as client:
-        first = prompts[0]
-        probe = RequestRecord(index=-1, prompt_tokens=first.prompt_tokens, max_tokens=first.max_tokens)
-        await send_one(client, cfg, prompts[0], probe, time.perf_counter())
-        if not probe.success:
-            raise HotcoldError(
-                f"the first test request to {cfg.url} failed ({probe.error}); nothing was measured")
-        print(f"test request ok ({probe.latency:.2f} s); starting the benchmark", flush=True)
-
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(prompts), disable=not cfg.progress, unit="req", file=sys.stderr)
-        semaphore = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-
-        async def limited(prompt: Prompt, rec: RequestRecord) -> None:
-            if semaphore is None:
-                await send_one(client, cfg, prompt, rec, t0)
-            else:
-                async with semaphore:
-                    await send_one(client, cfg, prompt, rec, t0)
-            bar.update(1)
-
-        t0 = time.perf_counter()
-        deadline = t0 + cfg.max_duration
-        due = t0 + np.cumsum(gaps)
-        tasks: list[asyncio.Task] = []
-        why, interrupted = "the overall deadline (--max-duration) was reached", False
-        try:
-            for prompt, rec, when in zip(prompts, records, due, strict=True):
-                if when >= deadline:
-                    break
-                if when > time.perf_counter():
-                    await asyncio.sleep(when - time.perf_counter())
-                tasks.append(asyncio.create_task(limited(prompt, rec)))
-            if tasks:
-                await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
-        except asyncio.CancelledError:
-            why, interrupted = "interrupted (Ctrl-C)", True
-        pending = [task for task in tasks if not task.done()]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        duration = time.perf_counter() - t0
-        bar.close()
-    for rec in records:  # never sent (past the deadline, or waiting for a slot), or cancelled in flight
-        if not rec.sent:
-            rec.error = f"not sent: {why}"
-        elif rec.error == "cancelled":
-            rec.error = f"cancelled: {why}"
-    return BenchmarkRun(records, duration, interrupted)
 
 
 # ---------------------------------------------------------------- the command
@@ -373,12 +192,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"prompts: {how}, seed {args.seed}", flush=True)
 
     before = prefix_cache_counts(base, headers)
-    measured = asyncio.run(benchmark(cfg, prompts, gaps))
+    with CtrlC().installed() as ctrl_c:  # until the result is printed and saved
+        return _measure_and_report(args, cfg, prompts, gaps, ctrl_c, before, how)
+
+
+def _measure_and_report(args: argparse.Namespace, cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray,
+                        ctrl_c: CtrlC, before: tuple[float, float] | None, how: str) -> int:
+    base, headers = _base_url(args.base_url), cfg.headers
+    measured = ctrl_c.run(cfg, prompts, gaps)
     records = measured.records
     # an interrupted run is summarized over the requests that went out: the rest were never tried
     counted = [r for r in records if r.sent] if measured.interrupted else records
     summary = summarize(counted, measured.duration_s, dict(args.goodput or []), args.max_concurrency)
-    after = prefix_cache_counts(base, headers)
+    after = None
+    try:
+        with ctrl_c.skippable():
+            after = prefix_cache_counts(base, headers)
+    except KeyboardInterrupt:
+        print("Ctrl-C: the server's prefix-cache counts are left out", flush=True)
     if before is not None and after is not None and after[0] > before[0]:
         summary["prefix_cache_hit_rate"] = (after[1] - before[1]) / (after[0] - before[0])
     if measured.interrupted:
@@ -391,13 +222,13 @@ def run(args: argparse.Namespace) -> int:
         result = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": {k: "inf" if v == math.inf else v for k, v in vars(args).items() if k != "api_key"}
-            | {"model": model, "url": cfg.url, "prompt_lengths": how},
+            | {"model": cfg.model, "url": cfg.url, "prompt_lengths": how},
             "interrupted": measured.interrupted,
             "summary": summary,
             "requests": [r.to_json() for r in records],
         }
         Path(args.save_result).write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
         print(f"saved {args.save_result}")
-    if measured.interrupted:
+    if ctrl_c.pressed:
         return 130
     return 0 if summary["successful_requests"] else 1

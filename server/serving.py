@@ -62,7 +62,8 @@ def check_text_fits(text_chars: int, tokenizer: Any, max_model_len: int, param: 
     for at most `max_token_chars` characters. Encoding megabytes only to refuse them costs seconds of CPU
     and memory that the server keeps (a 50 MB prompt took 87 s)."""
     if text_chars > max_model_len * tokenizer.max_token_chars:
-        raise _too_long(max_model_len, f"prompt has {text_chars} characters, more than {max_model_len} tokens "
+        what = "messages have" if param == "messages" else "prompt has"
+        raise _too_long(max_model_len, f"{what} {text_chars} characters, more than {max_model_len} tokens "
                                        f"can hold", param)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from hotcold.cli import main as cli_main
 
@@ -29,17 +29,20 @@ def run_loadtest(base_url: str, out_dir: Path, *args: str) -> tuple[int, dict | 
 
 class FakeServer:
     """FastAPI + uvicorn on 127.0.0.1 in a thread. `plan(n)` decides what the n-th request (0 = first)
-    gets: "ok", "fail" (HTTP 503), "stall" (headers, then silence), "drop" (closes mid-stream)."""
+    gets: "ok", "fail" (HTTP 503), "stall" (headers, then silence), "drop" (closes mid-stream). /metrics
+    answers an empty exposition, the second and later reads after `slow_metrics` seconds."""
 
     def __init__(self, plan: Callable[[int], str], usage: bool = True, first_delay: float = 0.05,
-                 gap: float = 0.01, words_per_chunk: int = 1):
+                 gap: float = 0.01, words_per_chunk: int = 1, slow_metrics: float = 0.0):
         self.plan, self.usage, self.first_delay, self.gap = plan, usage, first_delay, gap
         self.words_per_chunk = words_per_chunk
         self.bodies: list[dict] = []
         self.root: str | None = None
         self.in_flight = self.peak = 0
         app = FastAPI()
+        self.slow_metrics, self.metrics_reads = slow_metrics, 0
         app.get("/v1/models")(self.models)
+        app.get("/metrics")(self.metrics)
         app.post("/v1/completions")(self.complete)
         app.post("/v1/chat/completions")(self.complete)
         self.sock = socket.socket()
@@ -48,6 +51,12 @@ class FakeServer:
         config = uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    async def metrics(self):
+        self.metrics_reads += 1
+        if self.metrics_reads > 1:
+            await asyncio.sleep(self.slow_metrics)
+        return PlainTextResponse("")
 
     async def models(self):
         return {"object": "list", "data": [{"id": "fake-model", "object": "model", "root": self.root}]}

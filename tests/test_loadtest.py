@@ -221,6 +221,8 @@ def test_ctrl_c_keeps_what_finished(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # a second press while the first is handled loses nothing either
         stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert "interrupted (Ctrl-C): 4 of 6 requests were sent" in stdout
@@ -233,6 +235,26 @@ def test_ctrl_c_keeps_what_finished(tmp_path):
     assert errors == ["", "", "cancelled: interrupted (Ctrl-C)", "cancelled: interrupted (Ctrl-C)",
                       "not sent: interrupted (Ctrl-C)", "not sent: interrupted (Ctrl-C)"]
     assert [r["sent"] for r in result["requests"]].count(True) == 4
+
+
+def test_ctrl_c_after_the_run_skips_only_the_metrics(tmp_path):
+    # every request done; the server's /metrics (read for its prefix-cache counts) hangs: Ctrl-C skips that read
+    with FakeServer(lambda n: "ok", slow_metrics=60) as server:
+        out = tmp_path / "r.json"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hotcold.cli", "loadtest", "--base-url", server.url, "--no-progress",
+             "--num-prompts", "3", "--output-len", "2", "--save-result", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while server.metrics_reads < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "prefix-cache counts are left out" in stdout and "Serving Benchmark Result" in stdout
+    result = json.loads(out.read_text())
+    assert result["interrupted"] is False and result["summary"]["successful_requests"] == 3
 
 
 def test_failing_first_request_aborts_with_one_line(tmp_path, capsys):

@@ -220,6 +220,11 @@ def test_tokenize_and_detokenize_match_transformers(server, ref):
             ("/detokenize", {}, 400, "tokens")]:
         r = post(server, path, body)
         assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text)
+    r = post(server, "/tokenize", {"prompt": [1, 2]})  # a string only: not the completion prompt's list forms
+    assert r.json()["error"] == {"message": "prompt: Input should be a valid string", "type": "invalid_request_error",
+                                 "param": "prompt", "code": None}
+    r = post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi " * 10**5}]})
+    assert "the messages have 300000 characters" in r.json()["error"]["message"]
     assert httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}).status_code == 401  # the key guards it
 
 
