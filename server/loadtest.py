@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 
 from hotcold.engine.errors import HotcoldError
-from hotcold.server.loadtest_client import ClientConfig, CtrlC
+from hotcold.server.loadtest_client import ClientConfig, CtrlC, ServerTokenizer
 from hotcold.server.loadtest_data import (
     Prompt,
     arrival_gaps,
@@ -167,9 +167,13 @@ def run(args: argparse.Namespace) -> int:
     tokenizer, why = load_prompt_tokenizer(spec)
     if tokenizer is None and args.tokenizer:
         raise HotcoldError(f"--tokenizer {args.tokenizer}: {why}")
-    rule = "1 token per word" if args.dataset == "random" else "~4 chars/token"
-    about = f"no hotcold tokenizer for {spec!r}: " if spec else ""
-    how = f"tokenizer of {spec}" if tokenizer is not None else f"approximate counts ({rule}; {about}{why})"
+    how = f"tokenizer of {spec}"
+    if tokenizer is None:  # no local copy: the server's own, where it has vLLM's /tokenize
+        tokenizer, why_not = ServerTokenizer.probe(base, model, headers, min(args.timeout, 30.0))
+        rule = "1 token per word" if args.dataset == "random" else "~4 chars/token"
+        about = f"no hotcold tokenizer for {spec!r}: " if spec else ""
+        how = ("the server's tokenizer (/tokenize)" if tokenizer is not None
+               else f"approximate counts ({rule}; {about}{why}; {why_not})")
     if args.seed is None:
         args.seed = int(np.random.SeedSequence().entropy % 2**31)
     prompt_rng, arrival_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(args.seed).spawn(2))

@@ -192,6 +192,43 @@ async def benchmark(cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray) 
     return BenchmarkRun(records, duration, interrupted)
 
 
+class ServerTokenizer:
+    """The served model's tokenizer through the server's own /tokenize and /detokenize (hotcold's and vLLM's),
+    for exact prompt lengths on a machine that does not have the model. `decode` drops the special tokens the
+    server adds to any text (BOS), as a local tokenizer's decode skips them."""
+
+    def __init__(self, base: str, model: str, headers: dict[str, str], timeout: float):
+        self._client = httpx.Client(base_url=base, headers=headers, timeout=timeout)
+        self._model = model
+        self._added = set(self.encode(""))
+
+    @classmethod
+    def probe(cls, base: str, model: str, headers: dict[str, str], timeout: float) -> tuple[Any, str]:
+        """(a ServerTokenizer, "") if the server tokenizes and round-trips a text, else (None, why not)."""
+        try:
+            tok = cls(base, model, headers, timeout)
+            if "hello world" not in tok.decode(tok.encode("hello world")):
+                return None, "the server's /tokenize does not round-trip a text"
+            return tok, ""
+        except Exception as exc:  # no such route (llama-server's takes other fields), or no server
+            return None, f"the server has no vLLM-style /tokenize ({type(exc).__name__}: {exc})".splitlines()[0]
+
+    def _post(self, path: str, body: dict) -> Any:
+        r = self._client.post(path, json={"model": self._model, **body})
+        if r.status_code != 200:
+            raise HotcoldError(f"the server's {path} answered HTTP {r.status_code}: {_error_message(r.content)}")
+        return r.json()
+
+    def encode(self, text: str) -> list[int]:
+        tokens = self._post("/tokenize", {"prompt": text})["tokens"]
+        if not (isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)):
+            raise HotcoldError("the server's /tokenize answered no list of token ids")
+        return tokens
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._post("/detokenize", {"tokens": [t for t in ids if t not in self._added]})["prompt"])
+
+
 class CtrlC:
     """SIGINT while a load test runs and reports. During the timed run the first Ctrl-C cancels it (benchmark
     keeps what finished) and later ones wait for that; inside `skippable()` a Ctrl-C skips that step; at any

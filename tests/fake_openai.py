@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -30,10 +31,11 @@ def run_loadtest(base_url: str, out_dir: Path, *args: str) -> tuple[int, dict | 
 class FakeServer:
     """FastAPI + uvicorn on 127.0.0.1 in a thread. `plan(n)` decides what the n-th request (0 = first)
     gets: "ok", "fail" (HTTP 503), "stall" (headers, then silence), "drop" (closes mid-stream). /metrics
-    answers an empty exposition, the second and later reads after `slow_metrics` seconds."""
+    answers an empty exposition, the second and later reads after `slow_metrics` seconds; with a `tokenizer`,
+    /tokenize and /detokenize answer as vLLM's do."""
 
     def __init__(self, plan: Callable[[int], str], usage: bool = True, first_delay: float = 0.05,
-                 gap: float = 0.01, words_per_chunk: int = 1, slow_metrics: float = 0.0):
+                 gap: float = 0.01, words_per_chunk: int = 1, slow_metrics: float = 0.0, tokenizer: Any = None):
         self.plan, self.usage, self.first_delay, self.gap = plan, usage, first_delay, gap
         self.words_per_chunk = words_per_chunk
         self.bodies: list[dict] = []
@@ -43,6 +45,10 @@ class FakeServer:
         self.slow_metrics, self.metrics_reads = slow_metrics, 0
         app.get("/v1/models")(self.models)
         app.get("/metrics")(self.metrics)
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            app.post("/tokenize")(self.tokenize)
+            app.post("/detokenize")(self.detokenize)
         app.post("/v1/completions")(self.complete)
         app.post("/v1/chat/completions")(self.complete)
         self.sock = socket.socket()
@@ -51,6 +57,13 @@ class FakeServer:
         config = uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    async def tokenize(self, request: Request):  # vLLM's routes, with `tokenizer` (a tokenizers.Tokenizer)
+        body = await request.json()
+        return {"tokens": self.tokenizer.encode(body["prompt"]).ids}
+
+    async def detokenize(self, request: Request):
+        return {"prompt": self.tokenizer.decode((await request.json())["tokens"], skip_special_tokens=False)}
 
     async def metrics(self):
         self.metrics_reads += 1
