@@ -285,3 +285,26 @@ def test_token_bytes_rebuild_the_text(default_model_path, tmp_path):
     ids = spm.encode(text, add_special_tokens=False)
     assert any(tokens[i].startswith("<0x") for i in ids)
     assert b"".join(spm.token_bytes(i) for i in ids) == (" " + text).encode()  # SentencePiece's leading ▁
+
+
+def test_encoding_a_long_text_lets_other_threads_run(default_model_path):
+    """A server encodes prompts on a worker thread: encoding must release the GIL, or one long prompt stalls
+    every stream and /health for its whole encoding (tokenizers' `encode` holds it, `encode_batch` does not)."""
+    import threading
+    import time
+
+    ours = _ours(default_model_path)
+    text = "".join(chr(0x1F600 + i % 80) for i in range(150_000))  # emoji: several tokens each, ~0.4 s to encode
+    reference = ours.backend.encode(text, add_special_tokens=False).ids
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(ids=ours.encode(text, add_special_tokens=False)))
+    start = last = time.perf_counter()
+    worst = 0.0
+    worker.start()
+    while worker.is_alive():
+        time.sleep(0.005)
+        now = time.perf_counter()
+        worst, last = max(worst, now - last), now
+    total = time.perf_counter() - start
+    assert result["ids"] == reference  # the same tokens as the plain call
+    assert worst < total / 2, f"this thread stalled {worst:.2f}s of a {total:.2f}s encoding"
