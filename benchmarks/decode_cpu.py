@@ -242,7 +242,7 @@ def synthetic_model_and_plan(shape: str, profile_tokens: int, predictor_steps: i
     from hotcold.engine.default_model import cache_dir
 
     folder = make_synthetic_checkpoint(cache_dir() / "synthetic" / shape, SHAPES[shape])
-    plan = folder / "plan_cpu"
+    plan = folder / f"plan_cpu_t{profile_tokens}_s{predictor_steps}"  # a plan made with other settings is not this one
     if not (plan / "plan.json").exists():
         subprocess.run([sys.executable, "-m", "hotcold.cli", "profile", "--model", str(folder), "--out", str(plan),
                         "--cett", "0", "--tokens", str(profile_tokens), "--eval-tokens", str(profile_tokens // 4),

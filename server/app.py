@@ -228,9 +228,11 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
 
     def tokenizer_for(model: str | None) -> Backend:
         check_model(model)
-        if aengine.draining or not aengine.ready or aengine.backend is None:
-            why = "the server is shutting down" if aengine.draining else "the model is loading"
-            raise APIError(503, why, type="server_error", code="service_unavailable")
+        try:
+            aengine.check_accepting()
+        except NotAccepting as exc:
+            raise APIError(503, str(exc), type="server_error", code="service_unavailable") from None
+        assert aengine.backend is not None
         return aengine.backend
 
     @tools.post("/tokenize", responses=_errors(400, 401, 404, 503))

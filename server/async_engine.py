@@ -146,10 +146,14 @@ class AsyncEngine:
         return int(self.engine.max_model_len)
 
     # ------------------------------------------------------------------------------ request side
-    def check_capacity(self, num_seqs: int) -> None:
-        """Raise before any work is queued, so a full server answers 429 at once."""
+    def check_accepting(self) -> None:
+        """NotAccepting while the model loads or the server drains."""
         if not self.ready or self.draining:
             raise NotAccepting("the server is shutting down" if self.draining else "the model is loading")
+
+    def check_capacity(self, num_seqs: int) -> None:
+        """Raise before any work is queued, so a full server answers 429 at once."""
+        self.check_accepting()
         if len(self._streams) + num_seqs > self.max_in_flight:
             raise QueueFull(f"the server is at capacity ({self.max_in_flight} sequences in flight or queued)")
 

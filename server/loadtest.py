@@ -177,13 +177,17 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is None:
         args.seed = int(np.random.SeedSequence().entropy % 2**31)
     prompt_rng, arrival_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(args.seed).spawn(2))
-    if args.dataset == "random":
-        prompts = random_prompts(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
-                                 prompt_rng, tokenizer)
-    else:
-        if not Path(args.dataset).is_file():
-            raise HotcoldError(f"--dataset: no such file {args.dataset!r} (or use 'random')")
-        prompts = file_prompts(args.dataset, args.num_prompts, args.output_len, chat, tokenizer)
+    try:
+        if args.dataset == "random":
+            prompts = random_prompts(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                                     prompt_rng, tokenizer)
+        else:
+            if not Path(args.dataset).is_file():
+                raise HotcoldError(f"--dataset: no such file {args.dataset!r} (or use 'random')")
+            prompts = file_prompts(args.dataset, args.num_prompts, args.output_len, chat, tokenizer)
+    finally:
+        if isinstance(tokenizer, ServerTokenizer):
+            tokenizer.close()
     gaps = arrival_gaps(args.num_prompts, args.request_rate, args.burstiness, arrival_rng)
     cfg = ClientConfig(url=base + args.endpoint, chat=chat, model=model, timeout=args.timeout,
                        max_duration=args.max_duration, max_concurrency=args.max_concurrency,
@@ -197,12 +201,12 @@ def run(args: argparse.Namespace) -> int:
 
     before = prefix_cache_counts(base, headers)
     with CtrlC().installed() as ctrl_c:  # until the result is printed and saved
-        return _measure_and_report(args, cfg, prompts, gaps, ctrl_c, before, how)
+        return _measure_and_report(args, base, cfg, prompts, gaps, ctrl_c, before, how)
 
 
-def _measure_and_report(args: argparse.Namespace, cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray,
-                        ctrl_c: CtrlC, before: tuple[float, float] | None, how: str) -> int:
-    base, headers = _base_url(args.base_url), cfg.headers
+def _measure_and_report(args: argparse.Namespace, base: str, cfg: ClientConfig, prompts: list[Prompt],
+                        gaps: np.ndarray, ctrl_c: CtrlC, before: tuple[float, float] | None, how: str) -> int:
+    headers = cfg.headers
     measured = ctrl_c.run(cfg, prompts, gaps)
     records = measured.records
     # an interrupted run is summarized over the requests that went out: the rest were never tried

@@ -9,7 +9,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,9 +135,11 @@ def _client(cfg: ClientConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), limits=limits)
 
 
-async def benchmark(cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray) -> BenchmarkRun:
-    """The first prompt as a test request (HotcoldError if it fails), then the timed run. Ctrl-C during the
-    run (asyncio.run cancels this task) stops sending and cancels what is in flight, keeping what finished."""
+async def benchmark(cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray,
+                    measured: Callable[[], None] = lambda: None) -> BenchmarkRun:
+    """The first prompt as a test request (HotcoldError if it fails), then the timed run. Cancelling this task
+    during the run (CtrlC does, on Ctrl-C) stops sending and cancels what is in flight, keeping what finished;
+    `measured()` is called when the timed part is over, before the cleanup (which must not be cancelled)."""
     records = [RequestRecord(index=i, prompt_tokens=p.prompt_tokens, max_tokens=p.max_tokens)
                for i, p in enumerate(prompts)]
     async with _client(cfg) as client:
@@ -178,6 +180,7 @@ async def benchmark(cfg: ClientConfig, prompts: list[Prompt], gaps: np.ndarray) 
                 await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
         except asyncio.CancelledError:
             why, interrupted = "interrupted (Ctrl-C)", True
+        measured()
         pending = [task for task in tasks if not task.done()]
         for task in pending:
             task.cancel()
@@ -197,21 +200,26 @@ class ServerTokenizer:
     for exact prompt lengths on a machine that does not have the model. `decode` drops the special tokens the
     server adds to any text (BOS), as a local tokenizer's decode skips them."""
 
-    def __init__(self, base: str, model: str, headers: dict[str, str], timeout: float):
-        self._client = httpx.Client(base_url=base, headers=headers, timeout=timeout)
-        self._model = model
+    def __init__(self, client: httpx.Client, model: str):
+        self._client, self._model = client, model
         self._added = set(self.encode(""))
 
     @classmethod
     def probe(cls, base: str, model: str, headers: dict[str, str], timeout: float) -> tuple[Any, str]:
         """(a ServerTokenizer, "") if the server tokenizes and round-trips a text, else (None, why not)."""
+        client = httpx.Client(base_url=base, headers=headers, timeout=timeout)
         try:
-            tok = cls(base, model, headers, timeout)
-            if "hello world" not in tok.decode(tok.encode("hello world")):
-                return None, "the server's /tokenize does not round-trip a text"
-            return tok, ""
+            tok = cls(client, model)
+            if "hello world" in tok.decode(tok.encode("hello world")):
+                return tok, ""
+            why = "the server's /tokenize does not round-trip a text"
         except Exception as exc:  # no such route (llama-server's takes other fields), or no server
-            return None, f"the server has no vLLM-style /tokenize ({type(exc).__name__}: {exc})".splitlines()[0]
+            why = f"the server has no vLLM-style /tokenize ({type(exc).__name__}: {exc})".splitlines()[0]
+        client.close()
+        return None, why
+
+    def close(self) -> None:
+        self._client.close()
 
     def _post(self, path: str, body: dict) -> Any:
         r = self._client.post(path, json={"model": self._model, **body})
@@ -240,14 +248,24 @@ class CtrlC:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pressed = False
         self._skippable = False
+        self._cancellable = True  # until benchmark() says the timed part is over
+        self._cancel_sent = False
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.pressed = True
         if self._skippable:
             raise KeyboardInterrupt
-        task, loop = self.task, self.loop
-        if task is not None and loop is not None and not task.done() and not task.cancelling():
-            loop.call_soon_threadsafe(task.cancel)
+        if self.loop is not None and self.task is not None and not self.task.done():
+            self.loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:
+        """On the loop's thread, so that it and benchmark's `measured()` cannot interleave."""
+        if self._cancellable and not self._cancel_sent and self.task is not None and not self.task.done():
+            self._cancel_sent = True
+            self.task.cancel()
+
+    def _measured(self) -> None:
+        self._cancellable = False
 
     @contextmanager
     def installed(self) -> Iterator[CtrlC]:
@@ -270,7 +288,7 @@ class CtrlC:
         Ctrl-C raises wherever the loop happens to be)."""
         loop = self.loop = asyncio.new_event_loop()
         try:
-            self.task = loop.create_task(benchmark(cfg, prompts, gaps))
+            self.task = loop.create_task(benchmark(cfg, prompts, gaps, self._measured))
             try:
                 return loop.run_until_complete(self.task)
             except asyncio.CancelledError:  # during the test request: nothing was measured

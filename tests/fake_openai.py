@@ -27,7 +27,6 @@ def run_loadtest(base_url: str, out_dir: Path, *args: str) -> tuple[int, dict | 
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 
 
-
 class FakeServer:
     """FastAPI + uvicorn on 127.0.0.1 in a thread. `plan(n)` decides what the n-th request (0 = first)
     gets: "ok", "fail" (HTTP 503), "stall" (headers, then silence), "drop" (closes mid-stream). /metrics

@@ -317,17 +317,22 @@ def test_prompts_sized_with_the_tokenizer_of_the_served_model(tmp_path, tiny_che
 
 
 def test_prompts_sized_with_the_servers_tokenizer(tmp_path, tiny_checkpoint, capsys):
-    # no local copy of the model: the server's /tokenize sizes the prompts (here a reference tokenizer behind it)
-    from tokenizers import Tokenizer
+    # no local copy of the model: the server's /tokenize sizes the prompts (here a reference tokenizer behind it,
+    # one that adds a BOS to every text, as Llama's does: counted, but never written into the prompt)
+    from tiny_models import BOS_ID, SPECIAL_TOKENS
+    from tokenizers import Tokenizer, processors
 
     reference = Tokenizer.from_file(str(tiny_checkpoint("llama") / "tokenizer.json"))
+    bos = SPECIAL_TOKENS[BOS_ID]
+    reference.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, BOS_ID)])
     with FakeServer(lambda n: "ok", usage=False, first_delay=0.0, gap=0.0, tokenizer=reference) as server:
         rc, result = run_loadtest(server.url, tmp_path, "--num-prompts", "4", "--input-len", "24",
                                   "--output-len", "2")
     assert rc == 0 and "prompts: the server's tokenizer (/tokenize)" in capsys.readouterr().out
     for body, rec in zip(server.bodies[1:], result["requests"], strict=True):
-        count = len(reference.encode(body["prompt"]).ids)
-        assert abs(count - 24) <= 1 and rec["prompt_tokens"] == count
+        assert bos not in body["prompt"]
+        ids = reference.encode(body["prompt"]).ids
+        assert ids[0] == BOS_ID and abs(len(ids) - 24) <= 1 and rec["prompt_tokens"] == len(ids)
 
 
 def test_word_prompts_are_one_token_per_word_for_the_default_model(default_model_path):
