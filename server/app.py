@@ -135,10 +135,13 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
             raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
+    def unavailable(exc: NotAccepting) -> APIError:
+        return APIError(503, str(exc), type="server_error", code="service_unavailable")
+
     def capacity_error(exc: Exception, num_seqs: int, param: str = "n") -> APIError:
         metrics.rejected.inc()
         if isinstance(exc, NotAccepting):
-            return APIError(503, str(exc), type="server_error", code="service_unavailable")
+            return unavailable(exc)
         if num_seqs > aengine.max_in_flight:
             return APIError(400, f"n x prompts = {num_seqs} sequences exceed the server's capacity "
                                  f"({aengine.max_in_flight})", param=param)
@@ -231,7 +234,7 @@ def create_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) 
         try:
             aengine.check_accepting()
         except NotAccepting as exc:
-            raise APIError(503, str(exc), type="server_error", code="service_unavailable") from None
+            raise unavailable(exc) from None
         assert aengine.backend is not None
         return aengine.backend
 

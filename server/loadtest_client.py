@@ -248,20 +248,19 @@ class CtrlC:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pressed = False
         self._skippable = False
-        self._cancellable = True  # until benchmark() says the timed part is over
-        self._cancel_sent = False
+        self._cancellable = True  # until the one cancel is sent, or benchmark() says the timed part is over
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.pressed = True
         if self._skippable:
             raise KeyboardInterrupt
-        if self.loop is not None and self.task is not None and not self.task.done():
+        if self.loop is not None and self.task is not None and not self.task.done():  # (later, the loop is closed)
             self.loop.call_soon_threadsafe(self._cancel)
 
     def _cancel(self) -> None:
         """On the loop's thread, so that it and benchmark's `measured()` cannot interleave."""
-        if self._cancellable and not self._cancel_sent and self.task is not None and not self.task.done():
-            self._cancel_sent = True
+        if self._cancellable and self.task is not None and not self.task.done():
+            self._cancellable = False
             self.task.cancel()
 
     def _measured(self) -> None:
